@@ -1,0 +1,36 @@
+# Two commands on a fresh clone: `make run` serves, `make test` tests.
+# Both create .venv, install the pinned project and the viewer's JavaScript first.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+HOST ?= 127.0.0.1
+PORT ?= 5000
+
+.PHONY: install run test bench lint clean
+
+$(BIN)/.installed: pyproject.toml requirements.lock
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c requirements.lock -e '.[dev]'
+	touch $@
+
+node_modules/.installed: package.json package-lock.json
+	npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+install: $(BIN)/.installed node_modules/.installed
+
+run: install
+	$(BIN)/tileserver serve --host $(HOST) --port $(PORT)
+
+test: install
+	$(BIN)/python -m pytest
+
+bench: install
+	$(BIN)/python -m bench.tiles
+
+lint: install
+	$(BIN)/ruff check app tests bench
+
+clean:
+	rm -rf $(VENV) node_modules tile_cache

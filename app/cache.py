@@ -1,0 +1,216 @@
+"""Tile caches: the disk cache (shared by processes), a memory LRU, and single-flight.
+
+Disk layout: ``{TileCachePath}/{slide}/{variant}/{level}/{col}_{row}.{ext}``. ``variant`` is a
+short hash of everything that changes a tile's bytes (see :func:`variant_of`), so a replaced slide
+file or a changed quality lands in a new folder and is never confused with old tiles. Writes go to
+a temporary file in the same folder and are renamed into place with ``os.replace``: a reader sees
+either no file or a whole one, whatever happens to the writer (kill -9 included).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+TEMP_PREFIX = ".tmp-"
+
+
+def variant_of(slide_identity: str, tile_size: int, overlap: int, limit_bounds: bool,
+               encoding_key: str) -> str:
+    """The cache variant: 16 hex digits of SHA-256 over what changes a tile's bytes.
+
+    Args:
+        slide_identity: ``openslide.quickhash-1``, else the file's size and mtime.
+        tile_size: DZI tile size in pixels; overlap: DZI overlap in pixels.
+        limit_bounds: whether the pyramid covers only the slide's bounds.
+        encoding_key: :attr:`app.formats.Encoding.key` (format, lossless, quality, level).
+    """
+    text = f"v1|{slide_identity}|{tile_size}|{overlap}|{int(limit_bounds)}|{encoding_key}"
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True, slots=True)
+class TileKey:
+    """Address of one encoded tile: slide name, variant, DZI level, col, row, extension."""
+
+    slide: str
+    variant: str
+    level: int
+    col: int
+    row: int
+    ext: str
+
+    def relative_path(self) -> str:
+        """``{slide}/{variant}/{level}/{col}_{row}.{ext}``, relative to the cache root."""
+        return f"{self.slide}/{self.variant}/{self.level}/{self.col}_{self.row}.{self.ext}"
+
+
+class DiskTileCache:
+    """Encoded tiles on disk. Every method blocks: call them from worker threads.
+
+    A cache that cannot be written (read-only, disk full) keeps serving: :meth:`write` logs a
+    warning and returns False, and the tile is simply not cached.
+    """
+
+    def __init__(self, root: str | Path, enabled: bool = True):
+        self.root = Path(root)
+        self.enabled = enabled
+        self._warned: set[int] = set()
+
+    def path_for(self, key: TileKey) -> Path:
+        """The file a tile lives in (whether or not it exists)."""
+        return self.root / key.relative_path()
+
+    def read(self, key: TileKey) -> bytes | None:
+        """The cached bytes, or None when absent, empty, or disabled."""
+        if not self.enabled:
+            return None
+        try:
+            with open(self.path_for(key), "rb") as f:
+                data = f.read()
+        except OSError:
+            return None
+        return data or None
+
+    def write(self, key: TileKey, data: bytes) -> bool:
+        """Store a tile atomically (temp file in the same folder + ``os.replace``).
+
+        Returns:
+            True if stored; False if disabled or the disk refused (logged once per errno).
+        """
+        if not self.enabled:
+            return False
+        path = self.path_for(key)
+        tmp = None
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=path.parent)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+            return True
+        except OSError as exc:
+            if tmp is not None:
+                try:
+                    os.unlink(tmp)
+                except OSError:
+                    pass
+            if exc.errno not in self._warned:
+                self._warned.add(exc.errno or 0)
+                reason = errno.errorcode.get(exc.errno or 0, "error")
+                log.warning("tile cache %s not writable (%s: %s); serving uncached",
+                            self.root, reason, exc.strerror)
+            return False
+
+    def stats(self, slide: str | None = None) -> tuple[int, int]:
+        """``(tile files, bytes)`` under the whole cache or one slide's folder."""
+        top = self.root / slide if slide else self.root
+        count = size = 0
+        for dirpath, _dirs, files in os.walk(top):
+            for name in files:
+                if name.startswith(TEMP_PREFIX):
+                    continue
+                try:
+                    size += os.stat(os.path.join(dirpath, name)).st_size
+                except OSError:
+                    continue
+                count += 1
+        return count, size
+
+    def clear(self, slide: str | None = None) -> None:
+        """Delete the whole cache or one slide's folder (missing folders are fine)."""
+        if slide is None:
+            if self.root.is_dir():
+                for child in self.root.iterdir():
+                    if child.is_dir():
+                        shutil.rmtree(child, ignore_errors=True)
+                    else:
+                        child.unlink(missing_ok=True)
+        else:
+            shutil.rmtree(self.root / slide, ignore_errors=True)
+
+
+class MemoryTileCache:
+    """A byte-bounded LRU of encoded tiles, per process. Event-loop only (not thread-safe).
+
+    Args:
+        capacity: the most bytes of tile data it holds; 0 disables it.
+    """
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.size = 0
+        self._items: OrderedDict[TileKey, tuple[bytes, str]] = OrderedDict()
+
+    def get(self, key: TileKey) -> tuple[bytes, str] | None:
+        """``(bytes, etag)`` of the tile, marking it recently used; None if absent."""
+        item = self._items.get(key)
+        if item is not None:
+            self._items.move_to_end(key)
+        return item
+
+    def put(self, key: TileKey, data: bytes, etag: str) -> None:
+        """Insert a tile, evicting the least recently used ones beyond ``capacity``."""
+        if len(data) > self.capacity:
+            return
+        old = self._items.pop(key, None)
+        if old is not None:
+            self.size -= len(old[0])
+        self._items[key] = (data, etag)
+        self.size += len(data)
+        while self.size > self.capacity:
+            _, (evicted, _etag) = self._items.popitem(last=False)
+            self.size -= len(evicted)
+
+    def discard(self, slide: str | None = None) -> None:
+        """Forget every tile, or one slide's."""
+        if slide is None:
+            self._items.clear()
+            self.size = 0
+            return
+        for key in [k for k in self._items if k.slide == slide]:
+            self.size -= len(self._items.pop(key)[0])
+
+
+class SingleFlight:
+    """Runs one computation per key at a time; concurrent callers share its result.
+
+    Used so that concurrent requests for one uncached tile render it once. The computation runs
+    as its own task, so a client that disconnects does not cancel it for the others (and a
+    tile being written to the cache is always finished). Event-loop only.
+    """
+
+    def __init__(self) -> None:
+        self._running: dict[object, asyncio.Task] = {}
+
+    async def run(self, key: object, compute: Callable[[], Awaitable]):
+        """Await ``compute()``, or the run already in flight for ``key``; errors propagate
+        to every waiter."""
+        task = self._running.get(key)
+        if task is None:
+            task = asyncio.ensure_future(compute())
+            self._running[key] = task
+            task.add_done_callback(lambda t: self._finished(key, t))
+        return await asyncio.shield(task)
+
+    def _finished(self, key: object, task: asyncio.Task) -> None:
+        if self._running.get(key) is task:
+            del self._running[key]
+        if not task.cancelled():
+            task.exception()  # retrieved here, so an error nobody awaits is not reported twice
+
+    @property
+    def in_flight(self) -> int:
+        """How many computations are running."""
+        return len(self._running)

@@ -1,0 +1,76 @@
+"""DZI pyramid geometry and tile rendering, with openslide-python's ``DeepZoomGenerator`` semantics.
+
+The geometry and the pixels ARE openslide-python's: :class:`SlidePyramid` wraps a
+``DeepZoomGenerator`` and renders with its ``get_tile``, so a lossless tile decodes to exactly the
+pixels ``DeepZoomGenerator.get_tile`` returns and the DZI XML equals its ``get_dzi``.
+
+Coordinate systems (openslide-python's prefixes): ``level`` here is always a DZI level, 0 being
+1x1 px and ``level_count - 1`` full resolution; ``slide_level`` is an OpenSlide level, 0 being
+full resolution. ``col``/``row`` address tiles within a DZI level.
+"""
+
+from __future__ import annotations
+
+from PIL import Image
+from openslide import AbstractSlide
+from openslide.deepzoom import DeepZoomGenerator
+
+from app.errors import TileNotFound
+
+
+class SlidePyramid:
+    """The DZI pyramid of one open slide.
+
+    Args:
+        slide: an open OpenSlide (or ImageSlide) object; shared by threads.
+        tile_size: tile edge in DZI pixels, overlap excluded.
+        overlap: pixels added to each interior tile edge.
+        limit_bounds: cover only the slide's ``openslide.bounds-*`` region.
+
+    Attributes:
+        level_count: number of DZI levels.
+        level_tiles: ``(cols, rows)`` per DZI level.
+        level_dimensions: ``(width, height)`` in pixels per DZI level.
+        slide_levels: the OpenSlide level each DZI level is read from.
+    """
+
+    def __init__(self, slide: AbstractSlide, tile_size: int, overlap: int, limit_bounds: bool):
+        self.tile_size = tile_size
+        self.overlap = overlap
+        self.limit_bounds = limit_bounds
+        self._dz = DeepZoomGenerator(slide, tile_size, overlap, limit_bounds)
+        self.level_count: int = self._dz.level_count
+        self.level_tiles: tuple[tuple[int, int], ...] = self._dz.level_tiles
+        self.level_dimensions: tuple[tuple[int, int], ...] = self._dz.level_dimensions
+        self.tile_count: int = self._dz.tile_count
+        self.slide_levels: tuple[int, ...] = tuple(
+            self._dz.get_tile_coordinates(level, (0, 0))[1] for level in range(self.level_count)
+        )
+
+    def check_address(self, level: int, col: int, row: int) -> None:
+        """Raise :class:`TileNotFound` unless (level, col, row) is a tile of this pyramid."""
+        if not 0 <= level < self.level_count:
+            raise TileNotFound(f"level {level} is outside 0..{self.level_count - 1}")
+        cols, rows = self.level_tiles[level]
+        if not (0 <= col < cols and 0 <= row < rows):
+            raise TileNotFound(
+                f"tile {col}_{row} is outside level {level}, which has {cols}x{rows} tiles"
+            )
+
+    def render(self, level: int, col: int, row: int) -> Image.Image:
+        """The RGB tile at a DZI address, as ``DeepZoomGenerator.get_tile`` renders it.
+
+        Blocking (OpenSlide read + Pillow): call it from a worker thread.
+
+        Returns:
+            An RGB image of ``tile_size`` plus overlap on interior edges, smaller at the
+            right and bottom borders.
+
+        Raises:
+            openslide.OpenSlideError: the slide cannot be read.
+        """
+        return self._dz.get_tile(level, (col, row))
+
+    def dzi(self, tile_format: str) -> str:
+        """The DZI XML, byte for byte ``DeepZoomGenerator.get_dzi(tile_format)``."""
+        return self._dz.get_dzi(tile_format)

@@ -1,0 +1,548 @@
+"""Synthetic Aperio-style SVS slides for tests and the demo.
+
+The files mimic what an Aperio scanner writes, so that OpenSlide opens them with
+its ``aperio`` driver and the raw tiles look like real ones:
+
+* IFD 0: level 0, tiled (240x240 by default), JPEG (Compression=7). Every tile is
+  an *abbreviated* JPEG stream (SOI, SOF, SOS + scan, EOI; no DQT/DHT) and the
+  shared quantisation and Huffman tables live once in the JPEGTables tag (347).
+* IFD 1: thumbnail, stripped JPEG, about 1024 px wide.
+* IFD 2...: further pyramid levels, each 4x smaller than the previous one, tiled
+  like level 0, until the larger side is at most 2048 px.
+* then ``label`` (stripped, LZW, NewSubfileType 1) and ``macro`` (stripped,
+  JPEG, NewSubfileType 9); their descriptions name them on the second line.
+
+The pixels are H&E-looking tissue on near-white glass: a few large irregular
+tissue blobs (the slide centre is always tissue, a border margin of at least 8%
+of each side is always glass) textured with a real 240x240 H&E tile from
+``wsidicom-data``, mirrored into a seamless period and smoothly warped so that it
+does not look like a grid.  Everything is deterministic given ``seed``;
+:func:`render_region` returns the exact level-0 pixels that get JPEG-encoded.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from importlib.resources import files
+from pathlib import Path
+from typing import Any
+
+import imagecodecs
+import numpy as np
+import tifffile
+from PIL import Image, ImageDraw, ImageFont
+
+DEMO_SIZE = (24000, 18000)
+"""Level-0 size (width, height) of the slide written by :func:`ensure_demo_slide`."""
+
+_GLASS = np.array([242.0, 242.0, 240.0], np.float32)  # empty glass, RGB
+_GRID = 16  # spacing in level-0 px of the coarse grid the smooth fields live on
+_OVERSCAN = 2048  # render() may reach this many px past the right/bottom edge
+_PERIOD = 480  # the mirrored H&E tile repeats every _PERIOD px (2 x 240)
+_MAX_LEVEL_SIDE = 2048  # stop adding pyramid levels once the larger side is <= this
+_THUMB_WIDTH = 1024
+_SOFTWARE = "Aperio Image Library v12.0.15 "
+_WORKERS = 2
+
+
+# ----------------------------------------------------------------------------- pixels
+
+
+def _he_texture() -> np.ndarray:
+    """Return the (480, 480) uint32 texture: mirrored H&E tile (RGB) + noise byte."""
+    src = files("wsidicom_data") / "data" / "test_tile.png"
+    with src.open("rb") as fh:
+        tile = np.asarray(Image.open(fh).convert("RGB"))
+    if tile.shape != (_PERIOD // 2, _PERIOD // 2, 3):
+        tile = np.asarray(Image.fromarray(tile).resize((_PERIOD // 2, _PERIOD // 2)))
+    top = np.concatenate([tile, tile[:, ::-1]], axis=1)
+    rgb = np.concatenate([top, top[::-1]], axis=0)  # seamless, periodic in 480
+    # 4th byte: per-pixel sensor noise in 0..4 (used as -2..+2), fixed so that the
+    # texture stays independent of the slide seed
+    noise = np.random.default_rng(12345).integers(0, 5, rgb.shape[:2], np.uint8)
+    rgba = np.ascontiguousarray(np.dstack([rgb, noise]))
+    return rgba.view(np.uint32)[..., 0]
+
+
+def _noise_field(
+    rng: np.random.Generator, shape: tuple[int, int], cells: tuple[float, float]
+) -> np.ndarray:
+    """Smooth random field of `shape` (rows, cols) with ~`cells` (y, x) features.
+
+    Zero mean, unit standard deviation, float32.
+    """
+    cy, cx = max(1, round(cells[0])), max(1, round(cells[1]))
+    coarse = rng.standard_normal((cy + 3, cx + 3)).astype(np.float32)
+    img = Image.fromarray(coarse, "F").resize(
+        (shape[1], shape[0]), Image.Resampling.BICUBIC, box=(1, 1, cx + 1, cy + 1)
+    )
+    field = np.asarray(img, np.float32)
+    return (field - field.mean()) / (field.std() + 1e-6)
+
+
+def _smoothstep(x: np.ndarray) -> np.ndarray:
+    x = np.clip(x, 0.0, 1.0)
+    return x * x * (3.0 - 2.0 * x)
+
+
+class _Synth:
+    """Level-0 pixel model of one synthetic slide (deterministic from the seed)."""
+
+    _texture: np.ndarray | None = None
+    _texture_lock = threading.Lock()
+
+    def __init__(self, width: int, height: int, seed: int) -> None:
+        self.width, self.height = width, height
+        with _Synth._texture_lock:
+            if _Synth._texture is None:
+                _Synth._texture = _he_texture()
+        self.texture = _Synth._texture
+        rng = np.random.default_rng(seed)
+        # coarse grid: node j sits at level-0 pixel centre (j + 0.5) * _GRID
+        # (covering _OVERSCAN px past the right and bottom edges for padded tiles)
+        gh = -(-(height + _OVERSCAN) // _GRID) + 2
+        gw = -(-(width + _OVERSCAN) // _GRID) + 2
+        v = (np.arange(gh, dtype=np.float32)[:, None] + 0.5) * _GRID / height
+        u = (np.arange(gw, dtype=np.float32)[None, :] + 0.5) * _GRID / width
+
+        # tissue: a few elliptical blobs (the first one on the centre), roughened
+        # by low-frequency noise, kept away from the borders
+        aspect = width / height
+        blobs = np.zeros((gh, gw), np.float32)
+        for i in range(int(rng.integers(3, 6))):
+            if i == 0:
+                cu, cv, r = 0.5, 0.5, 0.22
+            else:
+                cu, cv, r = rng.uniform(0.22, 0.78), rng.uniform(0.25, 0.75), 0.10
+                r *= rng.uniform(0.8, 1.6)
+            theta = rng.uniform(0, np.pi)
+            elong = rng.uniform(1.0, 1.8)
+            du, dv = (u - cu) * aspect, v - cv
+            a = du * np.cos(theta) + dv * np.sin(theta)
+            b = -du * np.sin(theta) + dv * np.cos(theta)
+            d2 = ((a / elong) ** 2 + (b * elong) ** 2) / r**2
+            blobs = np.maximum(blobs, np.exp(-d2).astype(np.float32))
+        rough = 0.6 * _noise_field(rng, (gh, gw), (5, 5 * aspect))
+        rough += 0.4 * _noise_field(rng, (gh, gw), (14, 14 * aspect))
+        field = blobs + 0.16 * rough
+        margin = _smoothstep(np.minimum(np.minimum(u, 1 - u), np.minimum(v, 1 - v)) / 0.1)
+        field = field * margin
+        centre = (gh // 2 + np.arange(-1, 2))[:, None], (gw // 2 + np.arange(-1, 2))[None, :]
+        field[centre] = np.maximum(field[centre], 0.8)
+        alpha = _smoothstep((field - 0.42) / 0.10)
+
+        # stain: density (cellularity) ~1.2 mm features, hue drift ~3 mm features
+        def cells(px: float) -> tuple[float, float]:
+            return height / px + 1, width / px + 1
+
+        dens = np.clip(0.85 + 0.15 * _noise_field(rng, (gh, gw), cells(2400)), 0.55, 1.1)
+        dens *= np.clip(1.0 + 0.08 * _noise_field(rng, (gh, gw), cells(500)), 0.8, 1.2)
+        hue = np.clip(0.6 * _noise_field(rng, (gh, gw), cells(6000)), -1, 1)
+        k = alpha * dens
+        # k_c: fraction of the texture's absorbance applied to channel c; hue > 0
+        # shifts to purple (more haematoxylin), hue < 0 to pink (more eosin)
+        self.fields = [
+            Image.fromarray(np.ascontiguousarray(k * (1 + s * hue), np.float32), "F")
+            for s in (0.12, 0.0, -0.12)
+        ]
+        # warp of the texture coordinates: ~90 px displacement, ~1.5 mm features
+        for _ in range(2):
+            disp = 70 * _noise_field(rng, (gh, gw), cells(3000))
+            disp += 35 * _noise_field(rng, (gh, gw), cells(900))
+            self.fields.append(Image.fromarray(disp.astype(np.float32), "F"))
+
+    def render(self, x: int, y: int, w: int, h: int) -> np.ndarray:
+        """Return level-0 pixels of the box (x, y, w, h) as (h, w, 3) uint8 RGB.
+
+        The box may extend up to 2048 px past the right and bottom edges (glass
+        there; used for padding edge tiles), not past the top or left edge.
+        """
+        box = (x / _GRID, y / _GRID, (x + w) / _GRID, (y + h) / _GRID)
+        kr, kg, kb, dx, dy = (
+            np.asarray(f.resize((w, h), Image.Resampling.BILINEAR, box=box))
+            for f in self.fields
+        )
+        xs = np.arange(x, x + w, dtype=np.float32)[None, :]
+        ys = np.arange(y, y + h, dtype=np.float32)[:, None]
+        sx = np.remainder((xs + dx).astype(np.int32), _PERIOD)
+        sy = np.remainder((ys + dy).astype(np.int32), _PERIOD)
+        px = self.texture.ravel().take(sy * _PERIOD + sx).view(np.uint8).reshape(h, w, 4)
+        out = np.empty((h, w, 3), np.uint8)
+        noise = px[..., 3].astype(np.float32) - 2.0
+        for c, kc in enumerate((kr, kg, kb)):
+            absorb = 255.0 - px[..., c].astype(np.float32)
+            val = _GLASS[c] + noise - kc * absorb * (_GLASS[c] / 255.0)
+            np.clip(val, 0, 255, out=val)
+            out[..., c] = val
+        return out
+
+
+def render_region(
+    width: int, height: int, box: tuple[int, int, int, int], *, seed: int = 0
+) -> np.ndarray:
+    """Render level-0 pixels exactly as :func:`write_aperio_svs` encodes them.
+
+    Args:
+        width: Level-0 width of the synthetic slide in pixels.
+        height: Level-0 height of the synthetic slide in pixels.
+        box: ``(x, y, w, h)`` region in level-0 pixel coordinates.
+        seed: The slide's random seed.
+
+    Returns:
+        ``(h, w, 3)`` uint8 RGB array (before JPEG compression).
+    """
+    x, y, w, h = box
+    return _Synth(width, height, seed).render(x, y, w, h)
+
+
+# ------------------------------------------------------------------------------ JPEG
+
+
+_DQT, _DHT, _APP0, _SOS = 0xDB, 0xC4, 0xE0, 0xDA
+
+
+def _split_jpeg(jpeg: bytes) -> tuple[bytes, bytes]:
+    """Split a baseline JPEG into (tables, abbreviated stream).
+
+    ``tables`` is SOI + all DQT and DHT segments + EOI (the JPEGTables tag value);
+    the stream is the rest without the JFIF APP0 segment (libtiff does not write
+    one): SOI, [APP14], SOF, SOS + entropy-coded data, EOI.
+    """
+    if jpeg[:2] != b"\xff\xd8":
+        raise ValueError("not a JPEG stream")
+    tables, rest = [b"\xff\xd8"], [b"\xff\xd8"]
+    pos = 2
+    while True:
+        if jpeg[pos] != 0xFF:
+            raise ValueError(f"bad JPEG marker at {pos}")
+        marker = jpeg[pos + 1]
+        if marker == _SOS:
+            rest.append(jpeg[pos:])
+            break
+        end = pos + 2 + int.from_bytes(jpeg[pos + 2 : pos + 4], "big")
+        if marker in (_DQT, _DHT):
+            tables.append(jpeg[pos:end])
+        elif marker != _APP0:
+            rest.append(jpeg[pos:end])
+        pos = end
+    tables.append(b"\xff\xd9")
+    return b"".join(tables), b"".join(rest)
+
+
+class _TileEncoder:
+    """JPEG-encodes tiles with one fixed set of tables (standard Huffman)."""
+
+    def __init__(self, quality: int, photometric: str, tile_size: int) -> None:
+        self.quality = quality
+        if photometric == "ycbcr":
+            self.kwargs: dict[str, Any] = {"outcolorspace": "YCBCR", "subsampling": (2, 2)}
+        else:  # RGB components, no colour transform, Adobe APP14 transform=0
+            self.kwargs = {"outcolorspace": "RGB", "subsampling": (1, 1)}
+        blank = np.zeros((tile_size, tile_size, 3), np.uint8)
+        self.tables = _split_jpeg(self.encode_full(blank))[0]
+
+    def encode_full(self, rgb: np.ndarray) -> bytes:
+        """Return a complete (interchange) JPEG of `rgb`."""
+        return imagecodecs.jpeg8_encode(
+            np.ascontiguousarray(rgb),
+            level=self.quality,
+            colorspace="RGB",
+            optimize=False,  # standard Huffman tables: identical for every tile
+            **self.kwargs,
+        )
+
+    def encode_tile(self, rgb: np.ndarray) -> bytes:
+        """Return the abbreviated JPEG stream of one tile (tables checked)."""
+        tables, stream = _split_jpeg(self.encode_full(rgb))
+        if tables != self.tables:
+            raise RuntimeError("JPEG tables differ between tiles")
+        return stream
+
+
+# -------------------------------------------------------------------------- helpers
+
+
+def _ordered_map(
+    pool: ThreadPoolExecutor, fn: Callable[[Any], Any], items: Iterable[Any], ahead: int
+) -> Iterator[Any]:
+    """Like ``pool.map`` but with at most `ahead` jobs submitted ahead (memory)."""
+    queue: deque[Future[Any]] = deque()
+    for item in items:
+        queue.append(pool.submit(fn, item))
+        if len(queue) >= ahead:
+            yield queue.popleft().result()
+    while queue:
+        yield queue.popleft().result()
+
+
+def _reduce4(rgb: np.ndarray) -> np.ndarray:
+    """4x box-downsample (h, w, 3) uint8 to (h // 4, w // 4, 3)."""
+    h, w = rgb.shape[0] // 4 * 4, rgb.shape[1] // 4 * 4
+    return np.asarray(Image.fromarray(np.ascontiguousarray(rgb[:h, :w])).reduce(4))
+
+
+def _tiles_of(
+    img: np.ndarray, ts: int, enc: _TileEncoder, pool: ThreadPoolExecutor
+) -> Iterator[bytes]:
+    """Encoded tiles of an in-memory image, row-major, edge tiles edge-padded."""
+    h, w = img.shape[:2]
+    ph, pw = -(-h // ts) * ts, -(-w // ts) * ts
+    padded = np.pad(img, ((0, ph - h), (0, pw - w), (0, 0)), mode="edge")
+
+    def row(ty: int) -> list[bytes]:
+        band = padded[ty : ty + ts]
+        return [enc.encode_tile(band[:, tx : tx + ts]) for tx in range(0, pw, ts)]
+
+    for tiles in _ordered_map(pool, row, range(0, ph, ts), ahead=4):
+        yield from tiles
+
+
+def _level0_tiles(
+    synth: _Synth, ts: int, enc: _TileEncoder, pool: ThreadPoolExecutor, reduced: np.ndarray
+) -> Iterator[bytes]:
+    """Render and encode level 0 band by band; fill `reduced` (4x smaller) on the way."""
+    w, h = synth.width, synth.height
+    pw = -(-w // ts) * ts
+    chunk = ts * max(1, 2048 // ts)  # render ~2k px wide pieces (cache friendly)
+
+    def band(ty: int) -> list[bytes]:
+        tiles: list[bytes] = []
+        rows = min(ts, h - ty)
+        for cx in range(0, pw, chunk):
+            cw = min(chunk, pw - cx)
+            rgb = synth.render(cx, ty, cw, ts)
+            tiles += [enc.encode_tile(rgb[:, x : x + ts]) for x in range(0, cw, ts)]
+            valid = rgb[: rows // 4 * 4, : max(0, min(cw, w - cx)) // 4 * 4]
+            if valid.size:
+                small = _reduce4(valid)
+                reduced[ty // 4 : ty // 4 + small.shape[0], cx // 4 : cx // 4 + small.shape[1]] = (
+                    small
+                )
+        return tiles
+
+    for tiles in _ordered_map(pool, band, range(0, h, ts), ahead=_WORKERS + 1):
+        yield from tiles
+
+
+def _label_image(seed: int) -> np.ndarray:
+    """A slide-label photo: paper, a few text lines, a 2-D barcode-like matrix."""
+    rng = np.random.default_rng(seed + 1)
+    img = Image.new("RGB", (400, 460), (236, 234, 228))
+    draw = ImageDraw.Draw(img)
+    font = ImageFont.load_default(size=34)
+    for i, text in enumerate(("DEMO SLIDE", f"S-{seed:05d}", "H&E  20x")):
+        draw.text((24, 24 + 46 * i), text, fill=(30, 30, 40), font=font)
+    cells, cell, x0, y0 = 18, 12, 92, 200
+    bits = rng.random((cells, cells)) < 0.5
+    bits[:, 0] = bits[-1, :] = True  # finder pattern, as on a DataMatrix
+    bits[0, ::2] = bits[1::2, -1] = True
+    for r, c in zip(*np.nonzero(bits), strict=True):
+        x, y = x0 + c * cell, y0 + r * cell
+        draw.rectangle((x, y, x + cell - 1, y + cell - 1), fill=(20, 20, 20))
+    return np.asarray(img)
+
+
+def _macro_image(thumb: np.ndarray, label: np.ndarray) -> np.ndarray:
+    """A macro-camera photo of the whole slide: label on the left, tissue on the right."""
+    mw, mh = 1280, 431
+    img = Image.new("RGB", (mw, mh), (214, 216, 214))
+    lab = Image.fromarray(label).rotate(90, expand=True)
+    lab = lab.resize((round(lab.width * mh / lab.height), mh), Image.Resampling.LANCZOS)
+    img.paste(lab, (0, 0))
+    area_w, area_h = mw - lab.width - 40, mh - 40
+    t = Image.fromarray(thumb)
+    scale = min(area_w / t.width, area_h / t.height)
+    t = t.resize((max(1, round(t.width * scale)), max(1, round(t.height * scale))))
+    # multiply the tissue onto the glass colour so the glass shows no frame
+    region = (lab.width + 20 + (area_w - t.width) // 2, 20 + (area_h - t.height) // 2)
+    glass = np.asarray(img.crop((*region, region[0] + t.width, region[1] + t.height)), np.float32)
+    mixed = glass * np.asarray(t, np.float32) / _GLASS
+    img.paste(Image.fromarray(np.clip(mixed, 0, 255).astype(np.uint8)), region)
+    return np.asarray(img)
+
+
+# ------------------------------------------------------------------------------ API
+
+
+def write_aperio_svs(
+    path: str | os.PathLike[str],
+    width: int,
+    height: int,
+    *,
+    tile_size: int = 240,
+    quality: int = 90,
+    photometric: str = "ycbcr",
+    mpp: float = 0.499,
+    app_mag: int = 20,
+    seed: int = 0,
+    bigtiff: bool | None = None,
+) -> Path:
+    """Write a synthetic, Aperio-style SVS slide.
+
+    IFDs written, in order: level 0 (tiled JPEG, abbreviated tiles + JPEGTables),
+    thumbnail (stripped JPEG, at most 1024 px wide), levels 1..n (each 4x smaller
+    than the previous, ``floor`` sizes, tiled like level 0, until the larger side
+    is <= 2048 px), label (stripped LZW, 400x460) and macro (stripped JPEG,
+    1280x431). The file is written to ``path.with_suffix('.tmp-<pid>-<thread>')``
+    and then atomically renamed onto `path`.
+
+    Args:
+        path: Destination file (conventionally ``*.svs``).
+        width: Level-0 width in pixels.
+        height: Level-0 height in pixels.
+        tile_size: Tile width and height in pixels; a multiple of 16.
+        quality: JPEG quality (1-100) of all JPEG-compressed images.
+        photometric: ``'ycbcr'``: YCbCr JPEG with 2x2 chroma subsampling
+            (PhotometricInterpretation 6, YCbCrSubSampling 2,2); ``'rgb'``: JPEG
+            of RGB components without colour transform, marked with an Adobe
+            APP14 segment (transform 0), PhotometricInterpretation 2.
+        mpp: Microns per pixel at level 0 (``aperio.MPP``).
+        app_mag: Objective magnification (``aperio.AppMag``).
+        seed: Random seed; the same arguments give byte-identical files.
+        bigtiff: Write BigTIFF; ``None`` chooses BigTIFF only when the
+            uncompressed level 0 exceeds 4 GB.
+
+    Returns:
+        `path` as a :class:`~pathlib.Path`.
+
+    Raises:
+        ValueError: On invalid sizes, tile size, quality or photometric.
+    """
+    path = Path(path)
+    if width < 1 or height < 1:
+        raise ValueError(f"invalid slide size {width}x{height}")
+    if tile_size < 16 or tile_size % 16:
+        raise ValueError(f"tile_size must be a positive multiple of 16, got {tile_size}")
+    if not 1 <= quality <= 100:
+        raise ValueError(f"quality must be in 1..100, got {quality}")
+    if photometric not in ("ycbcr", "rgb"):
+        raise ValueError(f"photometric must be 'ycbcr' or 'rgb', got {photometric!r}")
+    if bigtiff is None:
+        bigtiff = width * height * 3 > 2**32 - 2**25
+
+    enc = _TileEncoder(quality, photometric, tile_size)
+    synth = _Synth(width, height, seed)
+    sizes = [(width, height)]
+    while max(sizes[-1]) > _MAX_LEVEL_SIDE and min(sizes[-1]) >= 4:
+        sizes.append((sizes[-1][0] // 4, sizes[-1][1] // 4))
+
+    head = (
+        f"{_SOFTWARE}\r\n{width}x{height} [0,0 {width}x{height}] "
+        f"({tile_size}x{tile_size})"
+    )
+    jpeg_kind = f"JPEG/RGB Q={quality}"
+    props = (
+        f"|AppMag = {app_mag}|StripeWidth = 2040|ScanScope ID = SS0000"
+        f"|Filename = demo-{seed}|Date = 01/02/24|Time = 10:00:00|Time Zone = GMT+00:00"
+        f"|User = 00000000-0000-0000-0000-000000000000|MPP = {mpp:.4f}"
+        f"|Left = 20.000000|Top = 20.000000|LineCameraSkew = 0.000000"
+        f"|LineAreaXOffset = 0.000000|LineAreaYOffset = 0.000000"
+        f"|Focus Offset = 0.000000|ImageID = {seed}|OriginalWidth = {width}"
+        f"|OriginalHeight = {height}|Filtered = 5|ICC Profile = ScanScope v1"
+    )
+    common: dict[str, Any] = {"software": False, "metadata": None}
+    if photometric == "ycbcr":
+        jpeg_args: dict[str, Any] = {"photometric": "rgb", "subsampling": (2, 2)}
+    else:
+        jpeg_args = {
+            "photometric": "rgb",
+            "subsampling": (1, 1),
+            "compressionargs": {"outcolorspace": "RGB"},
+        }
+
+    def tiled(data: Iterator[bytes], size: tuple[int, int], desc: str) -> dict[str, Any]:
+        return {
+            "data": data,
+            "shape": (size[1], size[0], 3),
+            "dtype": np.uint8,
+            "tile": (tile_size, tile_size),
+            "compression": "jpeg",
+            "jpegtables": enc.tables,
+            "description": desc,
+            **jpeg_args,
+            **common,
+        }
+
+    def stripped_jpeg(img: np.ndarray, desc: str) -> dict[str, Any]:
+        args = {**jpeg_args, **common}
+        args["compressionargs"] = {**args.get("compressionargs", {}), "level": quality}
+        return {
+            "data": img,
+            "compression": "jpeg",
+            "rowsperstrip": img.shape[0],
+            "description": desc,
+            **args,
+        }
+
+    tmp = path.with_suffix(f".tmp-{os.getpid()}-{threading.get_ident()}")
+    try:
+        with (
+            ThreadPoolExecutor(_WORKERS) as pool,
+            tifffile.TiffWriter(tmp, bigtiff=bigtiff) as tif,
+        ):
+            level1 = np.zeros((height // 4, width // 4, 3), np.uint8)
+            tiles = _level0_tiles(synth, tile_size, enc, pool, level1)
+            tif.write(**tiled(tiles, sizes[0], f"{head} {jpeg_kind}{props}"))
+
+            levels = [level1]
+            for _ in sizes[2:]:
+                levels.append(_reduce4(levels[-1]))
+            tw = min(_THUMB_WIDTH, width)
+            th = max(1, round(height * tw / width))
+            src = next((lv for lv in reversed(levels) if lv.shape[1] >= tw), None)
+            if src is None:  # small slide: render the thumbnail's source directly
+                src = synth.render(0, 0, width, height)
+            thumb_img = Image.fromarray(src).resize((tw, th), Image.Resampling.LANCZOS)
+            thumb = np.asarray(thumb_img)
+            tif.write(**stripped_jpeg(thumb, f"{head} -> {tw}x{th} {jpeg_kind}"))
+
+            for size, img in zip(sizes[1:], levels, strict=False):
+                desc = f"{head} -> {size[0]}x{size[1]} {jpeg_kind}"
+                tif.write(**tiled(_tiles_of(img, tile_size, enc, pool), size, desc))
+
+            label = _label_image(seed)
+            lh, lw = label.shape[:2]
+            tif.write(
+                label,
+                photometric="rgb",
+                compression="lzw",
+                rowsperstrip=16,
+                subfiletype=1,
+                description=f"{_SOFTWARE}\r\nlabel {lw}x{lh}",
+                **common,
+            )
+            macro = _macro_image(thumb, label)
+            mh, mw = macro.shape[:2]
+            args = stripped_jpeg(macro, f"{_SOFTWARE}\r\nmacro {mw}x{mh}")
+            tif.write(subfiletype=9, **args)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def ensure_demo_slide(directory: str | os.PathLike[str]) -> Path:
+    """Return ``directory/demo.svs``, generating it first if it does not exist.
+
+    The slide is :data:`DEMO_SIZE` (24000x18000 px at 0.499 um/px, 20x), seed 0,
+    YCbCr JPEG Q=90, ~1 minute to generate. Concurrent callers (threads or
+    processes) may each generate it; every writer atomically replaces the file
+    with identical content, so readers never see a partial file.
+
+    Args:
+        directory: Directory for the slide; created if missing.
+
+    Returns:
+        Path of the demo slide.
+    """
+    directory = Path(directory)
+    path = directory / "demo.svs"
+    if not path.exists():
+        directory.mkdir(parents=True, exist_ok=True)
+        write_aperio_svs(path, *DEMO_SIZE, seed=0)
+    return path

@@ -1,0 +1,210 @@
+"""Tile formats, their encoders, and the per-level format policy.
+
+:class:`TileFormat` owns each format's facts (extension, media type, whether it can be
+lossless). :class:`Encoding` is one concrete encoder configuration; its ``key`` enters the cache
+variant. :class:`FormatPolicy` is a pure function from (DZI level, level count, request) to the
+encoding to serve, following the rules of the README's "Format policy" section.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import TYPE_CHECKING
+
+from PIL import Image
+
+from app.errors import BadTileRequest
+
+if TYPE_CHECKING:
+    from app.settings import TileFormatSettings
+
+
+class TileFormat(StrEnum):
+    """An image format a tile can be served in; the value is the canonical URL extension."""
+
+    JPEG = "jpeg"
+    PNG = "png"
+    WEBP = "webp"
+
+    @classmethod
+    def parse(cls, name: str) -> TileFormat:
+        """Parse a format name or extension, case-insensitively; ``jpg`` means jpeg.
+
+        Raises:
+            ValueError: the name is not jpeg, jpg, png or webp.
+        """
+        value = name.strip().lower()
+        if value == "jpg":
+            value = "jpeg"
+        try:
+            return cls(value)
+        except ValueError:
+            raise ValueError(f"unknown tile format {name!r}; expected jpeg, jpg, png or webp") from None
+
+    @property
+    def media_type(self) -> str:
+        """The ``Content-Type`` of tiles in this format."""
+        return _MEDIA_TYPES[self]
+
+    @property
+    def can_be_lossless(self) -> bool:
+        """True for formats with a bit-exact mode (PNG always, WebP in its lossless mode)."""
+        return self is not TileFormat.JPEG
+
+
+_MEDIA_TYPES = {TileFormat.JPEG: "image/jpeg", TileFormat.PNG: "image/png",
+                TileFormat.WEBP: "image/webp"}
+
+
+@dataclass(frozen=True, slots=True)
+class Encoding:
+    """One encoder configuration: format, lossless or not, and its options.
+
+    ``quality`` is 1..100 for lossy JPEG and WebP; ``compress_level`` is zlib's 0..9 for PNG.
+    """
+
+    format: TileFormat
+    lossless: bool
+    quality: int | None = None
+    compress_level: int | None = None
+
+    @property
+    def key(self) -> str:
+        """A short text naming every option that changes the bytes (enters the cache variant)."""
+        mode = "lossless" if self.lossless else f"q{self.quality}"
+        extra = f"-z{self.compress_level}" if self.compress_level is not None else ""
+        return f"{self.format.value}-{mode}{extra}"
+
+    def encode(self, image: Image.Image) -> bytes:
+        """Encode an RGB image; returns the complete file bytes. Blocking: run it in a thread.
+
+        JPEG uses Pillow's defaults otherwise (4:2:0 chroma subsampling, standard Huffman
+        tables), as openslide-python's deepzoom_server does. WebP lossless keeps RGB exact
+        (``exact=True``); ``method=0`` is its fastest effort, bit-exact like every other.
+        """
+        buf = io.BytesIO()
+        if self.format is TileFormat.JPEG:
+            image.save(buf, "JPEG", quality=self.quality)
+        elif self.format is TileFormat.PNG:
+            image.save(buf, "PNG", compress_level=self.compress_level)
+        elif self.lossless:
+            image.save(buf, "WEBP", lossless=True, quality=0, method=0, exact=True)
+        else:
+            image.save(buf, "WEBP", quality=self.quality, method=4)
+        return buf.getvalue()
+
+
+@dataclass(frozen=True, slots=True)
+class FormatDecision:
+    """What to serve for one tile request.
+
+    ``vary_accept`` is true when the ``Accept`` header took part in the choice, so the response
+    must carry ``Vary: Accept``.
+    """
+
+    encoding: Encoding
+    vary_accept: bool = False
+
+
+class FormatPolicy:
+    """The per-level format policy; pure: no I/O, no pixels.
+
+    DZI levels count from 0 (1x1 px) to ``level_count - 1`` (full resolution). The
+    ``LosslessLevelCount`` highest levels are lossless (``-1``: all, ``0``: none), as in
+    OpenSlideSharp's ``TileFormatOptions.GetFormatForLevel``.
+    """
+
+    def __init__(self, settings: TileFormatSettings):
+        self.settings = settings
+        self.declared = settings.Default
+        self._jpeg = Encoding(TileFormat.JPEG, False, quality=settings.JpegQuality)
+        self._png = Encoding(TileFormat.PNG, True, compress_level=settings.PngCompressLevel)
+        self._webp_lossy = Encoding(TileFormat.WEBP, False, quality=settings.WebpQuality)
+        self._webp_lossless = Encoding(TileFormat.WEBP, True)
+
+    def is_lossless_level(self, level: int, level_count: int) -> bool:
+        """True if the policy serves DZI ``level`` (of ``level_count``) in ``LosslessFormat``."""
+        n = self.settings.LosslessLevelCount
+        return n == -1 or (n > 0 and level >= level_count - n)
+
+    def encoding_for(self, fmt: TileFormat, level: int, level_count: int) -> Encoding:
+        """The encoding of ``fmt`` at a level: WebP is lossless on lossless levels only."""
+        if fmt is TileFormat.JPEG:
+            return self._jpeg
+        if fmt is TileFormat.PNG:
+            return self._png
+        if self.is_lossless_level(level, level_count):
+            return self._webp_lossless
+        return self._webp_lossy
+
+    def level_encoding(self, level: int, level_count: int) -> Encoding:
+        """The encoding the policy alone gives a level (no request override)."""
+        lossless = self.is_lossless_level(level, level_count)
+        fmt = self.settings.LosslessFormat if lossless else self.settings.Default
+        return self.encoding_for(fmt, level, level_count)
+
+    def decide(self, level: int, level_count: int, extension: str | None = None,
+               query_format: str | None = None, accept: str | None = None) -> FormatDecision:
+        """Choose the encoding for one request.
+
+        Args:
+            level: DZI level (0 = 1x1 px).
+            level_count: number of DZI levels of the slide.
+            extension: the URL's extension without the dot, or None.
+            query_format: the ``?format=`` value, or None.
+            accept: the request's ``Accept`` header, or None.
+
+        Returns:
+            The encoding, and whether ``Accept`` took part (``Vary: Accept``).
+
+        Raises:
+            BadTileRequest: unknown extension or ``?format=`` value.
+        """
+        ext_format = _parse_requested(extension, "extension") if extension else None
+        query = _parse_requested(query_format, "format") if query_format is not None else None
+        requested = None
+        if self.settings.AllowFormatOverride:
+            if query is not None:
+                requested = query
+            elif ext_format is not None and ext_format is not self.declared:
+                requested = ext_format
+        if requested is not None:
+            return FormatDecision(self.encoding_for(requested, level, level_count))
+        encoding = self.level_encoding(level, level_count)
+        if encoding.format is TileFormat.WEBP:
+            if not accepts_webp(accept):
+                return FormatDecision(self._png, vary_accept=True)
+            return FormatDecision(encoding, vary_accept=True)
+        return FormatDecision(encoding)
+
+
+def _parse_requested(value: str, what: str) -> TileFormat:
+    try:
+        return TileFormat.parse(value)
+    except ValueError as exc:
+        raise BadTileRequest(f"{what} {value!r}: {exc}") from None
+
+
+def accepts_webp(accept: str | None) -> bool:
+    """True if an ``Accept`` header names ``image/webp`` with a non-zero q.
+
+    Only the explicit type counts: ``*/*`` and ``image/*`` were sent by browsers that could not
+    decode WebP (Safari before 14), so image CDNs likewise ignore them.
+    """
+    if not accept:
+        return False
+    for item in accept.lower().split(","):
+        media, _, params = item.strip().partition(";")
+        if media.strip() != "image/webp":
+            continue
+        for param in params.split(";"):
+            name, _, value = param.strip().partition("=")
+            if name.strip() == "q":
+                try:
+                    return float(value) > 0
+                except ValueError:
+                    return False
+        return True
+    return False

@@ -1,0 +1,70 @@
+"""The application factory: ``create_app(settings)`` builds the FastAPI app and its services.
+
+Resources live on ``app.state`` (``settings``, ``registry``, ``tiles``); nothing is created at
+import time, so tests build apps from ``Settings`` objects. ``create_app_from_env`` is the factory
+uvicorn workers call: the CLI passes them its validated settings as JSON in
+``TILESERVER_SETTINGS_JSON``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from contextlib import asynccontextmanager
+
+import anyio
+from anyio import CapacityLimiter
+from fastapi import FastAPI
+from fastapi.staticfiles import StaticFiles
+
+from app import __version__
+from app.errors import install_handlers
+from app.middleware import HeadAsGet
+from app.routes import api, deepzoom, web
+from app.settings import Settings
+from app.slides import SlideRegistry, build_catalogue
+from app.tiles import TileService, default_render_threads
+
+log = logging.getLogger(__name__)
+
+SETTINGS_ENV = "TILESERVER_SETTINGS_JSON"
+IO_THREADS = 16
+
+
+def create_app(settings: Settings) -> FastAPI:
+    """Build the app for validated settings.
+
+    The slide catalogue is built at start-up (``SlideDirectory`` is listed once); slides are
+    opened on first use, so one unopenable slide never stops the others.
+    """
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        catalogue = await anyio.to_thread.run_sync(build_catalogue, settings)
+        render = CapacityLimiter(settings.Server.RenderThreads or default_render_threads())
+        registry = SlideRegistry(catalogue, settings, limiter=render)
+        app.state.settings = settings
+        app.state.registry = registry
+        app.state.tiles = TileService(registry, settings, render, CapacityLimiter(IO_THREADS))
+        log.info("serving %d slide(s): %s", len(catalogue), ", ".join(catalogue))
+        yield
+
+    app = FastAPI(title="WSI tile server", version=__version__, lifespan=lifespan,
+                  description="DeepZoom tiles of whole-slide images read with OpenSlide.")
+    install_handlers(app)
+    app.include_router(deepzoom.router)
+    app.include_router(api.router)
+    app.include_router(web.router)
+    osd = web.openseadragon_dir()
+    if osd is not None:
+        app.mount("/static/openseadragon", StaticFiles(directory=osd), name="openseadragon")
+    else:
+        log.warning("OpenSeadragon not found (run `npm ci`); the viewer pages will not load")
+    app.add_middleware(HeadAsGet)
+    return app
+
+
+def create_app_from_env() -> FastAPI:
+    """Factory for uvicorn workers: settings from ``TILESERVER_SETTINGS_JSON``."""
+    settings = Settings.model_validate_json(os.environ[SETTINGS_ENV])
+    return create_app(settings)

@@ -1,0 +1,1 @@
+"""HTTP routes: DZI and tiles, the JSON API, and the viewer pages."""

@@ -1,0 +1,279 @@
+/*
+ * WSI DeepZoom viewer page logic.
+ *
+ * Reads the DZI and API URLs from <body data-dzi-url data-api-url>, opens the DZI in
+ * OpenSeadragon and fills the level legend from the slide's API JSON, highlighting the
+ * DeepZoom level that matches the current zoom.
+ *
+ * Exposed for tests and debugging:
+ *   window.viewer     the OpenSeadragon viewer
+ *   window.tileStats  {loaded, failed} counted from tile-loaded / tile-load-failed
+ *   window.slideInfo  the API JSON once loaded (null before)
+ */
+(function () {
+  'use strict';
+
+  var body = document.body;
+  var dziUrl = body.getAttribute('data-dzi-url') || '';
+  var apiUrl = body.getAttribute('data-api-url') || '';
+
+  var legend = document.getElementById('legend');
+  var legendBody = document.getElementById('legend-body');
+  var toggle = document.getElementById('legend-toggle');
+  var rowsEl = document.getElementById('level-rows');
+  var metaEl = document.getElementById('slide-meta');
+  var statusEl = document.getElementById('zoom-status');
+  var indexLink = document.getElementById('index-link');
+
+  var numberFormat = new Intl.NumberFormat('en-US');
+  var FORMAT_LABELS = { jpeg: 'JPEG', jpg: 'JPEG', png: 'PNG', webp: 'WebP', avif: 'AVIF' };
+
+  var tileStats = { loaded: 0, failed: 0 };
+  window.tileStats = tileStats;
+  window.slideInfo = null;
+
+  // Back link only in multi-slide mode (the server leaves {{INDEX_URL}} empty otherwise).
+  if (indexLink && indexLink.getAttribute('href')) {
+    indexLink.hidden = false;
+  }
+
+  // Collapsible legend.
+  toggle.addEventListener('click', function () {
+    var open = toggle.getAttribute('aria-expanded') !== 'true';
+    toggle.setAttribute('aria-expanded', String(open));
+    toggle.innerHTML = open ? '&minus;' : '+';
+    legendBody.hidden = !open;
+    legend.classList.toggle('collapsed', !open);
+  });
+
+  var viewer = OpenSeadragon({
+    id: 'viewer',
+    prefixUrl: '/static/openseadragon/images/',
+    tileSources: dziUrl,
+    crossOriginPolicy: 'Anonymous',
+    // The 2D-canvas drawer behaves the same on every browser and GPU-less machine and
+    // keeps the canvas readable (getImageData) for tests.
+    drawer: 'canvas',
+    showNavigator: true,
+    navigatorPosition: 'BOTTOM_RIGHT',
+    showRotationControl: false,
+    maxZoomPixelRatio: 2,
+    visibilityRatio: 0.5,
+    timeout: 120000
+  });
+  window.viewer = viewer;
+
+  viewer.addHandler('tile-loaded', function () {
+    // Do not touch event.image / event.data: deprecated in OpenSeadragon 6, they log errors.
+    tileStats.loaded += 1;
+  });
+  viewer.addHandler('tile-load-failed', function () {
+    tileStats.failed += 1;
+    scheduleUpdate();
+  });
+  viewer.addHandler('open-failed', function (event) {
+    showViewerError('Could not open ' + dziUrl + (event && event.message ? ': ' + event.message : ''));
+  });
+
+  ['open', 'animation', 'animation-finish', 'resize', 'zoom'].forEach(function (name) {
+    viewer.addHandler(name, scheduleUpdate);
+  });
+
+  // ---------------------------------------------------------------- legend
+
+  var levels = [];       // API levels sorted by DZI level (0 = 1x1 px)
+  var rowByLevel = {};   // DZI level -> <tr>
+  var currentLevel = null;
+  var updatePending = false;
+
+  function scheduleUpdate() {
+    if (updatePending) {
+      return;
+    }
+    updatePending = true;
+    window.requestAnimationFrame(function () {
+      updatePending = false;
+      updateCurrentLevel();
+    });
+  }
+
+  function el(tag, className, text) {
+    var node = document.createElement(tag);
+    if (className) {
+      node.className = className;
+    }
+    if (text !== undefined && text !== null) {
+      node.textContent = String(text);
+    }
+    return node;
+  }
+
+  function fmt(n) {
+    return numberFormat.format(n);
+  }
+
+  function formatLabel(format) {
+    var key = String(format || '').toLowerCase();
+    return FORMAT_LABELS[key] || key.toUpperCase() || '?';
+  }
+
+  function encodingBadge(level) {
+    var label = formatLabel(level.format);
+    var badge;
+    if (level.lossless) {
+      badge = el('span', 'badge lossless', 'lossless ' + label);
+      badge.title = 'Lossless: pixels identical to the slide';
+    } else {
+      var quality = level.quality !== null && level.quality !== undefined ? ' q' + level.quality : '';
+      badge = el('span', 'badge lossy', label + quality);
+      badge.title = 'Lossy ' + label + (quality ? ', quality ' + level.quality : '');
+    }
+    return badge;
+  }
+
+  function addMeta(term, value) {
+    if (value === null || value === undefined || value === '') {
+      return;
+    }
+    metaEl.appendChild(el('dt', null, term));
+    metaEl.appendChild(el('dd', null, value));
+  }
+
+  function renderLegend(info) {
+    levels = (info.levels || []).slice().sort(function (a, b) { return a.level - b.level; });
+    rowByLevel = {};
+    currentLevel = null;
+
+    metaEl.textContent = '';
+    if (info.vendor) {
+      addMeta('Vendor', info.vendor);
+    }
+    if (info.dimensions) {
+      addMeta('Slide', fmt(info.dimensions[0]) + ' \u00d7 ' + fmt(info.dimensions[1]) + ' px');
+    }
+    if (info.mpp && info.mpp[0]) {
+      addMeta('MPP', Number(info.mpp[0]).toFixed(3) + ' \u00d7 ' + Number(info.mpp[1]).toFixed(3) + ' \u00b5m');
+    }
+    if (info.tile_size) {
+      addMeta('Tiles', info.tile_size + ' px, overlap ' + (info.overlap || 0) +
+        (info.declared_format ? ', DZI ' + formatLabel(info.declared_format) : ''));
+    }
+    var lossless = levels.filter(function (l) { return l.lossless; }).length;
+    addMeta('Levels', (info.level_count !== undefined ? info.level_count : levels.length) +
+      (lossless ? ' (' + lossless + ' lossless)' : ''));
+
+    rowsEl.textContent = '';
+    // Full resolution first: the levels a reader zooms through are at the top.
+    for (var i = levels.length - 1; i >= 0; i--) {
+      var level = levels[i];
+      var tr = el('tr', level.lossless ? 'level is-lossless' : 'level is-lossy');
+      tr.setAttribute('data-level', String(level.level));
+      tr.setAttribute('data-lossless', level.lossless ? 'true' : 'false');
+      if (level.slide_level !== undefined && level.slide_level !== null) {
+        tr.title = 'Read from OpenSlide level ' + level.slide_level;
+      }
+      tr.appendChild(el('th', 'num', level.level)).setAttribute('scope', 'row');
+      tr.appendChild(el('td', 'dims', fmt(level.width) + ' \u00d7 ' + fmt(level.height)));
+      var tiles = el('td', 'num', fmt(level.tiles));
+      tiles.title = level.cols + ' \u00d7 ' + level.rows + ' tiles';
+      tr.appendChild(tiles);
+      var enc = el('td', 'enc');
+      enc.appendChild(encodingBadge(level));
+      tr.appendChild(enc);
+      rowsEl.appendChild(tr);
+      rowByLevel[level.level] = tr;
+    }
+    legend.setAttribute('data-state', 'ready');
+    legend.setAttribute('aria-busy', 'false');
+    scheduleUpdate();
+  }
+
+  function renderLegendError(message) {
+    rowsEl.textContent = '';
+    var tr = el('tr', 'placeholder error');
+    var td = el('td', null, message);
+    td.colSpan = 4;
+    tr.appendChild(td);
+    rowsEl.appendChild(tr);
+    legend.setAttribute('data-state', 'error');
+    legend.setAttribute('aria-busy', 'false');
+  }
+
+  /*
+   * The DZI level OpenSeadragon needs at the current zoom: the smallest level whose width
+   * is not below the rendered image width in device pixels, clamped to the pyramid.
+   */
+  function displayedLevel() {
+    var item = viewer.world.getItemAt(0);
+    if (!item || !levels.length) {
+      return null;
+    }
+    var imageZoom = item.viewportToImageZoom(viewer.viewport.getZoom(true));
+    var fullWidth = item.source.dimensions.x || levels[levels.length - 1].width;
+    var rendered = imageZoom * fullWidth * (window.devicePixelRatio || 1);
+    for (var i = 0; i < levels.length; i++) {
+      if (levels[i].width >= rendered - 0.5) {
+        return { level: levels[i], rendered: rendered, zoom: imageZoom };
+      }
+    }
+    return { level: levels[levels.length - 1], rendered: rendered, zoom: imageZoom };
+  }
+
+  function updateCurrentLevel() {
+    var shown = displayedLevel();
+    if (!shown) {
+      return;
+    }
+    var level = shown.level.level;
+    if (level !== currentLevel) {
+      if (currentLevel !== null && rowByLevel[currentLevel]) {
+        rowByLevel[currentLevel].classList.remove('current');
+        rowByLevel[currentLevel].removeAttribute('aria-current');
+      }
+      var row = rowByLevel[level];
+      if (row) {
+        row.classList.add('current');
+        row.setAttribute('aria-current', 'true');
+        if (row.scrollIntoView && !legendBody.hidden) {
+          row.scrollIntoView({ block: 'nearest' });
+        }
+      }
+      currentLevel = level;
+      legend.setAttribute('data-current-level', String(level));
+    }
+    var pct = shown.zoom * 100;
+    var text = 'Showing level ' + level + ' \u00b7 ' + fmt(Math.round(shown.rendered)) +
+      ' device px wide \u00b7 ' + (pct >= 10 ? Math.round(pct) : pct.toFixed(pct >= 1 ? 1 : 2)) + '%';
+    if (tileStats.failed) {
+      text += ' \u00b7 ' + tileStats.failed + ' tile(s) failed';
+    }
+    statusEl.textContent = text;
+  }
+
+  function showViewerError(message) {
+    var box = el('div', 'viewer-error', message);
+    box.setAttribute('role', 'alert');
+    document.getElementById('viewer').appendChild(box);
+  }
+
+  // ---------------------------------------------------------------- slide info
+
+  if (!apiUrl) {
+    renderLegendError('No slide info URL.');
+  } else {
+    fetch(apiUrl, { headers: { Accept: 'application/json' } })
+      .then(function (response) {
+        if (!response.ok) {
+          throw new Error('HTTP ' + response.status);
+        }
+        return response.json();
+      })
+      .then(function (info) {
+        window.slideInfo = info;
+        renderLegend(info);
+      })
+      .catch(function (err) {
+        renderLegendError('Slide info unavailable (' + err.message + ').');
+      });
+  }
+})();
