@@ -24,7 +24,7 @@ WORKDIR /src
 COPY requirements.lock pyproject.toml README.md ./
 COPY app/ ./app/
 RUN pip install --no-cache-dir -c requirements.lock . \
-    && python -c "import openslide; print('libopenslide', openslide.__library_version__)"
+    && python -c "import openslide; print('OpenSlide', openslide.__library_version__)"
 
 # ---- runtime ---------------------------------------------------------------------------------
 FROM python:3.11-slim

@@ -40,9 +40,12 @@ DEMO_SIZE = (24000, 18000)
 """Level-0 size (width, height) of the slide written by :func:`ensure_demo_slide`."""
 
 _GLASS = np.array([242.0, 242.0, 240.0], np.float32)  # empty glass, RGB
+_WASH = (14.0, 40.0, 20.0)  # faint eosin absorbance added everywhere in tissue
 _GRID = 16  # spacing in level-0 px of the coarse grid the smooth fields live on
 _OVERSCAN = 2048  # render() may reach this many px past the right/bottom edge
-_PERIOD = 480  # the mirrored H&E tile repeats every _PERIOD px (2 x 240)
+_BLOCK = 240  # size of the H&E source tile
+_FEATHER = 24  # half-width of the cross-fade band around texture block seams
+_PERIOD = 16 * _BLOCK  # the H&E texture atlas repeats every _PERIOD px
 _MAX_LEVEL_SIDE = 2048  # stop adding pyramid levels once the larger side is <= this
 _THUMB_WIDTH = 1024
 _SOFTWARE = "Aperio Image Library v12.0.15 "
@@ -53,19 +56,54 @@ _WORKERS = 2
 
 
 def _he_texture() -> np.ndarray:
-    """Return the (480, 480) uint32 texture: mirrored H&E tile (RGB) + noise byte."""
+    """Return the H&E texture atlas, (_PERIOD, _PERIOD) uint32, periodic.
+
+    A 16x16 torus of 240 px blocks, each the real H&E tile under a random flip /
+    rot90, cross-faded over a 48 px band around every seam (each block is
+    mirror-extended past its edge, so there are no hard edges). Bytes of each
+    uint32: R, G, B, sensor noise 0..4. Fixed (independent of the slide seed).
+    """
     src = files("wsidicom_data") / "data" / "test_tile.png"
     with src.open("rb") as fh:
-        tile = np.asarray(Image.open(fh).convert("RGB"))
-    if tile.shape != (_PERIOD // 2, _PERIOD // 2, 3):
-        tile = np.asarray(Image.fromarray(tile).resize((_PERIOD // 2, _PERIOD // 2)))
-    top = np.concatenate([tile, tile[:, ::-1]], axis=1)
-    rgb = np.concatenate([top, top[::-1]], axis=0)  # seamless, periodic in 480
-    # 4th byte: per-pixel sensor noise in 0..4 (used as -2..+2), fixed so that the
-    # texture stays independent of the slide seed
-    noise = np.random.default_rng(12345).integers(0, 5, rgb.shape[:2], np.uint8)
-    rgba = np.ascontiguousarray(np.dstack([rgb, noise]))
-    return rgba.view(np.uint32)[..., 0]
+        tile = Image.open(fh).convert("RGB")
+    tile = np.asarray(tile.resize((_BLOCK, _BLOCK)) if tile.size != (_BLOCK,) * 2 else tile)
+    rng = np.random.default_rng(12345)
+    variants = [np.rot90(tile[:, ::-1] if k & 4 else tile, k & 3) for k in range(8)]
+
+    def index(img: np.ndarray) -> int:
+        return next(i for i, v in enumerate(variants) if np.array_equal(v, img))
+
+    # a neighbour that equals or mirrors a block across the seam looks artificial
+    clash_x = [{i, index(v[:, ::-1])} for i, v in enumerate(variants)]
+    clash_y = [{i, index(v[::-1])} for i, v in enumerate(variants)]
+    n = _PERIOD // _BLOCK
+    choice = np.zeros((n, n), int)
+    for by in range(n):
+        for bx in range(n):
+            bad = clash_x[choice[by, bx - 1]] if bx else set()
+            bad |= clash_y[choice[by - 1, bx]] if by else set()
+            if bx == n - 1:
+                bad |= clash_x[choice[by, 0]]
+            if by == n - 1:
+                bad |= clash_y[choice[0, bx]]
+            ok = [k for k in range(8) if k not in bad] or list(range(8))
+            choice[by, bx] = ok[int(rng.integers(len(ok)))]
+
+    f = _FEATHER
+    ramp = _smoothstep((np.arange(2 * f, dtype=np.float32) + 0.5) / (2 * f))
+    win = np.concatenate([ramp, np.ones(_BLOCK - 2 * f, np.float32), ramp[::-1]])
+    weight = (win[:, None] * win[None, :])[..., None]
+    acc = np.zeros((_PERIOD, _PERIOD, 3), np.float32)
+    for by in range(n):
+        for bx in range(n):
+            block = variants[choice[by, bx]]
+            ext = np.pad(block, ((f, f), (f, f), (0, 0)), mode="symmetric") * weight
+            ys = np.arange(by * _BLOCK - f, (by + 1) * _BLOCK + f) % _PERIOD
+            xs = np.arange(bx * _BLOCK - f, (bx + 1) * _BLOCK + f) % _PERIOD
+            acc[ys[:, None], xs[None, :]] += ext
+    noise = rng.integers(0, 5, acc.shape[:2], np.uint8)
+    rgba = np.dstack([np.clip(acc + 0.5, 0, 255).astype(np.uint8), noise])
+    return np.ascontiguousarray(rgba).view(np.uint32)[..., 0]
 
 
 def _noise_field(
@@ -129,30 +167,31 @@ class _Synth:
         rough = 0.6 * _noise_field(rng, (gh, gw), (5, 5 * aspect))
         rough += 0.4 * _noise_field(rng, (gh, gw), (14, 14 * aspect))
         field = blobs + 0.16 * rough
-        margin = _smoothstep(np.minimum(np.minimum(u, 1 - u), np.minimum(v, 1 - v)) / 0.1)
-        field = field * margin
-        centre = (gh // 2 + np.arange(-1, 2))[:, None], (gw // 2 + np.arange(-1, 2))[None, :]
-        field[centre] = np.maximum(field[centre], 0.8)
-        alpha = _smoothstep((field - 0.42) / 0.10)
+        edge = np.minimum(np.minimum(u, 1 - u), np.minimum(v, 1 - v))
+        field = field * _smoothstep((edge - 0.06) / 0.08)  # glass within 6% of a border
+        cy, cx = int(height / 2 / _GRID), int(width / 2 / _GRID)
+        field[cy - 1 : cy + 2, cx - 1 : cx + 2] = np.maximum(
+            field[cy - 1 : cy + 2, cx - 1 : cx + 2], 0.8
+        )
+        alpha = _smoothstep((field - 0.42) / 0.03)
 
-        # stain: density (cellularity) ~1.2 mm features, hue drift ~3 mm features
-        def cells(px: float) -> tuple[float, float]:
-            return height / px + 1, width / px + 1
+        def noise(px: float) -> np.ndarray:  # features of ~px level-0 pixels
+            return _noise_field(rng, (gh, gw), (height / px + 1, width / px + 1))
 
-        dens = np.clip(0.85 + 0.15 * _noise_field(rng, (gh, gw), cells(2400)), 0.55, 1.1)
-        dens *= np.clip(1.0 + 0.08 * _noise_field(rng, (gh, gw), cells(500)), 0.8, 1.2)
-        hue = np.clip(0.6 * _noise_field(rng, (gh, gw), cells(6000)), -1, 1)
-        k = alpha * dens
-        # k_c: fraction of the texture's absorbance applied to channel c; hue > 0
-        # shifts to purple (more haematoxylin), hue < 0 to pink (more eosin)
+        # stain density (cellularity) with lobules and a few lumens (holes)
+        dens = 0.72 + 0.12 * noise(2400) + 0.1 * noise(600)
+        dens *= 1.0 - 0.9 * _smoothstep((noise(900) + 0.5 * noise(300) - 1.9) / 0.3)
+        k = alpha * np.clip(dens, 0.0, 1.0)
+        # hue: > 0 more haematoxylin (purple), < 0 more eosin (pink)
+        hue = np.clip(0.6 * noise(1500) + 0.4 * noise(6000), -1.0, 1.0)
+        # k_c: fraction of the texture's absorbance applied to channel c
         self.fields = [
-            Image.fromarray(np.ascontiguousarray(k * (1 + s * hue), np.float32), "F")
-            for s in (0.12, 0.0, -0.12)
+            Image.fromarray(np.ascontiguousarray(k * base * (1 + s * hue), np.float32), "F")
+            for base, s in ((0.7, 0.25), (0.95, 0.0), (0.8, -0.05))
         ]
         # warp of the texture coordinates: ~90 px displacement, ~1.5 mm features
         for _ in range(2):
-            disp = 70 * _noise_field(rng, (gh, gw), cells(3000))
-            disp += 35 * _noise_field(rng, (gh, gw), cells(900))
+            disp = 70 * noise(3000) + 35 * noise(900) + 15 * noise(400)
             self.fields.append(Image.fromarray(disp.astype(np.float32), "F"))
 
     def render(self, x: int, y: int, w: int, h: int) -> np.ndarray:
@@ -175,7 +214,7 @@ class _Synth:
         noise = px[..., 3].astype(np.float32) - 2.0
         for c, kc in enumerate((kr, kg, kb)):
             absorb = 255.0 - px[..., c].astype(np.float32)
-            val = _GLASS[c] + noise - kc * absorb * (_GLASS[c] / 255.0)
+            val = _GLASS[c] + noise - kc * (absorb + _WASH[c]) * (_GLASS[c] / 255.0)
             np.clip(val, 0, 255, out=val)
             out[..., c] = val
         return out
@@ -328,13 +367,13 @@ def _level0_tiles(
         yield from tiles
 
 
-def _label_image(seed: int) -> np.ndarray:
+def _label_image(seed: int, app_mag: int) -> np.ndarray:
     """A slide-label photo: paper, a few text lines, a 2-D barcode-like matrix."""
     rng = np.random.default_rng(seed + 1)
     img = Image.new("RGB", (400, 460), (236, 234, 228))
     draw = ImageDraw.Draw(img)
     font = ImageFont.load_default(size=34)
-    for i, text in enumerate(("DEMO SLIDE", f"S-{seed:05d}", "H&E  20x")):
+    for i, text in enumerate(("DEMO SLIDE", f"S-{seed:05d}", f"H&E  {app_mag}x")):
         draw.text((24, 24 + 46 * i), text, fill=(30, 30, 40), font=font)
     cells, cell, x0, y0 = 18, 12, 92, 200
     bits = rng.random((cells, cells)) < 0.5
@@ -504,7 +543,7 @@ def write_aperio_svs(
                 desc = f"{head} -> {size[0]}x{size[1]} {jpeg_kind}"
                 tif.write(**tiled(_tiles_of(img, tile_size, enc, pool), size, desc))
 
-            label = _label_image(seed)
+            label = _label_image(seed, app_mag)
             lh, lw = label.shape[:2]
             tif.write(
                 label,

@@ -21,7 +21,7 @@ from app import __version__
 from app.errors import install_handlers
 from app.middleware import HeadAsGet
 from app.routes import api, deepzoom, web
-from app.settings import Settings
+from app.settings import Settings, settings_from
 from app.slides import SlideRegistry, build_catalogue
 from app.tiles import TileService, default_render_threads
 
@@ -66,5 +66,5 @@ def create_app(settings: Settings) -> FastAPI:
 
 def create_app_from_env() -> FastAPI:
     """Factory for uvicorn workers: settings from ``TILESERVER_SETTINGS_JSON``."""
-    settings = Settings.model_validate_json(os.environ[SETTINGS_ENV])
+    settings = settings_from(os.environ[SETTINGS_ENV])
     return create_app(settings)

@@ -76,7 +76,7 @@ def _is_list_field(info: FieldInfo) -> bool:
 
 def _indexed_to_list(value: Any) -> Any:
     """``{"1": b, "0": a}`` -> ``[a, b]``; anything else is returned unchanged."""
-    if isinstance(value, Mapping) and value and all(str(k).isdigit() for k in value):
+    if isinstance(value, Mapping) and all(str(k).isdigit() for k in value):
         return [value[k] for k in sorted(value, key=lambda k: int(k))]
     return value
 
@@ -348,6 +348,25 @@ def load_settings(
     if check_files:
         _check_files(settings)
     return settings
+
+
+def settings_from(data: Mapping[str, Any] | str) -> Settings:
+    """Settings from one dict or JSON text alone: no files, no environment, no command line.
+
+    For tests and for uvicorn workers, which receive the CLI's already-resolved settings.
+
+    Raises:
+        ConfigError: the data is invalid.
+    """
+    token = _LOAD_CONTEXT.set(_LoadContext(json_files=[], environ={}, overrides=[]))
+    try:
+        if isinstance(data, str):
+            return Settings.model_validate_json(data)
+        return Settings.model_validate(dict(data))
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc)) from None
+    finally:
+        _LOAD_CONTEXT.reset(token)
 
 
 def _describe(exc: ValidationError) -> str:

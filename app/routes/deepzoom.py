@@ -33,6 +33,8 @@ def parse_address(level: str, tile: str) -> tuple[int, int, int, str | None]:
     if match is None:
         raise BadTileRequest(f"tile {tile!r}: expected {{col}}_{{row}}.{{ext}}, e.g. 0_0.jpeg")
     col, row, ext = match.groups()
+    if ext == "":
+        raise BadTileRequest(f"tile {tile!r}: empty extension; use .jpeg, .png or .webp")
     numbers = []
     for what, text in (("level", level), ("col", col), ("row", row)):
         if not re.fullmatch(r"-?\d+", text):

@@ -37,14 +37,19 @@
     indexLink.hidden = false;
   }
 
-  // Collapsible legend.
-  toggle.addEventListener('click', function () {
-    var open = toggle.getAttribute('aria-expanded') !== 'true';
+  // Collapsible legend; starts collapsed where it would hide most of a small screen.
+  function setLegendOpen(open) {
     toggle.setAttribute('aria-expanded', String(open));
     toggle.innerHTML = open ? '&minus;' : '+';
     legendBody.hidden = !open;
     legend.classList.toggle('collapsed', !open);
+  }
+  toggle.addEventListener('click', function () {
+    setLegendOpen(toggle.getAttribute('aria-expanded') !== 'true');
   });
+  if (window.matchMedia && window.matchMedia('(max-width: 640px), (max-height: 480px)').matches) {
+    setLegendOpen(false);
+  }
 
   var viewer = OpenSeadragon({
     id: 'viewer',

@@ -147,7 +147,8 @@ def _wait_for_viewer(page: Page, log: PageLog) -> None:
         )
     except Exception as exc:  # add what the page said to the timeout
         stats = page.evaluate("() => window.tileStats")
-        raise AssertionError(f"viewer did not load: {exc}\ntileStats={stats}\n{log.summary()}")
+        message = f"viewer did not load: {exc}\ntileStats={stats}\n{log.summary()}"
+        raise AssertionError(message) from exc
     # One more frame so the last tile is painted, not just loaded.
     _next_frames(page)
 

@@ -1,0 +1,99 @@
+"""The JSON API and the pages, through the app."""
+
+import pytest
+
+
+@pytest.fixture
+def client(client_for, fixtures, generated_svs, tmp_path):
+    return client_for(TileCachePath=str(tmp_path / "cache"),
+                      Images=[{"Name": "generated", "Path": str(generated_svs)},
+                              {"Name": "boxes", "Path": str(fixtures / "boxes.tiff")},
+                              {"Name": "small", "Path": str(fixtures / "small.svs")}])
+
+
+def test_slide_document(client, generated_svs):
+    import openslide
+    from openslide.deepzoom import DeepZoomGenerator
+
+    doc = client.get("/api/slides/generated").json()
+    slide = openslide.OpenSlide(generated_svs)
+    dz = DeepZoomGenerator(slide, 254, 1, True)
+    assert doc["vendor"] == "aperio"
+    assert doc["dimensions"] == list(slide.dimensions)
+    assert doc["mpp"] == [pytest.approx(0.499), pytest.approx(0.499)]
+    assert doc["level_count"] == dz.level_count and doc["tile_count"] == dz.tile_count
+    assert doc["declared_format"] == "jpeg" and doc["dzi_url"] == "/storage/generated.dzi"
+    assert set(doc["associated_images"]) >= {"thumbnail"}
+    assert doc["quickhash"] == slide.properties["openslide.quickhash-1"]
+    levels = doc["levels"]
+    assert [(lv["width"], lv["height"]) for lv in levels] == list(dz.level_dimensions)
+    assert [(lv["cols"], lv["rows"]) for lv in levels] == [tuple(t) for t in dz.level_tiles]
+    assert [lv["format"] for lv in levels] == ["jpeg"] * (dz.level_count - 1) + ["png"]
+    assert [lv["lossless"] for lv in levels] == [False] * (dz.level_count - 1) + [True]
+    assert levels[-1]["quality"] is None and levels[0]["quality"] == 90
+    assert levels[-1]["slide_level"] == 0 and levels[0]["slide_level"] == slide.level_count - 1
+    for lv in levels:
+        assert lv["slide_level"] == dz.get_tile_coordinates(lv["level"], (0, 0))[1]
+
+
+def test_images_and_stats_and_clear(client):
+    images = client.get("/api/images").json()
+    assert [i["name"] for i in images] == ["generated", "boxes", "small"]
+    assert images[1]["dimensions"] == [300, 250] and images[1]["level_count"] == 10
+    assert all(i["cachedTiles"] == 0 for i in images)
+
+    for col in range(3):
+        assert client.get(f"/storage/boxes_files/9/{col % 2}_0.jpeg").status_code == 200
+    client.get("/storage/generated_files/10/0_0.jpeg")
+    stats = client.get("/api/tiles/boxes/stats").json()
+    assert stats["imageName"] == "boxes" and stats["cachedTiles"] == 2
+    levels = client.get("/api/slides/boxes").json()["levels"]
+    total_tiles = sum(lv["cols"] * lv["rows"] for lv in levels)
+    assert stats["totalTiles"] == total_tiles == 11
+    assert stats["cachePercentage"] == round(100 * 2 / total_tiles, 2)
+    assert stats["cacheSizeBytes"] > 0
+    total = client.get("/api/tiles/stats").json()
+    assert total["cachedTiles"] == 3 and set(total) == {"cachedTiles", "cacheSizeBytes",
+                                                        "cacheSizeMB"}
+    assert client.get("/api/images").json()[1]["cachedTiles"] == 2
+
+    assert client.delete("/api/tiles/boxes/cache").json() == {
+        "status": "cache cleared", "imageName": "boxes"}
+    assert client.get("/api/tiles/boxes/stats").json()["cachedTiles"] == 0
+    assert client.get("/api/tiles/stats").json()["cachedTiles"] == 1
+    again = client.get("/storage/boxes_files/9/0_0.jpeg")
+    assert again.headers["x-tile-cache"] == "miss"  # memory cache was cleared too
+    assert client.delete("/api/tiles/cache").json() == {"status": "all cache cleared"}
+    assert client.get("/api/tiles/stats").json()["cachedTiles"] == 0
+    assert client.delete("/api/tiles/nosuch/cache").status_code == 404
+
+
+def test_head_answers_every_get(client):
+    for url in ["/api/images", "/api/slides/boxes", "/storage/boxes.dzi", "/healthz", "/",
+                "/slide/boxes.html", "/api/tiles/stats", "/static/viewer.js"]:
+        get, head = client.get(url), client.head(url)
+        assert get.status_code == head.status_code == 200, url
+        assert head.content == b""
+        assert head.headers["content-type"] == get.headers["content-type"]
+
+
+def test_pages(client):
+    index = client.get("/")
+    assert index.headers["content-type"].startswith("text/html")
+    for name in ["generated", "boxes", "small"]:
+        assert f'href="/slide/{name}.html"' in index.text
+    page = client.get("/slide/boxes.html").text
+    assert "/storage/boxes.dzi" in page and "/api/slides/boxes" in page
+    assert "{{" not in page
+    osd = client.get("/static/openseadragon/openseadragon.min.js")
+    assert osd.status_code == 200 and "OpenSeadragon" in osd.text[:5000]
+    assert client.get("/docs").status_code == 200
+    spec = client.get("/openapi.json").json()
+    assert "/storage/{name}_files/{level}/{tile}" in spec["paths"]
+
+
+def test_single_mode_index_is_the_viewer(client_for, generated_svs):
+    client = client_for(Image={"Path": str(generated_svs)})
+    page = client.get("/").text
+    assert "/image.dzi" in page and "/api/slides/image" in page
+    assert client.get("/api/slides/image").json()["dzi_url"] == "/image.dzi"

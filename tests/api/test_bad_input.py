@@ -1,0 +1,93 @@
+"""The bad-input table: every malformed or hostile request gets a JSON 4xx; broken slides a 500
+for themselves only, with OpenSlide's message, and nothing cached for them."""
+
+import numpy as np
+import pytest
+
+from tests.conftest import decode
+
+
+@pytest.fixture
+def client(client_for, fixtures, generated_svs, tmp_path):
+    return client_for(
+        TileCachePath=str(tmp_path / "cache"),
+        Image={"Path": str(generated_svs)},
+        Images=[{"Name": "boxes", "Path": str(fixtures / "boxes.tiff")},
+                {"Name": "unopenable", "Path": str(fixtures / "unopenable.tiff")},
+                {"Name": "unreadable", "Path": str(fixtures / "unreadable.svs")}])
+
+
+BAD_REQUESTS = [
+    # (url, status, error code, words the detail must contain)
+    ("/storage/nosuch.dzi", 404, "slide_not_found", "nosuch"),
+    ("/storage/nosuch_files/0/0_0.jpeg", 404, "slide_not_found", "nosuch"),
+    ("/storage/..%2Fboxes_files/0/0_0.jpeg", 404, None, ""),
+    ("/storage/%2e%2e_files/0/0_0.jpeg", 404, "slide_not_found", ".."),
+    ("/storage/..%2F..%2Fetc%2Fpasswd.dzi", 404, None, ""),
+    ("/storage/%2Fetc%2Fpasswd.dzi", 404, None, ""),
+    ("/storage/%2Fwork%2Fshared%2Ffixtures%2Fopenslide%2Fboxes.dzi", 404, None, ""),
+    ("/storage/boxes_files/-1/0_0.jpeg", 400, "bad_request", "level -1 is negative"),
+    ("/storage/boxes_files/0/-1_0.jpeg", 400, "bad_request", "col -1 is negative"),
+    ("/storage/boxes_files/0/0_-5.jpeg", 400, "bad_request", "row -5 is negative"),
+    ("/storage/boxes_files/x/0_0.jpeg", 400, "bad_request", "level 'x' is not an integer"),
+    ("/storage/boxes_files/1.5/0_0.jpeg", 400, "bad_request", "not an integer"),
+    ("/storage/boxes_files/0/a_b.jpeg", 400, "bad_request", "expected {col}_{row}"),
+    ("/storage/boxes_files/0/00.jpeg", 400, "bad_request", "expected {col}_{row}"),
+    ("/storage/boxes_files/99999999999999999999/0_0.jpeg", 400, "bad_request", "too large"),
+    ("/storage/boxes_files/0/0_99999999999999.jpeg", 400, "bad_request", "too large"),
+    ("/storage/boxes_files/10/0_0.jpeg", 404, "tile_not_found", "level 10 is outside 0..9"),
+    ("/storage/boxes_files/9/2_0.jpeg", 404, "tile_not_found", "outside level 9"),
+    ("/storage/boxes_files/9/0_1.jpeg", 404, "tile_not_found", "2x1 tiles"),
+    ("/storage/boxes_files/9/0_0.gif", 400, "bad_request", "unknown tile format 'gif'"),
+    ("/storage/boxes_files/9/0_0.", 400, "bad_request", "extension"),
+    ("/storage/boxes_files/9/0_0.jpeg?format=tiff", 400, "bad_request", "format 'tiff'"),
+    ("/storage/boxes_files/9/0_0.jpeg?format=", 400, "bad_request", "format ''"),
+    ("/image_files/-3/0_0.jpeg", 400, "bad_request", "negative"),
+    ("/image_files/0/5_5.jpeg", 404, "tile_not_found", "outside level 0"),
+    ("/slide/nosuch.html", 404, "slide_not_found", "nosuch"),
+    ("/api/slides/nosuch", 404, "slide_not_found", "nosuch"),
+    ("/api/tiles/nosuch/stats", 404, "slide_not_found", "nosuch"),
+    ("/no/such/route", 404, "not_found", ""),
+]
+
+
+@pytest.mark.parametrize(("url", "status", "code", "words"), BAD_REQUESTS,
+                         ids=[row[0] for row in BAD_REQUESTS])
+def test_bad_request_table(client, url, status, code, words):
+    r = client.get(url)
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"] == "application/json"
+    body = r.json()
+    if code is not None:
+        assert body["error"] == code
+    assert words in body["detail"]
+
+
+def test_method_not_allowed_is_json(client):
+    r = client.post("/storage/boxes.dzi")
+    assert r.status_code == 405 and r.json()["error"] == "method_not_allowed"
+
+
+@pytest.mark.parametrize(("name", "message"), [
+    ("unopenable", "Unsupported TIFF compression: 52479"),
+    ("unreadable", "Bogus marker length"),
+])
+def test_broken_slides_fail_alone(client, name, message, tmp_path, fixtures):
+    import openslide
+    from openslide.deepzoom import DeepZoomGenerator
+
+    for _ in range(2):  # and again: the error is not latched into a wrong answer
+        r = client.get(f"/storage/{name}_files/0/0_0.jpeg")
+        assert r.status_code == 500
+        assert r.json()["error"] in {"slide_unopenable", "slide_unreadable"}
+        assert message in r.json()["detail"] and r.json()["slide"] == name
+    # every other slide keeps serving, with the right pixels
+    good = client.get("/storage/boxes_files/9/0_0.png")
+    assert good.status_code == 200
+    dz = DeepZoomGenerator(openslide.open_slide(fixtures / "boxes.tiff"), 254, 1, True)
+    assert np.array_equal(decode(good.content), np.asarray(dz.get_tile(9, (0, 0))))
+    assert client.get("/image_files/0/0_0.jpeg").status_code == 200
+    assert not (tmp_path / "cache" / name).exists()  # nothing cached for the broken slide
+    images = {i["name"]: i for i in client.get("/api/images").json()}
+    assert "Unsupported TIFF compression" in images["unopenable"]["error"]
+    assert images["boxes"]["dimensions"] == [300, 250]

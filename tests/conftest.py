@@ -1,0 +1,147 @@
+"""Shared fixtures: real OpenSlide fixtures, a generated Aperio SVS, apps and a live server."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from app.main import create_app
+from app.settings import settings_from
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = ROOT.parent / "shared" / "fixtures" / "openslide"
+
+
+@pytest.fixture(scope="session")
+def fixtures() -> Path:
+    """``../shared/fixtures/openslide``; tests using it skip only where it is absent."""
+    if not FIXTURES.is_dir():
+        pytest.skip("../shared/fixtures/openslide is absent")
+    return FIXTURES
+
+
+@pytest.fixture(scope="session")
+def generated_svs(tmp_path_factory) -> Path:
+    """A generated Aperio SVS: 3 levels, 240 px JPEG tiles sharing JPEGTables, YCbCr."""
+    from app.demo import write_aperio_svs
+
+    path = tmp_path_factory.mktemp("slides") / "generated.svs"
+    return write_aperio_svs(path, 5000, 3800, seed=3)
+
+
+@pytest.fixture
+def client_for(tmp_path) -> Iterator:
+    """``client_for(**appsettings) -> TestClient`` of a fresh app (lifespan run)."""
+    clients: list[TestClient] = []
+
+    def build(**sections) -> TestClient:
+        sections.setdefault("TileCachePath", str(tmp_path / "cache"))
+        client = TestClient(create_app(settings_from(sections)))
+        client.__enter__()
+        clients.append(client)
+        return client
+
+    yield build
+    for client in clients:
+        client.__exit__(None, None, None)
+
+
+def decode(data: bytes) -> np.ndarray:
+    """Tile bytes -> RGB pixel array (height, width, 3) uint8."""
+    with Image.open(io.BytesIO(data)) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def free_port() -> int:
+    """A TCP port free on the loopback interface now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class LiveServer:
+    """A ``tileserver serve`` process under uvicorn on a loopback port."""
+
+    base_url: str
+    slide_names: list[str]
+    process: subprocess.Popen
+    cache: Path
+    log: Path
+    extra: dict = field(default_factory=dict)
+
+    def get(self, path: str, **kwargs) -> httpx.Response:
+        """GET a path of the server."""
+        return httpx.get(self.base_url + path, timeout=30, **kwargs)
+
+
+def start_server(tmp: Path, settings: dict, *args: str, env: dict | None = None) -> LiveServer:
+    """Start ``tileserver serve`` with an appsettings file; wait until /healthz answers."""
+    config = tmp / "appsettings.json"
+    config.write_text(json.dumps(settings))
+    port = free_port()
+    log = tmp / "server.log"
+    full_env = {k: v for k, v in os.environ.items() if "__" not in k}
+    full_env.update(env or {})
+    process = subprocess.Popen(
+        [sys.executable, "-m", "app.cli", "serve", "--port", str(port), "--config", str(config),
+         *args],
+        cwd=tmp, env=full_env, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
+    )
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited: {log.read_text()}")
+        try:
+            if httpx.get(base + "/healthz", timeout=1).status_code == 200:
+                break
+        except httpx.TransportError:
+            time.sleep(0.1)
+    else:
+        process.kill()
+        raise RuntimeError(f"server did not start: {log.read_text()}")
+    names = [item["Name"] for item in settings.get("Images", [])]
+    return LiveServer(base, names, process, Path(settings.get("TileCachePath", "")), log)
+
+
+def stop_server(server: LiveServer) -> None:
+    """Stop the server (SIGTERM, then SIGKILL)."""
+    server.process.terminate()
+    try:
+        server.process.wait(10)
+    except subprocess.TimeoutExpired:
+        server.process.kill()
+        server.process.wait()
+
+
+@pytest.fixture(scope="session")
+def live_server(tmp_path_factory, generated_svs, fixtures) -> Iterator[LiveServer]:
+    """A real server (uvicorn, 2 workers) serving the generated SVS and real fixtures."""
+    tmp = tmp_path_factory.mktemp("live")
+    settings = {
+        "TileCachePath": str(tmp / "cache"),
+        "Images": [
+            {"Name": "generated", "Path": str(generated_svs)},
+            {"Name": "boxes", "Path": str(fixtures / "boxes.tiff")},
+            {"Name": "small", "Path": str(fixtures / "small.svs")},
+            {"Name": "unreadable", "Path": str(fixtures / "unreadable.svs")},
+        ],
+    }
+    server = start_server(tmp, settings, "--workers", "2")
+    yield server
+    stop_server(server)
