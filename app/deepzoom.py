@@ -16,6 +16,7 @@ from openslide import AbstractSlide
 from openslide.deepzoom import DeepZoomGenerator
 
 from app.errors import TileNotFound
+from app.native import NativeReader
 
 
 class SlidePyramid:
@@ -34,7 +35,9 @@ class SlidePyramid:
         slide_levels: the OpenSlide level each DZI level is read from.
     """
 
-    def __init__(self, slide: AbstractSlide, tile_size: int, overlap: int, limit_bounds: bool):
+    def __init__(self, slide: AbstractSlide, tile_size: int, overlap: int, limit_bounds: bool,
+                 native: NativeReader | None = None):
+        self.native = native
         self.tile_size = tile_size
         self.overlap = overlap
         self.limit_bounds = limit_bounds
@@ -60,7 +63,12 @@ class SlidePyramid:
     def render(self, level: int, col: int, row: int) -> Image.Image:
         """The RGB tile at a DZI address, as ``DeepZoomGenerator.get_tile`` renders it.
 
-        Blocking (OpenSlide read + Pillow): call it from a worker thread.
+        Blocking (slide read + Pillow): call it from a worker thread. Regions the
+        :class:`~app.native.NativeReader` can read exactly come from it; the rest, and every
+        other slide, from OpenSlide through ``DeepZoomGenerator.get_tile`` itself. Either way
+        the pixels are ``get_tile``'s: the native region is OpenSlide's opaque region, its
+        composite onto the background is the identity, and the same Lanczos ``thumbnail``
+        scales it.
 
         Returns:
             An RGB image of ``tile_size`` plus overlap on interior edges, smaller at the
@@ -69,6 +77,15 @@ class SlidePyramid:
         Raises:
             openslide.OpenSlideError: the slide cannot be read.
         """
+        if self.native is not None:
+            l0_location, slide_level, l_size = self._dz.get_tile_coordinates(level, (col, row))
+            region = self.native.read(l0_location, slide_level, l_size)
+            if region is not None:
+                tile = Image.fromarray(region)
+                z_size = self._dz.get_tile_dimensions(level, (col, row))
+                if tile.size != z_size:
+                    tile.thumbnail(z_size, Image.Resampling.LANCZOS)
+                return tile
         return self._dz.get_tile(level, (col, row))
 
     def dzi(self, tile_format: str) -> str:

@@ -13,8 +13,10 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING
 
+import numpy as np
 from PIL import Image
 
+from app import png
 from app.errors import BadTileRequest
 
 if TYPE_CHECKING:
@@ -81,14 +83,15 @@ class Encoding:
         """Encode an RGB image; returns the complete file bytes. Blocking: run it in a thread.
 
         JPEG uses Pillow's defaults otherwise (4:2:0 chroma subsampling, standard Huffman
-        tables), as openslide-python's deepzoom_server does. WebP lossless keeps RGB exact
-        (``exact=True``); ``method=0`` is its fastest effort, bit-exact like every other.
+        tables), as openslide-python's deepzoom_server does. PNG uses :mod:`app.png` (libdeflate
+        at ``compress_level``). WebP lossless keeps RGB exact (``exact=True``); ``method=0`` is
+        its fastest effort, bit-exact like every other.
         """
+        if self.format is TileFormat.PNG:
+            return png.encode_rgb(np.asarray(image.convert("RGB")), self.compress_level or 0)
         buf = io.BytesIO()
         if self.format is TileFormat.JPEG:
             image.save(buf, "JPEG", quality=self.quality)
-        elif self.format is TileFormat.PNG:
-            image.save(buf, "PNG", compress_level=self.compress_level)
         elif self.lossless:
             image.save(buf, "WEBP", lossless=True, quality=0, method=0, exact=True)
         else:

@@ -97,7 +97,8 @@ class TileFormatSettings(Section):
     LosslessLevelCount: int = Field(1, ge=-1, description="0 none, N the N highest levels, -1 all.")
     JpegQuality: int = Field(90, ge=1, le=100)
     WebpQuality: int = Field(90, ge=1, le=100)
-    PngCompressLevel: int = Field(1, ge=0, le=9, description="zlib level; 1 is fast, 9 small.")
+    PngCompressLevel: int = Field(1, ge=0, le=12,
+                                  description="libdeflate level: 0 stored, 1 fastest, 12 smallest.")
     AllowFormatOverride: bool = True
 
     @field_validator("Default", "LosslessFormat", mode="before")
@@ -149,7 +150,9 @@ class ServerSettings(Section):
     AccessControlAllowOrigin: str = "*"
     RenderThreads: int = Field(0, ge=0, le=256, description="0: 2 per CPU core.")
     MaxOpenSlides: int = Field(16, ge=1, le=4096)
-    OpenSlideCacheBytes: int = Field(256 * 1024 * 1024, ge=0)
+    OpenSlideCacheBytes: int = Field(256 * 1024 * 1024, ge=0,
+                                     description="Decoded slide tiles kept, per process.")
+    NativeReader: bool = Field(True, description="Decode TIFF JPEG tiles natively (app.native).")
     MemoryCacheBytes: int = Field(64 * 1024 * 1024, ge=0)
     RevalidateSeconds: float = Field(2.0, ge=0, description="How often a slide file is re-stat'ed.")
 

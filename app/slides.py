@@ -27,6 +27,7 @@ from anyio import CapacityLimiter
 
 from app.deepzoom import SlidePyramid
 from app.errors import SlideNotFound, SlideOpenError
+from app.native import DecodedTileCache, NativeReader
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -126,6 +127,7 @@ class SlideRegistry:
         server = settings.Server
         self._cache = (openslide.OpenSlideCache(server.OpenSlideCacheBytes)
                        if server.OpenSlideCacheBytes else None)
+        self._decoded = DecodedTileCache(server.OpenSlideCacheBytes)
 
     @property
     def names(self) -> list[str]:
@@ -198,9 +200,11 @@ class SlideRegistry:
     def _open_blocking(self, entry: SlideEntry, signature: tuple[int, int, int]) -> OpenSlide:
         try:
             slide = openslide.open_slide(entry.path)
+            native = (NativeReader.open(slide, entry.path, self._decoded)
+                      if self.settings.Server.NativeReader else None)
             deepzoom = self.settings.DeepZoom
             pyramid = SlidePyramid(slide, deepzoom.TileSize, deepzoom.Overlap,
-                                   deepzoom.LimitBounds)
+                                   deepzoom.LimitBounds, native)
         except (openslide.OpenSlideError, OSError, ValueError) as exc:
             message = str(exc) or type(exc).__name__
             raise SlideOpenError(f"OpenSlide cannot open {entry.path.name}: {message}",

@@ -142,3 +142,21 @@ def test_lossy_encodings_are_close_but_not_exact(encoding, he_tile):
     error = np.abs(pixels - np.asarray(he_tile, dtype=int))
     assert error.max() > 0
     assert error.mean() < 6
+
+
+@pytest.mark.parametrize("level", [0, 1, 6, 12])
+@pytest.mark.parametrize("shape", [(254, 256), (1, 1), (3, 200), (257, 1)])
+def test_png_writer_round_trips_exactly(level, shape):
+    from app import png
+    rng = np.random.default_rng(level)
+    pixels = rng.integers(0, 256, (*shape, 3), dtype=np.uint8)
+    data = png.encode_rgb(pixels, level)
+    with Image.open(__import__("io").BytesIO(data)) as im:
+        assert im.format == "PNG" and im.mode == "RGB" and im.size == (shape[1], shape[0])
+        assert np.array_equal(np.asarray(im), pixels)
+
+
+def test_png_writer_rejects_other_shapes():
+    from app import png
+    with pytest.raises(ValueError, match="expected"):
+        png.encode_rgb(np.zeros((4, 4, 4), np.uint8))

@@ -1,0 +1,900 @@
+"""``make bench``: the tile server under uvicorn, loaded over loopback HTTP by ``wrk``.
+
+Scenarios (``--scenarios``, comma-separated keys or groups; default ``all``):
+
+=================  =========================================================================
+``cold-jpeg``      ours: every tile of the deepest DZI level at most once, ``?format=jpeg``
+``cold-lossless``  ours: the same tiles without override: the policy serves PNG (lossless)
+``warm``           ours: 2000 pre-rendered tiles (JPEG) requested over and over: cache hits
+``baseline-jpeg``  openslide's ``deepzoom_server.py`` (Flask, gunicorn 2x4), ``.jpeg`` q90
+``baseline-png``   the same baseline, ``.png``
+=================  =========================================================================
+
+Groups: ``all``, ``ours``, ``baseline``, ``cold``, ``jpeg``, ``png``.
+
+Every scenario gets a fresh server process group on a free port (and, for ours, a fresh
+empty tile cache directory); ``wrk -t 2 -c 16`` runs ``bench/tiles.lua`` against it. Cold
+scenarios hand every wrk thread a disjoint slice of the level's tiles in row-major order (the
+order starts a quarter of the way down the level and wraps, so that both threads start in
+tissue rather than on the glass margin), so that no tile is requested twice. The Lua script
+counts image responses and their body bytes (the mean size per tile), non-2xx statuses and
+``X-Tile-Cache`` hit/miss headers, and prints one JSON line that this module parses.
+
+Output: a rich table on stdout and ``bench/results/latest.json`` (machine facts, command,
+per-scenario numbers, ratios ours/baseline).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime as dt
+import json
+import os
+import platform
+import resource
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import httpx
+from rich.console import Console
+from rich.table import Table
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH_DIR = ROOT / "bench"
+DATA_DIR = BENCH_DIR / "data"
+RESULTS = BENCH_DIR / "results" / "latest.json"
+LUA = BENCH_DIR / "tiles.lua"
+BIN = Path(sys.executable).parent
+
+SLIDE_SIZE = (32000, 24000)
+"""Default level-0 size of the generated benchmark slide (at least 30000x20000 px)."""
+SLIDE_SEED = 1
+SLIDE_NAME = "bench"
+CONNECTIONS = 16
+WRK_THREADS = 2
+COLD_SECONDS = 10
+WARM_SECONDS = 10
+WARM_TILES = 2000
+WARM_REGION = (50, 40)
+"""Deepest-level region (cols, rows) pre-warmed for the warm scenario, centred on the slide."""
+SIZE_SAMPLE = 100
+"""Tiles fetched after each run to measure the size per tile on the same addresses for every
+server (cold: spread evenly over the deepest level; warm: spread over the warm set)."""
+WRK_TIMEOUT = "30s"  # wrk's default 2 s would turn slow renders into "timeouts"
+READY_TIMEOUT = 90.0
+
+CPU_BOUND_WRK = 50.0
+BUSY_OTHER = 25.0
+"""wrk CPU (percent of one core) above which the result notes that the load generator took a
+large share of the machine."""
+
+console = Console(width=None if sys.stdout.isatty() else 140)
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """One benchmark row: which server, which tiles, how."""
+
+    key: str
+    title: str
+    server: str  # "ours" | "baseline"
+    kind: str  # "cold" | "warm"
+    fmt: str  # what the URL asks for: "jpeg" | "lossless" | "png"
+    expect_type: str  # the Content-Type every tile response must have
+
+
+SCENARIOS: dict[str, Scenario] = {s.key: s for s in (
+    Scenario("cold-jpeg", "cold JPEG", "ours", "cold", "jpeg", "image/jpeg"),
+    Scenario("cold-lossless", "cold lossless (PNG)", "ours", "cold", "lossless", "image/png"),
+    Scenario("warm", "warm cache hits", "ours", "warm", "jpeg", "image/jpeg"),
+    Scenario("baseline-jpeg", "cold JPEG", "baseline", "cold", "jpeg", "image/jpeg"),
+    Scenario("baseline-png", "cold lossless (PNG)", "baseline", "cold", "png", "image/png"),
+)}
+GROUPS: dict[str, list[str]] = {
+    "all": list(SCENARIOS),
+    "ours": ["cold-jpeg", "cold-lossless", "warm"],
+    "baseline": ["baseline-jpeg", "baseline-png"],
+    "cold": ["cold-jpeg", "cold-lossless", "baseline-jpeg", "baseline-png"],
+    "jpeg": ["cold-jpeg", "baseline-jpeg"],
+    "png": ["cold-lossless", "baseline-png"],
+    "lossless": ["cold-lossless", "baseline-png"],
+}
+RATIOS = (("JPEG", "cold-jpeg", "baseline-jpeg"), ("lossless/PNG", "cold-lossless", "baseline-png"))
+
+
+class BenchError(RuntimeError):
+    """The benchmark cannot go on (missing tool, server that does not start, wrk failure)."""
+
+
+# ----------------------------------------------------------------------------- processes
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now (the kernel picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def group_cpu_seconds(pgid: int) -> float:
+    """User + system CPU seconds of the live processes of process group ``pgid`` (/proc)."""
+    total = 0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()  # fields from "state" (field 3) on
+        if int(fields[2]) == pgid:  # pgrp is field 5
+            total += int(fields[11]) + int(fields[12])  # utime, stime: fields 14, 15
+    return total / _CLK_TCK
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds (all cores, everything but idle and iowait) since boot, from /proc/stat."""
+    with open("/proc/stat") as fh:
+        values = [int(v) for v in fh.readline().split()[1:]]
+    return (sum(values[:8]) - values[3] - values[4]) / _CLK_TCK
+
+
+_STARTED: list[Server] = []
+
+
+@dataclass
+class Server:
+    """A server subprocess in its own process group, its output in a log file."""
+
+    name: str
+    argv: list[str]
+    port: int
+    log_path: Path
+    env: dict[str, str]
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def base_url(self) -> str:
+        """``http://127.0.0.1:{port}``."""
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        """Start the process (new session, so that stop() can kill the whole group)."""
+        log = self.log_path.open("wb")
+        try:
+            self.proc = subprocess.Popen(self.argv, cwd=ROOT, env=self.env, stdout=log,
+                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         start_new_session=True)
+        finally:
+            log.close()
+        _STARTED.append(self)
+
+    def wait_ready(self, path: str, timeout: float = READY_TIMEOUT) -> None:
+        """Poll ``GET path`` until it answers 200; raise with the log's tail if the server dies."""
+        assert self.proc is not None
+        deadline = time.monotonic() + timeout
+        with httpx.Client(base_url=self.base_url, timeout=5.0) as client:
+            while True:
+                if self.proc.poll() is not None:
+                    raise BenchError(f"{self.name} exited with {self.proc.returncode} before "
+                                     f"it was ready:\n{self.log_tail()}")
+                with contextlib.suppress(httpx.TransportError):
+                    if client.get(path).status_code == 200:
+                        return
+                if time.monotonic() > deadline:
+                    raise BenchError(f"{self.name} did not answer {path} within {timeout:.0f} "
+                                     f"s:\n{self.log_tail()}")
+                time.sleep(0.1)
+
+    def cpu_seconds(self) -> float:
+        """CPU seconds used so far by the server's live processes."""
+        return group_cpu_seconds(self.proc.pid) if self.proc else 0.0
+
+    def log_tail(self, lines: int = 30) -> str:
+        """The last lines of the server's output."""
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return "(no log)"
+        return "\n".join(text.splitlines()[-lines:])
+
+    def stop(self) -> None:
+        """SIGTERM the process group, SIGKILL what is left after 10 s; idempotent."""
+        proc = self.proc
+        if proc is None:
+            return
+        self.proc = None
+        for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, sig)
+            deadline = time.monotonic() + wait
+            while time.monotonic() < deadline:
+                if proc.poll() is not None and not _group_alive(proc.pid):
+                    break
+                time.sleep(0.05)
+            else:
+                continue
+            break
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=1)
+        if self in _STARTED:
+            _STARTED.remove(self)
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def stop_all() -> None:
+    """Stop every server this process started and has not stopped yet."""
+    for server in list(_STARTED):
+        server.stop()
+
+
+@contextlib.contextmanager
+def running(server: Server, ready_path: str) -> Iterator[Server]:
+    """Start ``server``, wait until ``ready_path`` answers, stop it (whole group) on exit."""
+    try:
+        server.start()
+        server.wait_ready(ready_path)
+        yield server
+    finally:
+        server.stop()
+
+
+def _server_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """This environment minus anything that would override the tile server's settings."""
+    from app.settings import ENVIRONMENT_VARIABLE, Settings
+
+    keys = {name.lower() for name in Settings.model_fields}
+    env = {k: v for k, v in os.environ.items() if k.split("__")[0].lower() not in keys}
+    env[ENVIRONMENT_VARIABLE] = "Production"
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra or {})
+    return env
+
+
+def ours(slide: Path, workdir: Path, workers: int, tag: str) -> tuple[Server, Path]:
+    """``tileserver serve`` on a free port with a fresh, empty tile cache directory."""
+    cache = Path(tempfile.mkdtemp(prefix=f"cache-{tag}-", dir=workdir))
+    config = workdir / f"config-{tag}.json"
+    config.write_text(json.dumps({
+        "Images": [{"Name": SLIDE_NAME, "Path": str(slide)}],
+        "TileCachePath": str(cache),
+    }, indent=2))
+    port = free_port()
+    argv = [str(BIN / "tileserver"), "serve", "--host", "127.0.0.1", "--port", str(port),
+            "--workers", str(workers), "--config", str(config)]
+    return Server(f"tileserver ({tag})", argv, port, workdir / f"server-{tag}.log",
+                  _server_env()), cache
+
+
+def baseline(slide: Path, workdir: Path, tag: str) -> Server:
+    """openslide's deepzoom_server.py equivalent under gunicorn, 2 workers x 4 threads."""
+    port = free_port()
+    argv = [str(BIN / "gunicorn"), "-w", "2", "--threads", "4", "-b", f"127.0.0.1:{port}",
+            "bench.baseline_server:app"]
+    return Server(f"baseline ({tag})", argv, port, workdir / f"server-{tag}.log",
+                  _server_env({"BENCH_SLIDE": str(slide)}))
+
+
+# ----------------------------------------------------------------------------- tiles
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """The DZI pyramid: level count and (cols, rows) per level."""
+
+    level_count: int
+    tiles: list[tuple[int, int]]
+
+    @property
+    def top(self) -> int:
+        """The deepest (highest-resolution) DZI level."""
+        return self.level_count - 1
+
+
+def geometry_from_api(doc: dict[str, Any]) -> Geometry:
+    """The geometry in ``GET /api/slides/{name}``'s answer."""
+    return Geometry(doc["level_count"], [(lv["cols"], lv["rows"]) for lv in doc["levels"]])
+
+
+def geometry_from_openslide(slide: Path) -> Geometry:
+    """The geometry ``DeepZoomGenerator(tile_size=254, overlap=1, limit_bounds=True)`` has."""
+    from openslide import OpenSlide
+    from openslide.deepzoom import DeepZoomGenerator
+
+    with OpenSlide(slide) as osr:
+        dz = DeepZoomGenerator(osr, tile_size=254, overlap=1, limit_bounds=True)
+        return Geometry(dz.level_count, [tuple(t) for t in dz.level_tiles])
+
+
+def cold_order(cols: int, rows: int) -> list[tuple[int, int]]:
+    """Every ``(col, row)`` once, row-major, starting at row ``rows // 4`` and wrapping.
+
+    wrk thread i of T walks the i-th contiguous slice of this list; with the rotation, both
+    threads of the default T=2 start inside the tissue instead of on the top glass margin.
+    """
+    start = rows // 4
+    return [(c, (start + r) % rows) for r in range(rows) for c in range(cols)]
+
+
+def warm_tiles(geo: Geometry, count: int = WARM_TILES) -> list[tuple[int, int, int]]:
+    """``(level, col, row)`` of the warm set: a centred 50x40 region of the deepest level,
+    topped up (small slides) with whole shallower levels, row-major, up to ``count`` tiles."""
+    cols, rows = geo.tiles[geo.top]
+    w, h = min(WARM_REGION[0], cols), min(WARM_REGION[1], rows)
+    c0, r0 = (cols - w) // 2, (rows - h) // 2
+    out = [(geo.top, c, r) for r in range(r0, r0 + h) for c in range(c0, c0 + w)]
+    level = geo.top - 1
+    while len(out) < count and level >= 0:
+        lc, lr = geo.tiles[level]
+        out += [(level, c, r) for r in range(lr) for c in range(lc)]
+        level -= 1
+    return out[:count]
+
+
+def ours_path(level: int, col: int, row: int, fmt: str) -> str:
+    """A tile URL path of our server; ``jpeg`` forces JPEG, ``lossless`` leaves the policy."""
+    path = f"/storage/{SLIDE_NAME}_files/{level}/{col}_{row}.jpeg"
+    return path + "?format=jpeg" if fmt == "jpeg" else path
+
+
+def baseline_path(level: int, col: int, row: int, fmt: str) -> str:
+    """A tile URL path of the baseline: ``.jpeg`` or ``.png``."""
+    return f"/slide_files/{level}/{col}_{row}.{fmt}"
+
+
+# ----------------------------------------------------------------------------- wrk
+
+
+def wrk_binary() -> str:
+    """The ``wrk`` executable, or a BenchError that says how to install it."""
+    path = shutil.which("wrk")
+    if path is None:
+        raise BenchError("wrk (the HTTP load generator) is not installed: "
+                         "apt-get install wrk (Debian/Ubuntu), brew install wrk (macOS)")
+    return path
+
+
+def run_wrk(base_url: str, paths: list[str], mode: str, seconds: int, workdir: Path,
+            tag: str) -> dict[str, Any]:
+    """Run ``wrk -t 2 -c 16 -d {seconds}s --latency -s bench/tiles.lua`` over ``paths``.
+
+    Args:
+        mode: ``once`` (each path at most once, disjoint slices per thread) or ``cycle``.
+
+    Returns:
+        The JSON line of the Lua ``done()`` plus ``wrk_cpu_s`` and the command line.
+    """
+    urls = workdir / f"urls-{tag}.txt"
+    urls.write_text("\n".join(paths) + "\n")
+    argv = [wrk_binary(), "-t", str(WRK_THREADS), "-c", str(CONNECTIONS), "-d", f"{seconds}s",
+            "--timeout", WRK_TIMEOUT, "--latency", "-s", str(LUA), base_url,
+            "--", str(urls), mode, str(WRK_THREADS)]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 120)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    (workdir / f"wrk-{tag}.txt").write_text(proc.stdout + proc.stderr)
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("BENCH_JSON ")), None)
+    if proc.returncode != 0 or line is None:
+        raise BenchError(f"wrk failed ({proc.returncode}): {shlex.join(argv)}\n"
+                         f"{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+    result = json.loads(line.removeprefix("BENCH_JSON "))
+    result["wrk_cpu_s"] = ((after.ru_utime - before.ru_utime)
+                           + (after.ru_stime - before.ru_stime))
+    result["wrk_command"] = shlex.join(argv)
+    return result
+
+
+# ----------------------------------------------------------------------------- scenarios
+
+
+@dataclass
+class Result:
+    """The numbers of one scenario, as printed and as written to JSON."""
+
+    scenario: Scenario
+    wrk: dict[str, Any]
+    seconds: int
+    tiles_available: int
+    server_cpu_s: float
+    machine_cpu_s: float
+    loadavg_before: float
+    example_url: str
+    extra: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def duration_s(self) -> float:
+        """wrk's measured run time."""
+        return self.wrk["duration_us"] / 1e6
+
+    @property
+    def tiles(self) -> int:
+        """2xx image responses received."""
+        return self.wrk["tiles"]
+
+    @property
+    def tiles_per_s(self) -> float:
+        """2xx image responses per second."""
+        return self.tiles / self.duration_s if self.duration_s else 0.0
+
+    @property
+    def mean_kb(self) -> float:
+        """Mean body size of the image responses, KiB."""
+        return self.wrk["bytes"] / self.tiles / 1024 if self.tiles else 0.0
+
+    def latency_ms(self, key: str) -> float:
+        """A latency statistic of wrk (``p50``, ``p99``, ...) in milliseconds."""
+        return self.wrk["latency_us"][key] / 1000
+
+    @property
+    def errors(self) -> dict[str, int]:
+        """wrk's socket errors and timeouts, and non-2xx responses (counted in Lua)."""
+        e = self.wrk["errors"]
+        return {"connect": e["connect"], "read": e["read"], "write": e["write"],
+                "timeout": e["timeout"], "non2xx": self.wrk["non2xx"]}
+
+    @property
+    def error_total(self) -> int:
+        """Sum of :attr:`errors`."""
+        return sum(self.errors.values())
+
+    @property
+    def wrk_cpu_percent(self) -> float:
+        """wrk's CPU time over the run, percent of one core."""
+        return 100 * self.wrk["wrk_cpu_s"] / self.duration_s if self.duration_s else 0.0
+
+    @property
+    def server_cpu_percent(self) -> float:
+        """The server processes' CPU time over the run, percent of one core."""
+        return 100 * self.server_cpu_s / self.duration_s if self.duration_s else 0.0
+
+    @property
+    def other_cpu_percent(self) -> float:
+        """CPU used over the run by neither wrk nor the server (this script, other work on
+        the machine), percent of one core."""
+        if not self.duration_s:
+            return 0.0
+        other = self.machine_cpu_s - self.server_cpu_s - self.wrk["wrk_cpu_s"]
+        return max(0.0, 100 * other / self.duration_s)
+
+    @property
+    def sample_kb(self) -> float | None:
+        """Mean size (KiB) of the :data:`SIZE_SAMPLE` tiles fetched after the run."""
+        sample = self.extra.get("size_sample")
+        return sample["mean_bytes"] / 1024 if sample else None
+
+    def check(self) -> None:
+        """Append notes for anything that makes the numbers suspect."""
+        w, s = self.wrk, self.scenario
+        if self.error_total:
+            self.notes.append(f"ERRORS: {self.errors}")
+        if w["exhausted"]:
+            self.notes.append(f"RAN OUT OF TILES: {w['exhausted']} request(s) after a wrk "
+                              f"thread had used its slice (tiles/s underestimated); "
+                              f"use a shorter --duration")
+        if s.kind == "cold" and w["hits"]:
+            self.notes.append(f"{w['hits']} cache hit(s) in a cold run")
+        if s.kind == "warm" and w["misses"]:
+            self.notes.append(f"{w['misses']} cache miss(es) in the warm run")
+        wrong = [t for t in w["content_types"] if t != s.expect_type]
+        if wrong:
+            self.notes.append(f"unexpected Content-Type {wrong} (expected {s.expect_type})")
+        if self.wrk_cpu_percent > CPU_BOUND_WRK:
+            self.notes.append(f"wrk used {self.wrk_cpu_percent:.0f}% of a core on a "
+                              f"{os.cpu_count()}-core machine it shares with the server")
+        if self.other_cpu_percent > BUSY_OTHER:
+            self.notes.append(f"other processes used {self.other_cpu_percent:.0f}% of a core "
+                              "during the run: the machine was not idle")
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON record of ``bench/results/latest.json``."""
+        s = self.scenario
+        return {
+            "scenario": s.key, "title": s.title, "server": s.server, "kind": s.kind,
+            "requested_format": s.fmt, "example_url": self.example_url,
+            "duration_s": round(self.duration_s, 3), "requested_duration_s": self.seconds,
+            "tiles": self.tiles, "tiles_available": self.tiles_available,
+            "tiles_per_s": round(self.tiles_per_s, 1),
+            "latency_ms": {k: round(v / 1000, 2) for k, v in self.wrk["latency_us"].items()},
+            "mean_bytes_per_tile": round(self.wrk["bytes"] / self.tiles) if self.tiles else None,
+            "mean_kb_per_tile": round(self.mean_kb, 2),
+            "sample_mean_kb_per_tile": (round(self.sample_kb, 2)
+                                        if self.sample_kb is not None else None),
+            "errors": self.errors, "error_total": self.error_total,
+            "exhausted_requests": self.wrk["exhausted"],
+            "x_tile_cache": {"hit": self.wrk["hits"], "miss": self.wrk["misses"]},
+            "content_types": self.wrk["content_types"],
+            "wrk_cpu_percent": round(self.wrk_cpu_percent, 1),
+            "server_cpu_percent": round(self.server_cpu_percent, 1),
+            "other_cpu_percent": round(self.other_cpu_percent, 1),
+            "loadavg_1m_before": self.loadavg_before,
+            "wrk": {k: self.wrk[k] for k in ("requests", "bytes_total", "threads",
+                                             "wrk_command")},
+            **self.extra,
+            "notes": self.notes,
+        }
+
+
+def _loadavg() -> float:
+    return round(os.getloadavg()[0], 2)
+
+
+def _measure(server: Server, scenario: Scenario, paths: list[str], mode: str, seconds: int,
+             workdir: Path) -> Result:
+    """wrk against a ready server, with the server's CPU time over the run."""
+    load = _loadavg()
+    cpu0, busy0 = server.cpu_seconds(), machine_busy_seconds()
+    out = run_wrk(server.base_url, paths, mode, seconds, workdir, scenario.key)
+    cpu, busy = server.cpu_seconds() - cpu0, machine_busy_seconds() - busy0
+    return Result(scenario, out, seconds, len(paths), cpu, busy, load,
+                  server.base_url + paths[0])
+
+
+def spread(items: list[Any], count: int = SIZE_SAMPLE) -> list[Any]:
+    """``count`` items evenly spaced over ``items`` (all of them if there are fewer)."""
+    if len(items) <= count:
+        return list(items)
+    return [items[i * len(items) // count] for i in range(count)]
+
+
+def size_sample(server: Server, result: Result, paths: list[str]) -> list[httpx.Response]:
+    """Fetch ``paths`` after the run; record their mean size; note failures and wrong types."""
+    responses = asyncio.run(_fetch_all(server.base_url, paths))
+    ok = [r for r in responses if r.status_code == 200]
+    if len(ok) != len(responses):
+        result.notes.append(f"size sample: {len(responses) - len(ok)} of {len(responses)} "
+                            "tiles failed")
+    types = sorted({r.headers.get("content-type", "") for r in ok})
+    if types != [result.scenario.expect_type]:
+        result.notes.append(f"size sample: Content-Type {types}, expected "
+                            f"{result.scenario.expect_type}")
+    if ok:
+        result.extra["size_sample"] = {
+            "tiles": len(ok), "mean_bytes": round(sum(len(r.content) for r in ok) / len(ok)),
+            "how": "the same addresses for every server, fetched after the run",
+        }
+    return responses
+
+
+def run_ours_cold(scenario: Scenario, slide: Path, workdir: Path, workers: int,
+                  seconds: int) -> Result:
+    """A fresh server and cache; each deepest-level tile at most once."""
+    server, cache = ours(slide, workdir, workers, scenario.key)
+    try:
+        with running(server, "/healthz"):
+            doc = httpx.get(f"{server.base_url}/api/slides/{SLIDE_NAME}", timeout=60).json()
+            geo = geometry_from_api(doc)
+            cols, rows = geo.tiles[geo.top]
+            paths = [ours_path(geo.top, c, r, scenario.fmt) for c, r in cold_order(cols, rows)]
+            result = _measure(server, scenario, paths, "once", seconds, workdir)
+            sample = size_sample(server, result, spread(paths))
+            lossless = {r.headers.get("x-tile-lossless") for r in sample}
+            result.extra["x_tile_lossless"] = sorted(str(v) for v in lossless)
+            result.extra["geometry"] = {"level": geo.top, "cols": cols, "rows": rows,
+                                        "policy": doc["levels"][geo.top]["format"]}
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+    result.check()
+    return result
+
+
+async def _fetch_all(base_url: str, paths: list[str],
+                     concurrency: int = 8) -> list[httpx.Response]:
+    """GET every path (``concurrency`` at a time); the responses in order."""
+    limit = asyncio.Semaphore(concurrency)
+    async with httpx.AsyncClient(base_url=base_url, timeout=120) as client:
+        async def one(path: str) -> httpx.Response:
+            async with limit:
+                response = await client.get(path)
+                await response.aread()
+                return response
+
+        return await asyncio.gather(*(one(p) for p in paths))
+
+
+def run_ours_warm(scenario: Scenario, slide: Path, workdir: Path, workers: int,
+                  seconds: int) -> Result:
+    """Pre-warm 2000 tiles (one pass), then wrk cycling over them; check X-Tile-Cache: hit."""
+    server, cache = ours(slide, workdir, workers, scenario.key)
+    try:
+        with running(server, "/healthz"):
+            doc = httpx.get(f"{server.base_url}/api/slides/{SLIDE_NAME}", timeout=60).json()
+            geo = geometry_from_api(doc)
+            paths = [ours_path(lv, c, r, "jpeg") for lv, c, r in warm_tiles(geo)]
+            console.print(f"  pre-warming {len(paths)} tiles ...")
+            t0 = time.monotonic()
+            responses = asyncio.run(_fetch_all(server.base_url, paths))
+            warm_s = time.monotonic() - t0
+            bad = [r for r in responses if r.status_code != 200]
+            if bad:
+                raise BenchError(f"pre-warm: {len(bad)} of {len(paths)} tiles failed, e.g. "
+                                 f"{bad[0].status_code} {bad[0].url}")
+            result = _measure(server, scenario, paths, "cycle", seconds, workdir)
+            sample = size_sample(server, result, spread(paths))
+            hits = sum(r.headers.get("x-tile-cache") == "hit" for r in sample)
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+    levels = sorted({lv for lv, _, _ in warm_tiles(geo)}, reverse=True)
+    result.extra.update({
+        "warm_set": {"tiles": len(paths), "levels": levels, "region": list(WARM_REGION),
+                     "prewarm_s": round(warm_s, 2),
+                     "prewarm_mean_kb": round(sum(len(r.content) for r in responses)
+                                              / len(responses) / 1024, 2)},
+        "hit_check": {"sampled": len(sample), "x_tile_cache_hit": hits},
+    })
+    if hits != len(sample):
+        result.notes.append(f"after the run only {hits}/{len(sample)} sampled tiles said "
+                            "X-Tile-Cache: hit")
+    result.check()
+    return result
+
+
+def run_baseline(scenario: Scenario, slide: Path, workdir: Path, seconds: int,
+                 geo: Geometry) -> Result:
+    """A fresh gunicorn baseline (no cache anywhere); each deepest-level tile at most once."""
+    server = baseline(slide, workdir, scenario.key)
+    with running(server, "/slide.dzi"):
+        cols, rows = geo.tiles[geo.top]
+        paths = [baseline_path(geo.top, c, r, scenario.fmt) for c, r in cold_order(cols, rows)]
+        result = _measure(server, scenario, paths, "once", seconds, workdir)
+        size_sample(server, result, spread(paths))
+    result.extra["geometry"] = {"level": geo.top, "cols": cols, "rows": rows}
+    result.check()
+    return result
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def machine_facts() -> dict[str, Any]:
+    """nproc, CPU model, memory, Python, kernel, tool versions, date."""
+    model = "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    mem_kb = None
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        mem_kb = int(Path("/proc/meminfo").read_text().split()[1])
+    versions = {}
+    for dist in ("uvicorn", "fastapi", "gunicorn", "flask", "openslide-python",
+                 "openslide-bin", "pillow"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            versions[dist] = metadata.version(dist)
+    with contextlib.suppress(BenchError, OSError, subprocess.SubprocessError):
+        out = subprocess.run([wrk_binary(), "--version"], capture_output=True, text=True,
+                             timeout=10)
+        versions["wrk"] = (out.stdout + out.stderr).splitlines()[0].strip()
+    return {
+        "nproc": len(os.sched_getaffinity(0)), "cpu_count": os.cpu_count(), "cpu_model": model,
+        "mem_total_gb": round(mem_kb / 1024 / 1024, 1) if mem_kb else None,
+        "python": platform.python_version(), "platform": platform.platform(),
+        "versions": versions,
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "loadavg_start": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+def ratios(results: dict[str, Result]) -> dict[str, dict[str, float]]:
+    """ours / baseline for tiles/s, p50, p99 and mean size, where both scenarios ran."""
+    out = {}
+    for label, ours_key, base_key in RATIOS:
+        a, b = results.get(ours_key), results.get(base_key)
+        if a is None or b is None:
+            continue
+        out[label] = {
+            "tiles_per_s": _ratio(a.tiles_per_s, b.tiles_per_s),
+            "p50": _ratio(a.latency_ms("p50"), b.latency_ms("p50")),
+            "p99": _ratio(a.latency_ms("p99"), b.latency_ms("p99")),
+            "mean_kb_per_tile": _ratio(a.sample_kb or 0.0, b.sample_kb or 0.0),
+        }
+    return out
+
+
+def _ratio(a: float, b: float) -> float:
+    return round(a / b, 2) if b else float("nan")
+
+
+def print_report(results: dict[str, Result], rat: dict[str, dict[str, float]],
+                 header: str) -> None:
+    """The results table, the ratios and every note, on stdout."""
+    table = Table(title=header, title_justify="left")
+    for name, justify in (("scenario", "left"), ("server", "left"), ("tiles/s", "right"),
+                          ("p50 ms", "right"), ("p99 ms", "right"), ("mean KB/tile", "right"),
+                          ("KB/tile served", "right"), ("errors", "right"), ("tiles", "right"),
+                          ("wrk CPU", "right"), ("server CPU", "right"),
+                          ("other CPU", "right")):
+        table.add_column(name, justify=justify)
+    for r in results.values():
+        server = "tileserver" if r.scenario.server == "ours" else "deepzoom_server"
+        errors = f"[bold red]{r.error_total}[/]" if r.error_total else "0"
+        tiles = f"{r.tiles}/{r.tiles_available}" if r.scenario.kind == "cold" else str(r.tiles)
+        if r.wrk["exhausted"]:
+            tiles = f"[bold red]{tiles} (ran out)[/]"
+        table.add_row(r.scenario.title, server, f"{r.tiles_per_s:,.0f}",
+                      f"{r.latency_ms('p50'):.1f}", f"{r.latency_ms('p99'):.1f}",
+                      "-" if r.sample_kb is None else f"{r.sample_kb:.1f}",
+                      f"{r.mean_kb:.1f}", errors, tiles, f"{r.wrk_cpu_percent:.0f}%",
+                      f"{r.server_cpu_percent:.0f}%", f"{r.other_cpu_percent:.0f}%")
+    console.print(table)
+    if rat:
+        ratio_table = Table(title="ours / baseline (tiles/s: higher is better; latency, "
+                            "size: lower is better)", title_justify="left")
+        for name in ("format", "tiles/s", "p50", "p99", "mean KB/tile"):
+            ratio_table.add_column(name, justify="left" if name == "format" else "right")
+        for label, v in rat.items():
+            ratio_table.add_row(label, f"{v['tiles_per_s']:.2f}x", f"{v['p50']:.2f}x",
+                                f"{v['p99']:.2f}x", f"{v['mean_kb_per_tile']:.2f}x")
+        console.print(ratio_table)
+    console.print(
+        "[dim]tiles/s: 2xx image responses / wrk run time. mean KB/tile: the same "
+        f"{SIZE_SAMPLE} addresses for every server (cold: spread over the deepest level), "
+        "fetched after the run; KB/tile served: mean over every tile of the run (depends on "
+        "which tiles a run reached). KB = 1024 bytes of body. CPU: percent of one core over "
+        f"the run; wrk, the server and everything else share {os.cpu_count()} cores.[/]")
+    for r in results.values():
+        for note in r.notes:
+            loud = note.startswith(("ERRORS", "RAN OUT"))
+            console.print(f"{'[bold red]' if loud else '[yellow]'}{r.scenario.key}: {note}[/]")
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def ensure_slide(width: int, height: int) -> Path:
+    """``bench/data/bench-{W}x{H}.svs``, generated once (Aperio-style SVS, seed 1)."""
+    path = DATA_DIR / f"bench-{width}x{height}.svs"
+    if not path.exists():
+        from app.demo import write_aperio_svs
+
+        DATA_DIR.mkdir(parents=True, exist_ok=True)
+        console.print(f"generating {path.relative_to(ROOT)} (once) ...")
+        t0 = time.monotonic()
+        write_aperio_svs(path, width, height, seed=SLIDE_SEED)
+        console.print(f"  done in {time.monotonic() - t0:.1f} s, "
+                      f"{path.stat().st_size / 1e6:.0f} MB")
+    return path
+
+
+def parse_scenarios(text: str) -> list[str]:
+    """Scenario keys from ``--scenarios`` (keys and groups, comma-separated), in run order."""
+    wanted: list[str] = []
+    for item in (s.strip().lower() for s in text.split(",")):
+        if not item:
+            continue
+        keys = GROUPS.get(item) or ([item] if item in SCENARIOS else None)
+        if keys is None:
+            raise argparse.ArgumentTypeError(
+                f"unknown scenario {item!r}; choose from {', '.join([*SCENARIOS, *GROUPS])}")
+        wanted += [k for k in keys if k not in wanted]
+    return [k for k in SCENARIOS if k in wanted]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m bench.tiles", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--width", type=int, default=SLIDE_SIZE[0],
+                        help=f"slide width in px (default {SLIDE_SIZE[0]})")
+    parser.add_argument("--height", type=int, default=SLIDE_SIZE[1],
+                        help=f"slide height in px (default {SLIDE_SIZE[1]})")
+    parser.add_argument("--workers", type=int, default=2,
+                        help="uvicorn workers of our server (default 2)")
+    parser.add_argument("--scenarios", type=parse_scenarios, default=list(SCENARIOS),
+                        help="comma-separated scenarios or groups (default all): "
+                        f"{', '.join([*SCENARIOS, *GROUPS])}")
+    parser.add_argument("--duration", type=int, metavar="SECONDS",
+                        help=f"seconds of wrk per scenario (default {COLD_SECONDS} cold, "
+                        f"{WARM_SECONDS} warm)")
+    parser.add_argument("--output", type=Path, default=RESULTS,
+                        help="JSON results file (default bench/results/latest.json)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the selected scenarios, print the table, write the JSON; 1 if any had errors."""
+    args = _parser().parse_args(argv)
+    started = time.monotonic()
+    try:
+        wrk_binary()
+        if args.duration is not None and args.duration < 1:
+            raise BenchError("--duration must be at least 1 (wrk takes whole seconds)")
+        slide = ensure_slide(args.width, args.height)
+        facts = machine_facts()
+        results: dict[str, Result] = {}
+        with tempfile.TemporaryDirectory(prefix="tileserver-bench-") as tmp:
+            workdir = Path(tmp)
+            base_geo = None
+            for key in args.scenarios:
+                scenario = SCENARIOS[key]
+                seconds = args.duration or (WARM_SECONDS if scenario.kind == "warm"
+                                            else COLD_SECONDS)
+                console.print(f"[bold]{key}[/]: {scenario.title}, {scenario.server}, "
+                              f"{seconds} s ...")
+                if scenario.server == "baseline":
+                    base_geo = base_geo or geometry_from_openslide(slide)
+                    result = run_baseline(scenario, slide, workdir, seconds, base_geo)
+                elif scenario.kind == "warm":
+                    result = run_ours_warm(scenario, slide, workdir, args.workers, seconds)
+                else:
+                    result = run_ours_cold(scenario, slide, workdir, args.workers, seconds)
+                results[key] = result
+                console.print(f"  {result.tiles_per_s:,.0f} tiles/s, p50 "
+                              f"{result.latency_ms('p50'):.1f} ms, p99 "
+                              f"{result.latency_ms('p99'):.1f} ms, "
+                              f"{result.mean_kb:.1f} KB/tile, {result.error_total} errors")
+        _check_geometry(results)
+    except BenchError as exc:
+        console.print(f"[bold red]bench: {exc}[/]")
+        return 2
+    finally:
+        stop_all()
+    elapsed = time.monotonic() - started
+    rat = ratios(results)
+    command = shlex.join(getattr(sys, "orig_argv", [sys.executable, *sys.argv]))
+    header = (f"make bench: {slide.name}, wrk -t {WRK_THREADS} -c {CONNECTIONS}, "
+              f"{facts['nproc']} x {facts['cpu_model']}")
+    print_report(results, rat, header)
+    facts["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+    doc = {
+        "command": command, "cwd": str(ROOT), "elapsed_s": round(elapsed, 1),
+        "machine": facts,
+        "setup": {
+            "slide": str(slide.relative_to(ROOT)), "slide_size": [args.width, args.height],
+            "slide_seed": SLIDE_SEED, "wrk_threads": WRK_THREADS, "connections": CONNECTIONS,
+            "wrk_timeout": WRK_TIMEOUT, "ours": f"tileserver serve --workers {args.workers} "
+            "(default settings, fresh TileCachePath per scenario)",
+            "baseline": "gunicorn -w 2 --threads 4 bench.baseline_server:app "
+            "(DeepZoomGenerator 254/1/limit_bounds, PIL save quality=90)",
+        },
+        "scenarios": [r.to_json() for r in results.values()],
+        "ratios_ours_over_baseline": rat,
+    }
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(doc, indent=2) + "\n")
+    shown = args.output.relative_to(ROOT) if args.output.is_relative_to(ROOT) else args.output
+    console.print(f"results: {shown}  ({elapsed:.0f} s)")
+    return 1 if any(r.error_total or r.wrk["exhausted"] for r in results.values()) else 0
+
+
+def _check_geometry(results: dict[str, Result]) -> None:
+    """Ours and the baseline must have walked the same deepest level."""
+    geos = {(r.extra["geometry"]["level"], r.extra["geometry"]["cols"],
+             r.extra["geometry"]["rows"]) for r in results.values() if "geometry" in r.extra}
+    if len(geos) > 1:
+        for r in results.values():
+            r.notes.append(f"ours and the baseline disagree on the deepest level: {geos}")
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, _terminate)
+    sys.exit(main())
