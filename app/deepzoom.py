@@ -11,9 +11,9 @@ full resolution. ``col``/``row`` address tiles within a DZI level.
 
 from __future__ import annotations
 
-from PIL import Image
 from openslide import AbstractSlide
 from openslide.deepzoom import DeepZoomGenerator
+from PIL import Image
 
 from app.errors import TileNotFound
 from app.native import NativeReader

@@ -43,7 +43,8 @@ class TileFormat(StrEnum):
         try:
             return cls(value)
         except ValueError:
-            raise ValueError(f"unknown tile format {name!r}; expected jpeg, jpg, png or webp") from None
+            raise ValueError(
+                f"unknown tile format {name!r}; expected jpeg, jpg, png or webp") from None
 
     @property
     def media_type(self) -> str:

@@ -84,7 +84,8 @@ def _indexed_to_list(value: Any) -> Any:
 class DeepZoomSettings(Section):
     """``DeepZoom``: the DZI geometry, as openslide-python's ``DeepZoomGenerator`` takes it."""
 
-    TileSize: int = Field(254, ge=1, le=4096, description="Tile edge in DZI pixels, overlap excluded.")
+    TileSize: int = Field(254, ge=1, le=4096,
+                          description="Tile edge in DZI pixels, overlap excluded.")
     Overlap: int = Field(1, ge=0, le=64, description="Pixels added to each interior tile edge.")
     LimitBounds: bool = Field(True, description="Render only the slide's non-empty bounds.")
 
@@ -196,7 +197,7 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         """ASP.NET order (first wins): init, command line, environment, JSON files."""
-        ctx = _LOAD_CONTEXT.get()
+        ctx = _LOAD_CONTEXT.get() or _LoadContext()
         json_sources = [JsonFileSource(settings_cls, path) for path in reversed(ctx.json_files)]
         return (
             init_settings,
@@ -220,8 +221,8 @@ class _LoadContext:
     overrides: list[str] = field(default_factory=list)
 
 
-_LOAD_CONTEXT: contextvars.ContextVar[_LoadContext] = contextvars.ContextVar(
-    "tileserver_settings_context", default=_LoadContext()
+_LOAD_CONTEXT: contextvars.ContextVar[_LoadContext | None] = contextvars.ContextVar(
+    "tileserver_settings_context", default=None
 )
 
 
@@ -237,6 +238,7 @@ class JsonFileSource(PydanticBaseSettingsSource):
         return None, field_name, False
 
     def __call__(self) -> dict[str, Any]:
+        """The file's settings with lower-cased keys and index-keyed lists ({} if absent)."""
         if not self.path.is_file():
             return {}
         try:
@@ -262,6 +264,7 @@ class KeyPathSource(PydanticBaseSettingsSource):
         return None, field_name, False
 
     def __call__(self) -> dict[str, Any]:
+        """The pairs as a nested dict."""
         tree: dict[str, Any] = {}
         for path, value in self.pairs:
             node = tree
