@@ -12,10 +12,11 @@ from __future__ import annotations
 import asyncio
 import errno
 import hashlib
+import itertools
 import logging
 import os
 import shutil
-import tempfile
+import threading
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 TEMP_PREFIX = ".tmp-"
+_SERIAL = itertools.count()
 
 
 def variant_of(slide_identity: str, tile_size: int, overlap: int, limit_bounds: bool,
@@ -94,8 +96,13 @@ class DiskTileCache:
         path = self.path_for(key)
         tmp = None
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=path.parent)
+            unique = f"{os.getpid()}-{threading.get_ident()}-{next(_SERIAL)}"
+            tmp = f"{path.parent}/{TEMP_PREFIX}{unique}"
+            try:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileNotFoundError:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
             os.replace(tmp, path)

@@ -19,7 +19,7 @@ from fastapi.staticfiles import StaticFiles
 
 from app import __version__
 from app.errors import install_handlers
-from app.middleware import HeadAsGet
+from app.middleware import HeadAsGet, TileFastPath
 from app.routes import api, deepzoom, web
 from app.settings import Settings, settings_from
 from app.slides import SlideRegistry, build_catalogue
@@ -60,6 +60,7 @@ def create_app(settings: Settings) -> FastAPI:
         app.mount("/static/openseadragon", StaticFiles(directory=osd), name="openseadragon")
     else:
         log.warning("OpenSeadragon not found (run `npm ci`); the viewer pages will not load")
+    app.add_middleware(TileFastPath)
     app.add_middleware(HeadAsGet)
     return app
 

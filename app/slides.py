@@ -63,6 +63,7 @@ class OpenSlide:
     identity: str
     signature: tuple[int, int, int]
     checked_at: float = field(default_factory=time.monotonic)
+    variants: dict = field(default_factory=dict)  # Encoding -> cache variant (app.cache)
 
     @property
     def name(self) -> str:

@@ -57,8 +57,9 @@ class TileService:
     Args:
         registry: the slide catalogue and open-slide LRU.
         settings: the loaded settings (``DeepZoom``, ``TileFormat``, caches).
-        render_limiter: bounds concurrent OpenSlide reads + encodes (worker threads).
-        io_limiter: bounds concurrent disk-cache reads and writes (worker threads).
+        render_limiter: bounds concurrent tile loads (cache read, render, encode, cache write),
+            which run in worker threads.
+        io_limiter: bounds concurrent cache statistics and deletions (worker threads).
     """
 
     def __init__(self, registry: SlideRegistry, settings: Settings,
@@ -75,9 +76,11 @@ class TileService:
     def key_for(self, handle: OpenSlide, level: int, col: int, row: int,
                 encoding: Encoding) -> TileKey:
         """The cache key of a tile: slide, variant (identity + geometry + encoder), address."""
-        dz = self.settings.DeepZoom
-        variant = variant_of(handle.identity, dz.TileSize, dz.Overlap, dz.LimitBounds,
-                             encoding.key)
+        variant = handle.variants.get(encoding)
+        if variant is None:
+            dz = self.settings.DeepZoom
+            variant = handle.variants[encoding] = variant_of(
+                handle.identity, dz.TileSize, dz.Overlap, dz.LimitBounds, encoding.key)
         return TileKey(handle.name, variant, level, col, row, encoding.format.value)
 
     async def get_tile(self, name: str, level: int, col: int, row: int,
@@ -111,21 +114,29 @@ class TileService:
 
     async def _load(self, handle: OpenSlide, key: TileKey,
                     encoding: Encoding) -> tuple[bytes, str, str]:
-        """Disk cache, else render + encode + store; returns ``(bytes, etag, hit|miss)``."""
-        status = "hit"
-        data = await anyio.to_thread.run_sync(self.disk.read, key, limiter=self.io_limiter)
-        if data is None:
-            status = "miss"
-            try:
-                data = await anyio.to_thread.run_sync(self._render, handle, key, encoding,
-                                                      limiter=self.render_limiter)
-            except SlideReadError:
-                self.registry.discard(handle.name, handle)
-                raise
-            await anyio.to_thread.run_sync(self.disk.write, key, data, limiter=self.io_limiter)
-        etag = etag_of(data)
+        """Disk cache, else render + encode + store, in ONE worker-thread hop.
+
+        Returns:
+            ``(bytes, etag, hit|miss)``.
+        """
+        try:
+            data, etag, status = await anyio.to_thread.run_sync(
+                self._load_blocking, handle, key, encoding, limiter=self.render_limiter)
+        except SlideReadError:
+            self.registry.discard(handle.name, handle)
+            raise
         self.memory.put(key, data, etag)
         return data, etag, status
+
+    def _load_blocking(self, handle: OpenSlide, key: TileKey,
+                       encoding: Encoding) -> tuple[bytes, str, str]:
+        data = self.disk.read(key)
+        status = "hit"
+        if data is None:
+            data = self._render(handle, key, encoding)
+            self.disk.write(key, data)
+            status = "miss"
+        return data, etag_of(data), status
 
     def _render(self, handle: OpenSlide, key: TileKey, encoding: Encoding) -> bytes:
         """Read and encode one tile (worker thread)."""

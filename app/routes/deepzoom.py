@@ -12,7 +12,7 @@ from fastapi import APIRouter, Request, Response
 from app.dependencies import AppSettings, Registry, Tiles
 from app.errors import BadTileRequest
 from app.slides import SINGLE_SLIDE_NAME
-from app.tiles import Tile
+from app.tiles import Tile, TileService
 
 router = APIRouter(tags=["deepzoom"])
 
@@ -47,23 +47,45 @@ def parse_address(level: str, tile: str) -> tuple[int, int, int, str | None]:
     return numbers[0], numbers[1], numbers[2], ext
 
 
-def tile_response(request: Request, tile: Tile, cache_control: str, allow_origin: str) -> Response:
-    """The HTTP response of a tile: body (or 304), and the headers the README lists."""
-    headers = {
-        "ETag": tile.etag,
-        "Cache-Control": cache_control,
-        "X-Tile-Format": tile.encoding.format.value,
-        "X-Tile-Lossless": "true" if tile.encoding.lossless else "false",
-        "X-Tile-Cache": tile.cache,
-        "Access-Control-Allow-Origin": allow_origin,
-        "Access-Control-Expose-Headers": "ETag, X-Tile-Format, X-Tile-Lossless, X-Tile-Cache",
-    }
+def tile_headers(tile: Tile, cache_control: str, allow_origin: str) -> list[tuple[bytes, bytes]]:
+    """The response headers of a tile, as raw ASGI pairs (the README's list)."""
+    encoding = tile.encoding
+    headers = [
+        (b"content-type", encoding.format.media_type.encode()),
+        (b"etag", tile.etag.encode()),
+        (b"cache-control", cache_control.encode()),
+        (b"x-tile-format", encoding.format.value.encode()),
+        (b"x-tile-lossless", b"true" if encoding.lossless else b"false"),
+        (b"x-tile-cache", tile.cache.encode()),
+        (b"access-control-allow-origin", allow_origin.encode()),
+        (b"access-control-expose-headers",
+         b"ETag, X-Tile-Format, X-Tile-Lossless, X-Tile-Cache"),
+    ]
     if tile.vary_accept:
-        headers["Vary"] = "Accept"
-    media_type = tile.encoding.format.media_type
-    if etag_matches(request.headers.get("if-none-match"), tile.etag):
-        return Response(status_code=304, headers=headers)
-    return Response(tile.data, media_type=media_type, headers=headers)
+        headers.append((b"vary", b"Accept"))
+    return headers
+
+
+async def answer_tile(tiles: TileService, name: str, level: str, tile: str,
+                      query_format: str | None, accept: str | None,
+                      if_none_match: str | None) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    """Serve one tile URL: ``(status, raw headers, body)``; 304 when ``If-None-Match`` matches.
+
+    Used by the FastAPI routes below and by :class:`app.middleware.TileFastPath`, which answers
+    the same URLs without FastAPI's per-request machinery.
+
+    Raises:
+        TileServerError: every 4xx/5xx case (mapped by :mod:`app.errors`).
+    """
+    t_level, col, row, ext = parse_address(level, tile)
+    result = await tiles.get_tile(name, t_level, col, row, extension=ext,
+                                  query_format=query_format, accept=accept)
+    server = tiles.settings.Server
+    headers = tile_headers(result, server.CacheControl, server.AccessControlAllowOrigin)
+    if etag_matches(if_none_match, result.etag):
+        return 304, headers[1:], b""
+    headers.append((b"content-length", str(len(result.data)).encode()))
+    return 200, headers, result.data
 
 
 def etag_matches(if_none_match: str | None, etag: str) -> bool:
@@ -82,13 +104,14 @@ def etag_matches(if_none_match: str | None, etag: str) -> bool:
     return False
 
 
-async def _tile(request: Request, tiles: Tiles, settings: AppSettings, name: str, level: str,
-                tile: str, format: str | None) -> Response:
-    t_level, col, row, ext = parse_address(level, tile)
-    result = await tiles.get_tile(name, t_level, col, row, extension=ext, query_format=format,
-                                  accept=request.headers.get("accept"))
-    server = settings.Server
-    return tile_response(request, result, server.CacheControl, server.AccessControlAllowOrigin)
+async def _tile(request: Request, tiles: TileService, name: str, level: str, tile: str,
+                format: str | None) -> Response:
+    status, headers, body = await answer_tile(
+        tiles, name, level, tile, format, request.headers.get("accept"),
+        request.headers.get("if-none-match"))
+    response = Response(body, status_code=status)
+    response.raw_headers = headers
+    return response
 
 
 async def _dzi(registry: Registry, tiles: Tiles, settings: AppSettings, name: str) -> Response:
@@ -107,10 +130,10 @@ async def single_dzi(registry: Registry, tiles: Tiles, settings: AppSettings) ->
 
 @router.get("/image_files/{level}/{tile}",
             summary="Tile of the single slide")
-async def single_tile(request: Request, tiles: Tiles, settings: AppSettings, level: str,
-                      tile: str, format: str | None = None) -> Response:
+async def single_tile(request: Request, tiles: Tiles, level: str, tile: str,
+                      format: str | None = None) -> Response:
     """A tile of the ``Image.Path`` slide: ``/image_files/{level}/{col}_{row}.{ext}``."""
-    return await _tile(request, tiles, settings, SINGLE_SLIDE_NAME, level, tile, format)
+    return await _tile(request, tiles, SINGLE_SLIDE_NAME, level, tile, format)
 
 
 @router.get("/storage/{name}.dzi", summary="DZI of a slide")
@@ -122,7 +145,7 @@ async def multi_dzi(name: str, registry: Registry, tiles: Tiles,
 
 @router.get("/storage/{name}_files/{level}/{tile}",
             summary="Tile of a slide")
-async def multi_tile(request: Request, name: str, tiles: Tiles, settings: AppSettings,
-                     level: str, tile: str, format: str | None = None) -> Response:
+async def multi_tile(request: Request, name: str, tiles: Tiles, level: str, tile: str,
+                     format: str | None = None) -> Response:
     """A tile of slide ``name``: ``/storage/{name}_files/{level}/{col}_{row}.{ext}``."""
-    return await _tile(request, tiles, settings, name, level, tile, format)
+    return await _tile(request, tiles, name, level, tile, format)
