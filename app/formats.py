@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING
 
+import imagecodecs
 import numpy as np
 from PIL import Image
 
@@ -83,17 +84,19 @@ class Encoding:
     def encode(self, image: Image.Image) -> bytes:
         """Encode an RGB image; returns the complete file bytes. Blocking: run it in a thread.
 
-        JPEG uses Pillow's defaults otherwise (4:2:0 chroma subsampling, standard Huffman
-        tables), as openslide-python's deepzoom_server does. PNG uses :mod:`app.png` (libdeflate
-        at ``compress_level``). WebP lossless keeps RGB exact (``exact=True``); ``method=0`` is
-        its fastest effort, bit-exact like every other.
+        JPEG is libjpeg-turbo through imagecodecs with Pillow's defaults (4:2:0 chroma
+        subsampling, standard Huffman tables): the same bytes as ``PIL.Image.save(quality=q)``,
+        as openslide-python's deepzoom_server writes, in about 70% of the time (a test holds
+        the two byte-equal). PNG uses :mod:`app.png` (libdeflate at ``compress_level``).
+        WebP lossless keeps RGB exact (``exact=True``); ``method=0`` is its fastest effort,
+        bit-exact like every other.
         """
         if self.format is TileFormat.PNG:
             return png.encode_rgb(np.asarray(image.convert("RGB")), self.compress_level or 0)
-        buf = io.BytesIO()
         if self.format is TileFormat.JPEG:
-            image.save(buf, "JPEG", quality=self.quality)
-        elif self.lossless:
+            return imagecodecs.jpeg8_encode(np.asarray(image.convert("RGB")), level=self.quality)
+        buf = io.BytesIO()
+        if self.lossless:
             image.save(buf, "WEBP", lossless=True, quality=0, method=0, exact=True)
         else:
             image.save(buf, "WEBP", quality=self.quality, method=4)

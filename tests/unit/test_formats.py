@@ -160,3 +160,11 @@ def test_png_writer_rejects_other_shapes():
     from app import png
     with pytest.raises(ValueError, match="expected"):
         png.encode_rgb(np.zeros((4, 4, 4), np.uint8))
+
+
+@pytest.mark.parametrize("quality", [50, 90, 100])
+def test_jpeg_bytes_equal_pillow_save(he_tile, quality):
+    """The JPEG encoder writes what openslide-python's deepzoom_server writes (Pillow save)."""
+    buf = __import__("io").BytesIO()
+    he_tile.save(buf, "JPEG", quality=quality)
+    assert Encoding(TileFormat.JPEG, False, quality=quality).encode(he_tile) == buf.getvalue()
