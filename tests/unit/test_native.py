@@ -39,7 +39,7 @@ def test_every_tile_of_every_level_equals_get_tile(slide_path, geometry):
         cols, rows = pyramid.level_tiles[level]
         for row in range(rows):
             for col in range(cols):
-                ours = np.asarray(pyramid.render(level, col, row))
+                ours = np.asarray(pyramid.render(level, col, row))  # PIL image or array
                 theirs = np.asarray(reference.get_tile(level, (col, row)))
                 assert np.array_equal(ours, theirs), (level, col, row)
     assert sum(served) > 0.5 * len(served)  # the native path really did the work
