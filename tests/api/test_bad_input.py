@@ -68,18 +68,18 @@ def test_method_not_allowed_is_json(client):
     assert r.status_code == 405 and r.json()["error"] == "method_not_allowed"
 
 
-@pytest.mark.parametrize(("name", "message"), [
-    ("unopenable", "Unsupported TIFF compression: 52479"),
-    ("unreadable", "Bogus marker length"),
+@pytest.mark.parametrize(("name", "code", "message"), [
+    ("unopenable", "slide_unopenable", "Unsupported TIFF compression: 52479"),
+    ("unreadable", "slide_unreadable", "Bogus marker length"),
 ])
-def test_broken_slides_fail_alone(client, name, message, tmp_path, fixtures):
+def test_broken_slides_fail_alone(client, name, code, message, tmp_path, fixtures):
     import openslide
     from openslide.deepzoom import DeepZoomGenerator
 
     for _ in range(2):  # and again: the error is not latched into a wrong answer
         r = client.get(f"/storage/{name}_files/0/0_0.jpeg")
         assert r.status_code == 500
-        assert r.json()["error"] in {"slide_unopenable", "slide_unreadable"}
+        assert r.json()["error"] == code
         assert message in r.json()["detail"] and r.json()["slide"] == name
     # every other slide keeps serving, with the right pixels
     good = client.get("/storage/boxes_files/9/0_0.png")
@@ -90,4 +90,6 @@ def test_broken_slides_fail_alone(client, name, message, tmp_path, fixtures):
     assert not (tmp_path / "cache" / name).exists()  # nothing cached for the broken slide
     images = {i["name"]: i for i in client.get("/api/images").json()}
     assert "Unsupported TIFF compression" in images["unopenable"]["error"]
+    assert "error" not in images["unreadable"]  # it opens; only its pixels cannot be read
+    assert client.get("/storage/unreadable.dzi").status_code == 200
     assert images["boxes"]["dimensions"] == [300, 250]
