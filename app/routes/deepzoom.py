@@ -83,7 +83,7 @@ async def answer_tile(tiles: TileService, name: str, level: str, tile: str,
     server = tiles.settings.Server
     headers = tile_headers(result, server.CacheControl, server.AccessControlAllowOrigin)
     if etag_matches(if_none_match, result.etag):
-        return 304, headers[1:], b""
+        return 304, [h for h in headers if h[0] != b"content-type"], b""
     headers.append((b"content-length", str(len(result.data)).encode()))
     return 200, headers, result.data
 
