@@ -12,6 +12,7 @@ full resolution. ``col``/``row`` address tiles within a DZI level.
 from __future__ import annotations
 
 import numpy as np
+import openslide
 from openslide import AbstractSlide
 from openslide.deepzoom import DeepZoomGenerator
 from PIL import Image
@@ -50,6 +51,48 @@ class SlidePyramid:
         self.slide_levels: tuple[int, ...] = tuple(
             self._dz.get_tile_coordinates(level, (0, 0))[1] for level in range(self.level_count)
         )
+        # Per DZI level, which columns and rows are each exactly one stored tile; a tile is
+        # original where both are (x depends on col only, y on row only).
+        self._original_cols: list[tuple[bool, ...]] = []
+        self._original_rows: list[tuple[bool, ...]] = []
+        for level in range(self.level_count):
+            cols, rows = self.level_tiles[level]
+            self._original_cols.append(tuple(
+                self._original_index(level, col, 0) is not None for col in range(cols)))
+            self._original_rows.append(tuple(
+                self._original_index(level, 0, row) is not None for row in range(rows)))
+        self.original_levels: frozenset[int] = frozenset(
+            level for level in range(self.level_count)
+            if any(self._original_cols[level]) and any(self._original_rows[level]))
+
+    def _original_index(self, level: int, col: int, row: int) -> int | None:
+        """The stored tile that is DZI tile (level, col, row), unscaled, or None."""
+        if self.native is None or self.overlap:
+            return None
+        l0_location, slide_level, l_size = self._dz.get_tile_coordinates(level, (col, row))
+        if tuple(l_size) != self._dz.get_tile_dimensions(level, (col, row)):
+            return None  # scaled: the slide level is not this DZI level
+        return self.native.original_index(l0_location, slide_level, l_size)
+
+    def original_at(self, level: int, col: int, row: int) -> bool:
+        """Whether DZI tile (level, col, row) is exactly one stored JPEG tile of the slide:
+        the DZI level is a slide level (no scaling), the tile grids coincide, and the stored
+        tile is interior (not padded). O(1); the address must be valid."""
+        return self._original_cols[level][col] and self._original_rows[level][row]
+
+    def original_count(self, level: int) -> int:
+        """How many tiles of a DZI level are stored tiles (see :meth:`original_at`)."""
+        return sum(self._original_cols[level]) * sum(self._original_rows[level])
+
+    def original(self, level: int, col: int, row: int) -> bytes | None:
+        """The slide's stored JPEG bytes for DZI tile (level, col, row), made a complete JPEG
+        (:func:`app.native.complete_jpeg`); None where :meth:`original_at` is false or the
+        stored data is not a whole JPEG stream. Blocking (one ``pread``)."""
+        if not self.original_at(level, col, row):
+            return None
+        l0_location, slide_level, l_size = self._dz.get_tile_coordinates(level, (col, row))
+        index = self.native.original_index(l0_location, slide_level, l_size)
+        return None if index is None else self.native.original(slide_level, index)
 
     def check_address(self, level: int, col: int, row: int) -> None:
         """Raise :class:`TileNotFound` unless (level, col, row) is a tile of this pyramid."""
@@ -94,3 +137,32 @@ class SlidePyramid:
     def dzi(self, tile_format: str) -> str:
         """The DZI XML, byte for byte ``DeepZoomGenerator.get_dzi(tile_format)``."""
         return self._dz.get_dzi(tile_format)
+
+
+def pyramid_geometry(slide: AbstractSlide, tile_size: int, overlap: int, limit_bounds: bool,
+                     geometry: str) -> tuple[int, int, bool]:
+    """The ``(tile_size, overlap, limit_bounds)`` a slide's DZI uses under ``DeepZoom.Geometry``.
+
+    ``configured`` returns the settings as they are. ``aligned`` makes the DZI tile grid the
+    slide's stored tile grid, so that where a DZI level is a slide level each DZI tile is one
+    stored tile: ``tile_size`` = the stored tile size of slide level 0 (OpenSlide's
+    ``openslide.level[0].tile-width``/``-height``, when square; else the configured size),
+    overlap 0, and ``limit_bounds`` kept only when the bounds origin
+    (``openslide.bounds-x``/``-y``, level-0 pixels) falls on the tile grid, since otherwise
+    every DZI tile would straddle four stored tiles.
+
+    Args:
+        slide: the open slide.
+        tile_size, overlap, limit_bounds: ``DeepZoom.TileSize``, ``Overlap``, ``LimitBounds``.
+        geometry: ``DeepZoom.Geometry``: ``configured`` or ``aligned``.
+    """
+    if geometry != "aligned":
+        return tile_size, overlap, limit_bounds
+    props = slide.properties
+    width, height = props.get("openslide.level[0].tile-width"), props.get(
+        "openslide.level[0].tile-height")
+    if width and width == height and int(width) > 0:
+        tile_size = int(width)
+    x = int(props.get(openslide.PROPERTY_NAME_BOUNDS_X, 0) or 0)
+    y = int(props.get(openslide.PROPERTY_NAME_BOUNDS_Y, 0) or 0)
+    return tile_size, 0, limit_bounds and x % tile_size == 0 and y % tile_size == 0

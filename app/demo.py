@@ -253,7 +253,7 @@ def render_region(
 # ------------------------------------------------------------------------------ JPEG
 
 
-_DQT, _DHT, _APP0, _SOS = 0xDB, 0xC4, 0xE0, 0xDA
+_DQT, _DHT, _APP0, _APP14, _SOF0, _SOS = 0xDB, 0xC4, 0xE0, 0xEE, 0xC0, 0xDA
 
 
 def _split_jpeg(jpeg: bytes) -> tuple[bytes, bytes]:
@@ -284,11 +284,41 @@ def _split_jpeg(jpeg: bytes) -> tuple[bytes, bytes]:
     return b"".join(tables), b"".join(rest)
 
 
+def _bare_rgb(stream: bytes) -> bytes:
+    """An abbreviated RGB JPEG stream without its Adobe APP14 segment and with component IDs
+    0, 1, 2 instead of libjpeg's 'R', 'G', 'B'.
+
+    Such a stream carries no sign that its components are RGB: only the TIFF's
+    PhotometricInterpretation says so, and a decoder that is not told guesses YCbCr (the
+    IJG rule for 3 components without JFIF/Adobe markers and IDs other than R, G, B), which
+    shows the tile pink. Some scanners write their RGB tiles so.
+    """
+    out = bytearray(b"\xff\xd8")
+    pos = 2
+    while True:
+        marker = stream[pos + 1]
+        end = pos + 2 + int.from_bytes(stream[pos + 2 : pos + 4], "big")
+        segment = bytearray(stream[pos:end])
+        if marker == _SOF0:  # Ci at 10, 13, 16
+            for i in range(3):
+                segment[10 + 3 * i] = i
+        elif marker == _SOS:  # Cs at 5, 7, 9
+            for i in range(3):
+                segment[5 + 2 * i] = i
+            out += segment + stream[end:]
+            return bytes(out)
+        if marker != _APP14:
+            out += segment
+        pos = end
+
+
 class _TileEncoder:
     """JPEG-encodes tiles with one fixed set of tables (standard Huffman)."""
 
-    def __init__(self, quality: int, photometric: str, tile_size: int) -> None:
+    def __init__(self, quality: int, photometric: str, tile_size: int,
+                 app14: bool = True) -> None:
         self.quality = quality
+        self.bare = photometric == "rgb" and not app14
         if photometric == "ycbcr":
             self.kwargs: dict[str, Any] = {"outcolorspace": "YCBCR", "subsampling": (2, 2)}
         else:  # RGB components, no colour transform, Adobe APP14 transform=0
@@ -311,7 +341,7 @@ class _TileEncoder:
         tables, stream = _split_jpeg(self.encode_full(rgb))
         if tables != self.tables:
             raise RuntimeError("JPEG tables differ between tiles")
-        return stream
+        return _bare_rgb(stream) if self.bare else stream
 
 
 # -------------------------------------------------------------------------- helpers
@@ -439,6 +469,7 @@ def write_aperio_svs(
     tile_size: int = 240,
     quality: int = 90,
     photometric: str = "ycbcr",
+    app14: bool = True,
     mpp: float = 0.499,
     app_mag: int = 20,
     seed: int = 0,
@@ -463,6 +494,9 @@ def write_aperio_svs(
             (PhotometricInterpretation 6, YCbCrSubSampling 2,2); ``'rgb'``: JPEG
             of RGB components without colour transform, marked with an Adobe
             APP14 segment (transform 0), PhotometricInterpretation 2.
+        app14: With ``photometric='rgb'``: False writes the tiles bare, without the APP14
+            segment and with component IDs 0, 1, 2, so that only the TIFF tag says they are
+            RGB (decoders that guess show them pink; see :func:`_bare_rgb`).
         mpp: Microns per pixel at level 0 (``aperio.MPP``).
         app_mag: Objective magnification (``aperio.AppMag``).
         seed: Random seed; the same arguments give byte-identical files.
@@ -475,6 +509,40 @@ def write_aperio_svs(
     Raises:
         ValueError: On invalid sizes, tile size, quality or photometric.
     """
+    return _write_slide(path, width, height, tile_size=tile_size, quality=quality,
+                        photometric=photometric, app14=app14, mpp=mpp, app_mag=app_mag,
+                        seed=seed, bigtiff=bigtiff, aperio=True)
+
+
+def write_generic_tiff(
+    path: str | os.PathLike[str],
+    width: int,
+    height: int,
+    *,
+    tile_size: int = 256,
+    quality: int = 90,
+    photometric: str = "ycbcr",
+    app14: bool = True,
+    seed: int = 0,
+) -> Path:
+    """Write a synthetic generic tiled TIFF pyramid (OpenSlide vendor ``generic-tiff``).
+
+    The same pixels and JPEG tiles as :func:`write_aperio_svs` (abbreviated streams sharing
+    JPEGTables), but no Aperio ImageDescription, no thumbnail, label or macro: only the
+    tiled levels, level 0 then each 4x smaller, as libvips ``tiffsave --pyramid`` lays them.
+    Arguments as for :func:`write_aperio_svs`.
+    """
+    return _write_slide(path, width, height, tile_size=tile_size, quality=quality,
+                        photometric=photometric, app14=app14, mpp=0.25, app_mag=40,
+                        seed=seed, bigtiff=None, aperio=False)
+
+
+def _write_slide(
+    path: str | os.PathLike[str], width: int, height: int, *, tile_size: int, quality: int,
+    photometric: str, app14: bool, mpp: float, app_mag: int, seed: int,
+    bigtiff: bool | None, aperio: bool,
+) -> Path:
+    """:func:`write_aperio_svs` (``aperio``) or :func:`write_generic_tiff`."""
     path = Path(path)
     if width < 1 or height < 1:
         raise ValueError(f"invalid slide size {width}x{height}")
@@ -487,7 +555,7 @@ def write_aperio_svs(
     if bigtiff is None:
         bigtiff = width * height * 3 > 2**32 - 2**25
 
-    enc = _TileEncoder(quality, photometric, tile_size)
+    enc = _TileEncoder(quality, photometric, tile_size, app14)
     synth = _Synth(width, height, seed)
     sizes = _level_sizes(width, height)
 
@@ -524,7 +592,7 @@ def write_aperio_svs(
             "tile": (tile_size, tile_size),
             "compression": "jpeg",
             "jpegtables": enc.tables,
-            "description": desc,
+            "description": desc if aperio else None,
             **jpeg_args,
             **common,
         }
@@ -561,27 +629,30 @@ def write_aperio_svs(
                 src = synth.render(0, 0, width, height) if small else level1
             thumb_img = Image.fromarray(src).resize((tw, th), Image.Resampling.LANCZOS)
             thumb = np.asarray(thumb_img)
-            tif.write(**stripped_jpeg(thumb, f"{head} -> {tw}x{th} {jpeg_kind}"))
+            if aperio:
+                tif.write(**stripped_jpeg(thumb, f"{head} -> {tw}x{th} {jpeg_kind}"))
 
             for size, img in zip(sizes[1:], levels, strict=False):
                 desc = f"{head} -> {size[0]}x{size[1]} {jpeg_kind}"
-                tif.write(**tiled(_tiles_of(img, tile_size, enc, pool), size, desc))
+                reduced = {} if aperio else {"subfiletype": 1}  # generic: reduced-resolution
+                tif.write(**tiled(_tiles_of(img, tile_size, enc, pool), size, desc), **reduced)
 
-            label = _label_image(seed, app_mag)
-            lh, lw = label.shape[:2]
-            tif.write(
-                label,
-                photometric="rgb",
-                compression="lzw",
-                rowsperstrip=16,
-                subfiletype=1,
-                description=f"{_SOFTWARE}\r\nlabel {lw}x{lh}",
-                **common,
-            )
-            macro = _macro_image(thumb, label)
-            mh, mw = macro.shape[:2]
-            args = stripped_jpeg(macro, f"{_SOFTWARE}\r\nmacro {mw}x{mh}")
-            tif.write(subfiletype=9, **args)
+            if aperio:  # associated images: label (LZW), macro (JPEG)
+                label = _label_image(seed, app_mag)
+                lh, lw = label.shape[:2]
+                tif.write(
+                    label,
+                    photometric="rgb",
+                    compression="lzw",
+                    rowsperstrip=16,
+                    subfiletype=1,
+                    description=f"{_SOFTWARE}\r\nlabel {lw}x{lh}",
+                    **common,
+                )
+                macro = _macro_image(thumb, label)
+                mh, mw = macro.shape[:2]
+                args = stripped_jpeg(macro, f"{_SOFTWARE}\r\nmacro {mw}x{mh}")
+                tif.write(subfiletype=9, **args)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -83,6 +83,7 @@ class _Level:
     tables: bytes | None
     colorspace: int | None  # JPEG colour space and output colour space, as tifffile decodes
     outcolorspace: int | str | None
+    photometric: int  # TIFF PhotometricInterpretation: 2 RGB, 6 YCbCr
 
 
 class NativeReader:
@@ -170,6 +171,62 @@ class NativeReader:
                                                          x0 - tx * tw:x1 - tx * tw]
         return out
 
+    def original_index(self, l0_location: tuple[int, int], slide_level: int,
+                       size: tuple[int, int]) -> int | None:
+        """The index of the stored tile that is exactly ``read_region(l0_location,
+        slide_level, size)``, or None. Pure geometry, no I/O.
+
+        A region qualifies when it is at a whole-pixel position of a native level, on the
+        stored tile grid, ``size`` is the stored tile size, and it lies wholly inside the
+        level (stored edge tiles are padded past the image edge, so they never qualify).
+
+        Args:
+            l0_location: top-left in slide level 0 pixels, as ``read_region`` takes it.
+            slide_level: the OpenSlide level.
+            size: ``(width, height)`` in pixels of that level.
+        """
+        level = self._levels[slide_level] if slide_level < len(self._levels) else None
+        if level is None:
+            return None
+        tw, th = level.tile_width, level.tile_height
+        ds = self._downsamples[slide_level]
+        fx, fy = l0_location[0] / ds, l0_location[1] / ds
+        if tuple(size) != (tw, th) or not (fx.is_integer() and fy.is_integer()):
+            return None
+        x, y = int(fx), int(fy)
+        if x < 0 or y < 0 or x % tw or y % th or x + tw > level.width or y + th > level.height:
+            return None
+        return (y // th) * level.cols + x // tw
+
+    def original(self, slide_level: int, index: int) -> bytes | None:
+        """Stored tile ``index`` of a native level as a complete JPEG stream, without decoding.
+
+        One ``pread``; :func:`complete_jpeg` splices JPEGTables and the colour marker.
+
+        Args:
+            slide_level: the OpenSlide level (one of :attr:`native_levels`).
+            index: the stored tile's index, row-major, as :meth:`original_index` gives it.
+
+        Returns:
+            The JPEG bytes, or None if the stored data is empty, truncated or not a JPEG
+            stream (the caller renders the tile, and OpenSlide reports what is wrong).
+
+        Raises:
+            OSError: the file cannot be read.
+        """
+        level = self._levels[slide_level]
+        count = level.counts[index]
+        data = os.pread(self._fd, count, level.offsets[index]) if count > 4 else b""
+        if len(data) != count or data[:2] != SOI or data[-2:] != EOI:
+            return None
+        return complete_jpeg(data, level.tables, level.photometric)
+
+    def stored_tile(self, slide_level: int, index: int) -> bytes:
+        """Stored tile ``index`` of a native level exactly as in the file (abbreviated
+        stream, SOI to EOI), for verification."""
+        level = self._levels[slide_level]
+        return os.pread(self._fd, level.counts[index], level.offsets[index])
+
     def _tile(self, slide_level: int, level: _Level, index: int) -> np.ndarray | None:
         """A decoded stored tile; None if it cannot be decoded (OpenSlide then reports it)."""
         key = (self._tag, slide_level, index)
@@ -209,6 +266,52 @@ class NativeReader:
         return True
 
 
+SOI, EOI = b"\xff\xd8", b"\xff\xd9"
+# Adobe APP14, version 100, no flags, transform 0: the components are RGB, not YCbCr.
+ADOBE_RGB = b"\xff\xee\x00\x0eAdobe\x00\x64\x00\x00\x00\x00\x00"
+# JFIF APP0 1.01, no density: the components are YCbCr (JFIF's only colour space).
+JFIF = b"\xff\xe0\x00\x10JFIF\x00\x01\x01\x00\x00\x01\x00\x01\x00\x00"
+_APP0, _APP14, _SOS = 0xE0, 0xEE, 0xDA
+
+
+def complete_jpeg(stream: bytes, tables: bytes | None, photometric: int) -> bytes:
+    """A stored TIFF JPEG tile made a complete JPEG stream that any decoder shows right.
+
+    TIFF JPEG tiles (TIFF Technical Note 2) are often abbreviated: the quantisation and
+    Huffman tables live once in the JPEGTables tag, and the colour space is stated only by
+    the TIFF PhotometricInterpretation. A decoder given the bare tile cannot decode it
+    without the tables, and guesses the colour transform from markers and component IDs
+    (IJG rules: JFIF means YCbCr, Adobe APP14 states it, else component IDs R, G, B mean
+    RGB and anything else YCbCr), which is how RGB Aperio tiles come out pink.
+
+    Result: SOI, a colour marker (Adobe APP14 transform 0 for RGB, JFIF APP0 for YCbCr)
+    unless the tile already carries an APP0 JFIF or APP14 Adobe segment, the table segments
+    of ``tables`` (its SOI and EOI dropped), then the tile after its SOI, unchanged: the
+    entropy-coded scan is byte for byte the stored one.
+
+    Args:
+        stream: the stored tile, SOI to EOI.
+        tables: the JPEGTables tag value (SOI, DQT/DHT segments, EOI), or None.
+        photometric: TIFF PhotometricInterpretation of the page: 2 (RGB) or 6 (YCbCr).
+    """
+    marker = b"" if _has_colour_marker(stream) else (ADOBE_RGB if photometric == 2 else JFIF)
+    return b"".join((SOI, marker, tables[2:-2] if tables else b"", stream[2:]))
+
+
+def _has_colour_marker(stream: bytes) -> bool:
+    """Whether the header segments before SOS include JFIF APP0 or Adobe APP14."""
+    pos, end = 2, len(stream) - 4
+    while pos < end and stream[pos] == 0xFF:
+        marker = stream[pos + 1]
+        if marker == _SOS:
+            return False
+        if (marker == _APP0 and stream[pos + 4:pos + 9] == b"JFIF\x00"
+                or marker == _APP14 and stream[pos + 4:pos + 9] == b"Adobe"):
+            return True
+        pos += 2 + int.from_bytes(stream[pos + 2:pos + 4], "big")
+    return False
+
+
 def _is_native(page: Any) -> bool:
     """A tiled, contiguous, 8-bit, 3-sample JPEG page in RGB or YCbCr."""
     return (page.is_tiled and page.compression == 7 and page.samplesperpixel == 3
@@ -228,4 +331,4 @@ def _match(pages: list[Any], dims: tuple[int, int]) -> _Level | None:
         page.photometric, page.planarconfig, page.extrasamples, page.is_jfif)
     return _Level(page.imagewidth, page.imagelength, page.tilewidth, page.tilelength, cols,
                   tuple(page.dataoffsets), tuple(page.databytecounts), page.jpegtables,
-                  colorspace, outcolorspace)
+                  colorspace, outcolorspace, int(page.photometric))

@@ -27,7 +27,7 @@ import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.fields import FieldInfo
@@ -88,6 +88,17 @@ class DeepZoomSettings(Section):
                           description="Tile edge in DZI pixels, overlap excluded.")
     Overlap: int = Field(1, ge=0, le=64, description="Pixels added to each interior tile edge.")
     LimitBounds: bool = Field(True, description="Render only the slide's non-empty bounds.")
+    Geometry: Literal["configured", "aligned"] = Field(
+        "configured",
+        description="configured: TileSize, Overlap, LimitBounds as set. aligned: per slide, the "
+                    "DZI grid follows the slide's stored tiles (TileSize = stored tile size, "
+                    "Overlap 0, LimitBounds only where the bounds origin is on the tile grid), "
+                    "so stored JPEG tiles can be served as they are (TileFormat.Passthrough).")
+
+    @field_validator("Geometry", mode="before")
+    @classmethod
+    def _geometry_lower(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value
 
 
 class TileFormatSettings(Section):
@@ -101,6 +112,9 @@ class TileFormatSettings(Section):
     PngCompressLevel: int = Field(1, ge=0, le=12,
                                   description="libdeflate level: 0 stored, 1 fastest, 12 smallest.")
     AllowFormatOverride: bool = True
+    Passthrough: bool = Field(
+        True, description="Serve a stored JPEG tile's own bytes where a JPEG DZI tile is "
+                          "exactly one stored tile (needs DeepZoom.Geometry aligned).")
 
     @field_validator("Default", "LosslessFormat", mode="before")
     @classmethod

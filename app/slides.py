@@ -25,7 +25,7 @@ import anyio
 import openslide
 from anyio import CapacityLimiter
 
-from app.deepzoom import SlidePyramid
+from app.deepzoom import SlidePyramid, pyramid_geometry
 from app.errors import SlideNotFound, SlideOpenError
 from app.native import DecodedTileCache, NativeReader
 from app.settings import Settings
@@ -204,8 +204,9 @@ class SlideRegistry:
             native = (NativeReader.open(slide, entry.path, self._decoded)
                       if self.settings.Server.NativeReader else None)
             deepzoom = self.settings.DeepZoom
-            pyramid = SlidePyramid(slide, deepzoom.TileSize, deepzoom.Overlap,
-                                   deepzoom.LimitBounds, native)
+            geometry = pyramid_geometry(slide, deepzoom.TileSize, deepzoom.Overlap,
+                                        deepzoom.LimitBounds, deepzoom.Geometry)
+            pyramid = SlidePyramid(slide, *geometry, native)
         except (openslide.OpenSlideError, OSError, ValueError) as exc:
             message = str(exc) or type(exc).__name__
             raise SlideOpenError(f"OpenSlide cannot open {entry.path.name}: {message}",

@@ -20,7 +20,7 @@ from anyio import CapacityLimiter
 
 from app.cache import DiskTileCache, MemoryTileCache, SingleFlight, TileKey, variant_of
 from app.errors import SlideReadError
-from app.formats import Encoding, FormatPolicy
+from app.formats import Encoding, FormatDecision, FormatPolicy, TileFormat
 from app.settings import Settings
 from app.slides import OpenSlide, SlideRegistry
 
@@ -37,6 +37,8 @@ class Tile:
         cache: ``hit`` (memory or disk) or ``miss`` (rendered for this request).
         etag: strong ETag, quoted: the first 32 hex digits of the bytes' SHA-256.
         vary_accept: the choice depended on ``Accept``.
+        source: ``original`` (the slide's stored JPEG tile, not decoded or re-encoded) or
+            ``rendered`` (read, scaled where needed, and encoded by this server).
     """
 
     data: bytes
@@ -44,6 +46,7 @@ class Tile:
     cache: str
     etag: str
     vary_accept: bool
+    source: str = "rendered"
 
 
 def etag_of(data: bytes) -> str:
@@ -70,6 +73,7 @@ class TileService:
         self.disk = DiskTileCache(settings.TileCachePath, settings.EnableDiskCache)
         self.memory = MemoryTileCache(settings.Server.MemoryCacheBytes)
         self.render_limiter = render_limiter
+        self.passthrough = settings.TileFormat.Passthrough
         self.io_limiter = io_limiter
         self._flight = SingleFlight()
 
@@ -78,9 +82,10 @@ class TileService:
         """The cache key of a tile: slide, variant (identity + geometry + encoder), address."""
         variant = handle.variants.get(encoding)
         if variant is None:
-            dz = self.settings.DeepZoom
+            pyramid = handle.pyramid
             variant = handle.variants[encoding] = variant_of(
-                handle.identity, dz.TileSize, dz.Overlap, dz.LimitBounds, encoding.key)
+                handle.identity, pyramid.tile_size, pyramid.overlap, pyramid.limit_bounds,
+                encoding.key)
         return TileKey(handle.name, variant, level, col, row, encoding.format.value)
 
     async def get_tile(self, name: str, level: int, col: int, row: int,
@@ -105,6 +110,9 @@ class TileService:
         pyramid.check_address(level, col, row)
         decision = self.policy.decide(level, pyramid.level_count, extension, query_format, accept)
         key = self.key_for(handle, level, col, row, decision.encoding)
+        if (self.passthrough and decision.encoding.format is TileFormat.JPEG
+                and pyramid.original_at(level, col, row)):
+            return await self._original(handle, key, decision)
         cached = self.memory.get(key)
         if cached is not None:
             return Tile(cached[0], decision.encoding, "hit", cached[1], decision.vary_accept)
@@ -112,9 +120,36 @@ class TileService:
             key, lambda: self._load(handle, key, decision.encoding))
         return Tile(data, decision.encoding, status, etag, decision.vary_accept)
 
-    async def _load(self, handle: OpenSlide, key: TileKey,
-                    encoding: Encoding) -> tuple[bytes, str, str]:
-        """Disk cache, else render + encode + store, in ONE worker-thread hop.
+    async def _original(self, handle: OpenSlide, key: TileKey,
+                        decision: FormatDecision) -> Tile:
+        """A tile that is one stored JPEG tile: its bytes from the slide file (one worker
+        thread hop, no decode, no encode), kept in the memory LRU but not on disk, where it
+        would only copy the slide (``make bench``: reading the slide is as fast as reading
+        the cache). Stored data that is not a whole JPEG stream falls back to rendering."""
+        cached = self.memory.get(key)
+        if cached is not None:
+            return Tile(cached[0], decision.encoding, "hit", cached[1], decision.vary_accept,
+                        "original")
+        pyramid = handle.pyramid
+        try:
+            data = await anyio.to_thread.run_sync(
+                pyramid.original, key.level, key.col, key.row, limiter=self.render_limiter)
+        except OSError as exc:
+            self.registry.discard(handle.name, handle)
+            raise SlideReadError(f"cannot read {handle.entry.path.name}: {exc.strerror}",
+                                 slide=handle.name) from None
+        if data is None:  # damaged stored tile: render it, and let OpenSlide report it
+            data, etag, status = await self._flight.run(
+                key, lambda: self._load(handle, key, decision.encoding, remember=False))
+            return Tile(data, decision.encoding, status, etag, decision.vary_accept)
+        etag = etag_of(data)
+        self.memory.put(key, data, etag)
+        return Tile(data, decision.encoding, "miss", etag, decision.vary_accept, "original")
+
+    async def _load(self, handle: OpenSlide, key: TileKey, encoding: Encoding,
+                    remember: bool = True) -> tuple[bytes, str, str]:
+        """Disk cache, else render + encode + store, in ONE worker-thread hop; the result
+        joins the memory LRU when ``remember``.
 
         Returns:
             ``(bytes, etag, hit|miss)``.
@@ -125,7 +160,8 @@ class TileService:
         except SlideReadError:
             self.registry.discard(handle.name, handle)
             raise
-        self.memory.put(key, data, etag)
+        if remember:
+            self.memory.put(key, data, etag)
         return data, etag, status
 
     def _load_blocking(self, handle: OpenSlide, key: TileKey,

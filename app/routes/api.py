@@ -9,6 +9,7 @@ from fastapi import APIRouter
 from app import __version__
 from app.dependencies import Registry, Tiles
 from app.errors import TileServerError
+from app.formats import TileFormat
 from app.slides import SINGLE_SLIDE_NAME, OpenSlide
 from app.tiles import TileService
 
@@ -35,6 +36,8 @@ def describe_slide(tiles: TileService, handle: OpenSlide) -> dict[str, Any]:
             "tiles": cols * rows, "format": encoding.format.value,
             "lossless": encoding.lossless, "quality": encoding.quality,
             "slide_level": pyramid.slide_levels[level],
+            "original_tiles": (pyramid.original_count(level) if tiles.passthrough
+                               and encoding.format is TileFormat.JPEG else 0),
         })
     settings = tiles.settings
     return {
@@ -48,9 +51,10 @@ def describe_slide(tiles: TileService, handle: OpenSlide) -> dict[str, Any]:
         "associated_images": sorted(slide.associated_images),
         "quickhash": slide.properties.get("openslide.quickhash-1"),
         "dzi_url": dzi_url(handle.name),
-        "tile_size": settings.DeepZoom.TileSize,
-        "overlap": settings.DeepZoom.Overlap,
-        "limit_bounds": settings.DeepZoom.LimitBounds,
+        "tile_size": pyramid.tile_size,
+        "overlap": pyramid.overlap,
+        "limit_bounds": pyramid.limit_bounds,
+        "geometry": settings.DeepZoom.Geometry,
         "declared_format": tiles.policy.declared.value,
         "level_count": pyramid.level_count,
         "tile_count": pyramid.tile_count,

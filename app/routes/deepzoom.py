@@ -57,9 +57,10 @@ def tile_headers(tile: Tile, cache_control: str, allow_origin: str) -> list[tupl
         (b"x-tile-format", encoding.format.value.encode()),
         (b"x-tile-lossless", b"true" if encoding.lossless else b"false"),
         (b"x-tile-cache", tile.cache.encode()),
+        (b"x-tile-source", tile.source.encode()),
         (b"access-control-allow-origin", allow_origin.encode()),
         (b"access-control-expose-headers",
-         b"ETag, X-Tile-Format, X-Tile-Lossless, X-Tile-Cache"),
+         b"ETag, X-Tile-Format, X-Tile-Lossless, X-Tile-Cache, X-Tile-Source"),
     ]
     if tile.vary_accept:
         headers.append((b"vary", b"Accept"))
