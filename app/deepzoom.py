@@ -84,15 +84,21 @@ class SlidePyramid:
         """How many tiles of a DZI level are stored tiles (see :meth:`original_at`)."""
         return sum(self._original_cols[level]) * sum(self._original_rows[level])
 
-    def original(self, level: int, col: int, row: int) -> bytes | None:
+    def original(self, level: int, col: int, row: int, nowait: bool = False) -> bytes | None:
         """The slide's stored JPEG bytes for DZI tile (level, col, row), made a complete JPEG
         (:func:`app.native.complete_jpeg`); None where :meth:`original_at` is false or the
-        stored data is not a whole JPEG stream. Blocking (one ``pread``)."""
+        stored data is not a whole JPEG stream. One read: blocking, or with ``nowait`` only
+        from the page cache (see :meth:`app.native.NativeReader.original`).
+
+        Raises:
+            BlockingIOError: ``nowait`` and the read would wait for the disk.
+            OSError: the file cannot be read.
+        """
         if not self.original_at(level, col, row):
             return None
         l0_location, slide_level, l_size = self._dz.get_tile_coordinates(level, (col, row))
         index = self.native.original_index(l0_location, slide_level, l_size)
-        return None if index is None else self.native.original(slide_level, index)
+        return None if index is None else self.native.original(slide_level, index, nowait)
 
     def check_address(self, level: int, col: int, row: int) -> None:
         """Raise :class:`TileNotFound` unless (level, col, row) is a tile of this pyramid."""

@@ -198,25 +198,41 @@ class NativeReader:
             return None
         return (y // th) * level.cols + x // tw
 
-    def original(self, slide_level: int, index: int) -> bytes | None:
+    def original(self, slide_level: int, index: int, nowait: bool = False) -> bytes | None:
         """Stored tile ``index`` of a native level as a complete JPEG stream, without decoding.
 
-        One ``pread``; :func:`complete_jpeg` splices JPEGTables and the colour marker.
+        One read; :func:`complete_jpeg` splices JPEGTables and the colour marker.
 
         Args:
             slide_level: the OpenSlide level (one of :attr:`native_levels`).
             index: the stored tile's index, row-major, as :meth:`original_index` gives it.
+            nowait: read only what is already in the page cache (``preadv`` with Linux's
+                ``RWF_NOWAIT``, which never waits for the disk), so that the event loop may
+                call it; raises :class:`BlockingIOError` where the read would wait. Without
+                it the read is blocking: call it from a worker thread.
 
         Returns:
             The JPEG bytes, or None if the stored data is empty, truncated or not a JPEG
             stream (the caller renders the tile, and OpenSlide reports what is wrong).
 
         Raises:
+            BlockingIOError: ``nowait`` and the data is not all in the page cache (or the
+                platform has no ``RWF_NOWAIT``).
             OSError: the file cannot be read.
         """
         level = self._levels[slide_level]
-        count = level.counts[index]
-        data = os.pread(self._fd, count, level.offsets[index]) if count > 4 else b""
+        count, offset = level.counts[index], level.offsets[index]
+        if count <= 4:
+            return None
+        if nowait:
+            if not NOWAIT:
+                raise BlockingIOError("no RWF_NOWAIT on this platform")
+            buffer = bytearray(count)
+            if os.preadv(self._fd, (buffer,), offset, NOWAIT) != count:
+                raise BlockingIOError("partly in the page cache")
+            data = bytes(buffer)
+        else:
+            data = os.pread(self._fd, count, offset)
         if len(data) != count or data[:2] != SOI or data[-2:] != EOI:
             return None
         return complete_jpeg(data, level.tables, level.photometric)
@@ -267,6 +283,7 @@ class NativeReader:
 
 
 SOI, EOI = b"\xff\xd8", b"\xff\xd9"
+NOWAIT = getattr(os, "RWF_NOWAIT", 0)  # Linux >= 4.14: fail instead of waiting for the disk
 # Adobe APP14, version 100, no flags, transform 0: the components are RGB, not YCbCr.
 ADOBE_RGB = b"\xff\xee\x00\x0eAdobe\x00\x64\x00\x00\x00\x00\x00"
 # JFIF APP0 1.01, no density: the components are YCbCr (JFIF's only colour space).

@@ -122,18 +122,26 @@ class TileService:
 
     async def _original(self, handle: OpenSlide, key: TileKey,
                         decision: FormatDecision) -> Tile:
-        """A tile that is one stored JPEG tile: its bytes from the slide file (one worker
-        thread hop, no decode, no encode), kept in the memory LRU but not on disk, where it
-        would only copy the slide (``make bench``: reading the slide is as fast as reading
-        the cache). Stored data that is not a whole JPEG stream falls back to rendering."""
+        """A tile that is one stored JPEG tile: the slide file's bytes, no decode, no encode.
+
+        The read is tried on the event loop first with ``RWF_NOWAIT``, which answers only
+        from the page cache and never waits for the disk; when it would wait, one worker
+        thread reads. (``make bench``, aligned row: the thread hop cost a third of the
+        throughput when every read hit the page cache.) Original tiles join the memory LRU but
+        not the disk cache, where they would only copy the slide. Stored data that is not a
+        whole JPEG stream falls back to rendering.
+        """
         cached = self.memory.get(key)
         if cached is not None:
             return Tile(cached[0], decision.encoding, "hit", cached[1], decision.vary_accept,
                         "original")
         pyramid = handle.pyramid
         try:
-            data = await anyio.to_thread.run_sync(
-                pyramid.original, key.level, key.col, key.row, limiter=self.render_limiter)
+            try:
+                data = pyramid.original(key.level, key.col, key.row, nowait=True)
+            except BlockingIOError:
+                data = await anyio.to_thread.run_sync(
+                    pyramid.original, key.level, key.col, key.row, limiter=self.render_limiter)
         except OSError as exc:
             self.registry.discard(handle.name, handle)
             raise SlideReadError(f"cannot read {handle.entry.path.name}: {exc.strerror}",

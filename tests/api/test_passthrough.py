@@ -10,6 +10,7 @@ passthrough off.
 from __future__ import annotations
 
 import io
+import os
 from pathlib import Path
 
 import numpy as np
@@ -196,3 +197,27 @@ def test_fixtures_fall_back(client_for, fixtures):
         assert np.array_equal(decode(got.content), np.asarray(dz.get_tile(top, (0, 0))))
     bad = client.get("/storage/bad_files/4/0_0.jpeg")
     assert bad.status_code == 500 and "Bogus marker length" in bad.json()["detail"]
+
+
+def test_original_from_disk_and_from_page_cache_are_equal(client_for, tmp_path):
+    """A slide file out of the page cache is read by a worker thread (the event loop's
+    ``RWF_NOWAIT`` read refuses); the bytes are the same as from the page cache."""
+    path = write_aperio_svs(tmp_path / "cold.svs", 2000, 1500, seed=6)
+    url = "/storage/s_files/11/2_2.jpeg?format=jpeg"  # level 11: the slide's level 0
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        client = client_for(Images=[{"Name": "s", "Path": str(path)}], DeepZoom=ALIGNED,
+                            Server={"MemoryCacheBytes": 0})
+        client.get("/api/slides/s")
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        from_disk = client.get(url)
+        from_cache = client.get(url)
+    finally:
+        os.close(fd)
+    assert from_disk.headers["x-tile-source"] == from_cache.headers["x-tile-source"] == "original"
+    assert from_disk.headers["x-tile-cache"] == from_cache.headers["x-tile-cache"] == "miss"
+    assert from_disk.content == from_cache.content
+    slide = openslide.OpenSlide(path)
+    theirs = np.asarray(slide.read_region((480, 480), 0, (240, 240)))[..., :3]
+    assert np.array_equal(decode(from_disk.content), theirs)

@@ -1,5 +1,7 @@
 """The native JPEG-tile reader gives exactly OpenSlide's pixels, or nothing."""
 
+import os
+
 import numpy as np
 import openslide
 import pytest
@@ -80,3 +82,23 @@ def test_decoded_tile_cache_is_bounded():
     for i in range(5):
         cache.put(i, np.zeros((10, 10, 1), np.uint8))
     assert cache.get(0) is None and cache.get(4) is not None
+
+
+def test_original_nowait_reads_only_the_page_cache(tmp_path):
+    """``nowait`` reads answer from the page cache and refuse to wait for the disk; the
+    blocking read gives the same bytes and fills the cache."""
+    path = write_aperio_svs(tmp_path / "s.svs", 2000, 1500, seed=2)
+    reader = NativeReader.open(openslide.OpenSlide(path), path, DecodedTileCache(1 << 20))
+    index = reader.original_index((480, 240), 0, (240, 240))
+    assert index is not None
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # written pages must be clean to be dropped
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    with pytest.raises(BlockingIOError):
+        reader.original(0, index, nowait=True)
+    blocking = reader.original(0, index)
+    assert blocking is not None and blocking.endswith(reader.stored_tile(0, index)[2:])
+    assert reader.original(0, index, nowait=True) == blocking
