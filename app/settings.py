@@ -163,7 +163,7 @@ class ServerSettings(Section):
 
     CacheControl: str = "public, max-age=86400"
     AccessControlAllowOrigin: str = "*"
-    RenderThreads: int = Field(0, ge=0, le=256, description="0: one per CPU core.")
+    RenderThreads: int = Field(0, ge=0, le=256, description="0: two per CPU core.")
     MaxOpenSlides: int = Field(16, ge=1, le=4096)
     OpenSlideCacheBytes: int = Field(256 * 1024 * 1024, ge=0,
                                      description="Decoded slide tiles kept, per process.")
