@@ -443,6 +443,7 @@ def write_aperio_svs(
     app_mag: int = 20,
     seed: int = 0,
     bigtiff: bool | None = None,
+    icc_profile: bytes | None = None,
 ) -> Path:
     """Write a synthetic, Aperio-style SVS slide.
 
@@ -468,6 +469,9 @@ def write_aperio_svs(
         seed: Random seed; the same arguments give byte-identical files.
         bigtiff: Write BigTIFF; ``None`` chooses BigTIFF only when the
             uncompressed level 0 exceeds 4 GB.
+        icc_profile: An ICC profile for level 0's InterColorProfile tag (34675),
+            where Aperio scanners store theirs (OpenSlide reports it as the
+            slide's ``color_profile``); None writes none.
 
     Returns:
         `path` as a :class:`~pathlib.Path`.
@@ -548,7 +552,10 @@ def write_aperio_svs(
         ):
             level1 = np.zeros((height // 4, width // 4, 3), np.uint8)
             tiles = _level0_tiles(synth, tile_size, enc, pool, level1)
-            tif.write(**tiled(tiles, sizes[0], f"{head} {jpeg_kind}{props}"))
+            level0 = tiled(tiles, sizes[0], f"{head} {jpeg_kind}{props}")
+            if icc_profile is not None:
+                level0["iccprofile"] = icc_profile
+            tif.write(**level0)
 
             levels = [level1]
             for _ in sizes[2:]:
