@@ -121,7 +121,7 @@ class ColorTransform:
         profile = slide.color_profile
         if profile is None:
             return cls(mode, None, None, None)
-        source = profile.tobytes()
+        source = stored_profile(slide)
         intent = conversion_intent(mode, profile)
         if intent is None:
             embedded = source if mode is ColorMode.EMBED else None
@@ -186,13 +186,27 @@ class ColorTransform:
         }
 
 
+def stored_profile(slide: AbstractSlide) -> bytes | None:
+    """The slide's ICC profile bytes exactly as the file stores them, or None. Blocking.
+
+    ``slide.color_profile.tobytes()`` would not do: it is LittleCMS's re-serialisation, which
+    can differ (a DICOM fixture's v2.1 profile comes back marked v2.2). openslide-python
+    attaches the stored bytes to every region it reads, so one pixel is read for them.
+
+    Raises:
+        openslide.OpenSlideError: the slide cannot be read.
+    """
+    if slide.color_profile is None:
+        return None
+    return slide.read_region((0, 0), 0, (1, 1)).info["icc_profile"]
+
+
 def expected_profile(slide: AbstractSlide, mode: ColorMode | str) -> bytes | None:
     """The ICC profile bytes a tile of ``slide`` must carry under ``mode`` (None: untagged)."""
     mode = ColorMode(mode)
-    profile = slide.color_profile
-    if profile is None or mode is ColorMode.IGNORE:
+    if slide.color_profile is None or mode is ColorMode.IGNORE:
         return None
-    return profile.tobytes() if mode is ColorMode.EMBED else SRGB_PROFILE
+    return stored_profile(slide) if mode is ColorMode.EMBED else SRGB_PROFILE
 
 
 def reference_pixels(slide: AbstractSlide, level: int, col: int, row: int, *,

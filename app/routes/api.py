@@ -81,15 +81,14 @@ def describe_slide(tiles: TileService, handle: OpenSlide) -> dict[str, Any]:
     """
     pyramid = handle.pyramid
     slide = handle.slide
-    privacy = tiles.privacy
-    props = slide.properties
-    mpp = handle.mpp() if all(privacy.property_visible(p) for p in (
+    props = tiles.privacy.properties(slide.properties)
+    mpp = handle.mpp() if all(p in props for p in (
         openslide.PROPERTY_NAME_MPP_X, openslide.PROPERTY_NAME_MPP_Y)) else None
     settings = tiles.settings
     associated = describe_associated(tiles, handle)
     return {
         "name": handle.name,
-        "vendor": privacy.property(props, openslide.PROPERTY_NAME_VENDOR),
+        "vendor": props.get(openslide.PROPERTY_NAME_VENDOR),
         "dimensions": list(slide.dimensions),
         "mpp": list(mpp) if mpp else None,
         "slide_level_count": slide.level_count,
@@ -97,7 +96,7 @@ def describe_slide(tiles: TileService, handle: OpenSlide) -> dict[str, Any]:
         "slide_level_downsamples": list(slide.level_downsamples),
         "associated_images": [item["name"] for item in associated],
         "associated": associated,
-        "quickhash": privacy.property(props, openslide.PROPERTY_NAME_QUICKHASH1),
+        "quickhash": props.get(openslide.PROPERTY_NAME_QUICKHASH1),
         "dzi_url": dzi_url(handle.name),
         "tile_size": settings.DeepZoom.TileSize,
         "overlap": settings.DeepZoom.Overlap,
@@ -107,7 +106,7 @@ def describe_slide(tiles: TileService, handle: OpenSlide) -> dict[str, Any]:
         "level_count": pyramid.level_count,
         "tile_count": pyramid.tile_count,
         "levels": describe_levels(tiles, handle.source),
-        "properties": privacy.properties(props),
+        "properties": props,
     }
 
 

@@ -155,6 +155,11 @@ def test_privacy_patterns_are_globs_matched_case_insensitively():
              "aperio.AppMag": "20", "openslide.associated.label.width": "400"}
     assert privacy.properties(props) == {"aperio.AppMag": "20",
                                          "openslide.associated.label.width": "400"}
+    # a withheld value never comes back inside another property (Aperio's comment)
+    props = {"aperio.Filename": "case-1234", "openslide.comment": "x|Filename = case-1234|y",
+             "aperio.AppMag": "20", "aperio.User": "20"}
+    assert privacy.properties(props) == {"aperio.AppMag": "20"}
+    assert privacy.property(props, "aperio.AppMag") == "20"  # "20" is too short to chase
     assert privacy.associated_names(["macro", "label"]) == ["label", "macro"]
     hidden = Privacy(PrivacySettings(HideAssociatedImages=True))
     assert hidden.associated_names(["label"]) == []
