@@ -29,7 +29,7 @@ _SERIAL = itertools.count()
 
 
 def variant_of(slide_identity: str, tile_size: int, overlap: int, limit_bounds: bool,
-               encoding_key: str) -> str:
+               encoding_key: str, color_key: str = "", scope: str = "") -> str:
     """The cache variant: 16 hex digits of SHA-256 over what changes a tile's bytes.
 
     Args:
@@ -37,8 +37,13 @@ def variant_of(slide_identity: str, tile_size: int, overlap: int, limit_bounds: 
         tile_size: DZI tile size in pixels; overlap: DZI overlap in pixels.
         limit_bounds: whether the pyramid covers only the slide's bounds.
         encoding_key: :attr:`app.formats.Encoding.key` (format, lossless, quality, level).
+        color_key: :attr:`app.colour.ColorTransform.key` (colour mode, transform, profile).
+        scope: which image of the slide: empty for the slide, ``associated:<name>`` for an
+            associated image. Only its hash reaches the disk, so cache paths name no
+            associated image.
     """
-    text = f"v1|{slide_identity}|{tile_size}|{overlap}|{int(limit_bounds)}|{encoding_key}"
+    text = (f"v1|{slide_identity}|{tile_size}|{overlap}|{int(limit_bounds)}|{encoding_key}"
+            f"|{color_key}|{scope}")
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

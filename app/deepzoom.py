@@ -11,12 +11,15 @@ full resolution. ``col``/``row`` address tiles within a DZI level.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import openslide
-from openslide import AbstractSlide
+from openslide import AbstractSlide, ImageSlide
 from openslide.deepzoom import DeepZoomGenerator
 from PIL import Image
 
+from app.colour import ColorMode, ColorTransform
 from app.errors import TileNotFound
 from app.native import NativeReader
 
@@ -172,3 +175,49 @@ def pyramid_geometry(slide: AbstractSlide, tile_size: int, overlap: int, limit_b
     x = int(props.get(openslide.PROPERTY_NAME_BOUNDS_X, 0) or 0)
     y = int(props.get(openslide.PROPERTY_NAME_BOUNDS_Y, 0) or 0)
     return tile_size, 0, limit_bounds and x % tile_size == 0 and y % tile_size == 0
+
+
+@dataclass(frozen=True, eq=False)
+class ImageSource:
+    """What tiles are cut from: a pyramid, its colour transform, and its cache scope.
+
+    A slide has one (its own pyramid, ``scope`` empty); each associated image served as a
+    DZI has another (``scope`` ``associated:<name>``, which enters the cache variant).
+    """
+
+    pyramid: SlidePyramid
+    color: ColorTransform
+    scope: str = ""
+
+
+def open_associated(slide: AbstractSlide, name: str, tile_size: int, overlap: int,
+                    limit_bounds: bool, color_mode: ColorMode | str) -> ImageSource:
+    """An associated image (label, macro, thumbnail) as a DZI source. Blocking.
+
+    The image is read once and served through openslide-python's ``ImageSlide``, so its tiles
+    are ``DeepZoomGenerator(ImageSlide(image)).get_tile``'s, as in openslide-python's
+    deepzoom servers; its own ICC profile (OpenSlide reads one per associated image) drives
+    the colour mode.
+
+    Raises:
+        KeyError: the slide has no associated image ``name``.
+        openslide.OpenSlideError: it cannot be read.
+    """
+    image_slide = ImageSlide(slide.associated_images[name])
+    pyramid = SlidePyramid(image_slide, tile_size, overlap, limit_bounds)
+    color = ColorTransform.for_slide(image_slide, color_mode)
+    return ImageSource(pyramid, color, f"associated:{name}")
+
+
+def single_tile_level(width: int, height: int, tile_size: int) -> int:
+    """The highest DZI level of a ``width`` x ``height`` image that fits in one tile.
+
+    DZI levels halve (rounding up) from full size down to 1x1 px, as ``DeepZoomGenerator``
+    computes them; level 0 is 1x1.
+    """
+    dims = [(width, height)]
+    while dims[-1] != (1, 1):
+        w, h = dims[-1]
+        dims.append((max(1, (w + 1) // 2), max(1, (h + 1) // 2)))
+    dims.reverse()
+    return max(i for i, (w, h) in enumerate(dims) if w <= tile_size and h <= tile_size)

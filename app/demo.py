@@ -474,6 +474,7 @@ def write_aperio_svs(
     app_mag: int = 20,
     seed: int = 0,
     bigtiff: bool | None = None,
+    icc_profile: bytes | None = None,
 ) -> Path:
     """Write a synthetic, Aperio-style SVS slide.
 
@@ -502,6 +503,9 @@ def write_aperio_svs(
         seed: Random seed; the same arguments give byte-identical files.
         bigtiff: Write BigTIFF; ``None`` chooses BigTIFF only when the
             uncompressed level 0 exceeds 4 GB.
+        icc_profile: An ICC profile for level 0's InterColorProfile tag (34675),
+            where Aperio scanners store theirs (OpenSlide reports it as the
+            slide's ``color_profile``); None writes none.
 
     Returns:
         `path` as a :class:`~pathlib.Path`.
@@ -511,7 +515,7 @@ def write_aperio_svs(
     """
     return _write_slide(path, width, height, tile_size=tile_size, quality=quality,
                         photometric=photometric, app14=app14, mpp=mpp, app_mag=app_mag,
-                        seed=seed, bigtiff=bigtiff, aperio=True)
+                        seed=seed, bigtiff=bigtiff, aperio=True, icc_profile=icc_profile)
 
 
 def write_generic_tiff(
@@ -534,13 +538,13 @@ def write_generic_tiff(
     """
     return _write_slide(path, width, height, tile_size=tile_size, quality=quality,
                         photometric=photometric, app14=app14, mpp=0.25, app_mag=40,
-                        seed=seed, bigtiff=None, aperio=False)
+                        seed=seed, bigtiff=None, aperio=False, icc_profile=None)
 
 
 def _write_slide(
     path: str | os.PathLike[str], width: int, height: int, *, tile_size: int, quality: int,
     photometric: str, app14: bool, mpp: float, app_mag: int, seed: int,
-    bigtiff: bool | None, aperio: bool,
+    bigtiff: bool | None, aperio: bool, icc_profile: bytes | None,
 ) -> Path:
     """:func:`write_aperio_svs` (``aperio``) or :func:`write_generic_tiff`."""
     path = Path(path)
@@ -616,7 +620,10 @@ def _write_slide(
         ):
             level1 = np.zeros((height // 4, width // 4, 3), np.uint8)
             tiles = _level0_tiles(synth, tile_size, enc, pool, level1)
-            tif.write(**tiled(tiles, sizes[0], f"{head} {jpeg_kind}{props}"))
+            level0 = tiled(tiles, sizes[0], f"{head} {jpeg_kind}{props}")
+            if icc_profile is not None:
+                level0["iccprofile"] = icc_profile
+            tif.write(**level0)
 
             levels = [level1]
             for _ in sizes[2:]:

@@ -19,6 +19,7 @@ from PIL import Image
 
 from app import png
 from app.errors import BadTileRequest
+from app.icc import jpeg_with_profile
 
 if TYPE_CHECKING:
     from app.settings import TileFormatSettings
@@ -81,9 +82,13 @@ class Encoding:
         extra = f"-z{self.compress_level}" if self.compress_level is not None else ""
         return f"{self.format.value}-{mode}{extra}"
 
-    def encode(self, image: Image.Image | np.ndarray) -> bytes:
+    def encode(self, image: Image.Image | np.ndarray, icc_profile: bytes | None = None) -> bytes:
         """Encode an RGB image (PIL, or an ``(H, W, 3)`` uint8 array); returns the complete
         file bytes. Blocking: run it in a thread.
+
+        ``icc_profile`` (see :mod:`app.colour`) is embedded without touching the encoded
+        image data: JPEG APP2 segments spliced in after SOI/APP0, a PNG ``iCCP`` chunk, WebP's
+        ``ICCP`` chunk (Pillow's ``icc_profile``). Without it the bytes are as before.
 
         JPEG is libjpeg-turbo through imagecodecs with Pillow's defaults (4:2:0 chroma
         subsampling, standard Huffman tables): the same bytes as ``PIL.Image.save(quality=q)``,
@@ -94,16 +99,18 @@ class Encoding:
         """
         pixels = image if isinstance(image, np.ndarray) else np.asarray(image.convert("RGB"))
         if self.format is TileFormat.PNG:
-            return png.encode_rgb(pixels, self.compress_level or 0)
+            return png.encode_rgb(pixels, self.compress_level or 0, icc_profile)
         if self.format is TileFormat.JPEG:
-            return imagecodecs.jpeg8_encode(pixels, level=self.quality)
+            data = imagecodecs.jpeg8_encode(pixels, level=self.quality)
+            return jpeg_with_profile(data, icc_profile) if icc_profile else data
         if isinstance(image, np.ndarray):
             image = Image.fromarray(image)
         buf = io.BytesIO()
+        extra = {"icc_profile": icc_profile} if icc_profile else {}
         if self.lossless:
-            image.save(buf, "WEBP", lossless=True, quality=0, method=0, exact=True)
+            image.save(buf, "WEBP", lossless=True, quality=0, method=0, exact=True, **extra)
         else:
-            image.save(buf, "WEBP", quality=self.quality, method=4)
+            image.save(buf, "WEBP", quality=self.quality, method=4, **extra)
         return buf.getvalue()
 
 

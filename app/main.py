@@ -20,7 +20,7 @@ from fastapi.staticfiles import StaticFiles
 from app import __version__
 from app.errors import install_handlers
 from app.middleware import HeadAsGet, TileFastPath
-from app.routes import api, deepzoom, web
+from app.routes import api, associated, deepzoom, web
 from app.settings import Settings, settings_from
 from app.slides import SlideRegistry, build_catalogue
 from app.tiles import TileService, default_render_threads
@@ -53,6 +53,7 @@ def create_app(settings: Settings) -> FastAPI:
                   description="DeepZoom tiles of whole-slide images read with OpenSlide.")
     install_handlers(app)
     app.include_router(deepzoom.router)
+    app.include_router(associated.router)
     app.include_router(api.router)
     app.include_router(web.router)
     osd = web.openseadragon_dir()

@@ -18,6 +18,8 @@ import zlib
 import imagecodecs
 import numpy as np
 
+from app.icc import png_iccp_chunk
+
 SIGNATURE = b"\x89PNG\r\n\x1a\n"
 FILTER_UP = 2
 
@@ -27,12 +29,14 @@ def _chunk(kind: bytes, data: bytes) -> bytes:
             + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
 
 
-def encode_rgb(pixels: np.ndarray, level: int = 1) -> bytes:
+def encode_rgb(pixels: np.ndarray, level: int = 1, icc_profile: bytes | None = None) -> bytes:
     """Encode an RGB image losslessly as PNG.
 
     Args:
         pixels: ``(height, width, 3)`` uint8 array.
         level: libdeflate compression level, 0 (stored) to 12 (smallest); 1 is fastest.
+        icc_profile: an ICC profile to embed as an ``iCCP`` chunk before ``IDAT`` (the chunk
+            is built once per profile, :func:`app.icc.png_iccp_chunk`), or None.
 
     Returns:
         The PNG file bytes.
@@ -50,4 +54,6 @@ def encode_rgb(pixels: np.ndarray, level: int = 1) -> bytes:
     np.subtract(rows[1:], rows[:-1], out=filtered[1:, 1:])  # modulo 256, as PNG defines
     idat = imagecodecs.deflate_encode(filtered.tobytes(), level=level)
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return SIGNATURE + _chunk(b"IHDR", header) + _chunk(b"IDAT", idat) + _chunk(b"IEND", b"")
+    iccp = png_iccp_chunk(icc_profile) if icc_profile else b""
+    return (SIGNATURE + _chunk(b"IHDR", header) + iccp + _chunk(b"IDAT", idat)
+            + _chunk(b"IEND", b""))

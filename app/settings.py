@@ -33,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from app import colour
 from app.errors import ConfigError
 from app.formats import TileFormat
 
@@ -94,6 +95,15 @@ class DeepZoomSettings(Section):
                     "DZI grid follows the slide's stored tiles (TileSize = stored tile size, "
                     "Overlap 0, LimitBounds only where the bounds origin is on the tile grid), "
                     "so stored JPEG tiles can be served as they are (TileFormat.Passthrough).")
+
+    ColorMode: colour.ColorMode = Field(
+        colour.ColorMode.EMBED, description="ICC handling (app.colour): embed, default, "
+        "absolute-colorimetric, perceptual, relative-colorimetric, saturation, ignore.")
+
+    @field_validator("ColorMode", mode="before")
+    @classmethod
+    def _parse_color_mode(cls, value: Any) -> Any:
+        return colour.ColorMode.parse(value) if isinstance(value, str) else value
 
     @field_validator("Geometry", mode="before")
     @classmethod
@@ -172,6 +182,23 @@ class ServerSettings(Section):
     RevalidateSeconds: float = Field(2.0, ge=0, description="How often a slide file is re-stat'ed.")
 
 
+class PrivacySettings(Section):
+    """``Privacy``: what is withheld from every route, listing and cache path (PHI switch)."""
+
+    HideAssociatedImages: bool = Field(
+        False, description="Withhold every associated image (label, macro, thumbnail).")
+    HideProperties: list[str] = Field(
+        default_factory=list, description="Property-name glob patterns to withhold "
+        "(case-insensitive), e.g. aperio.User, *.Filename, tiff.DateTime.")
+
+    @field_validator("HideProperties", mode="before")
+    @classmethod
+    def _patterns(cls, value: Any) -> Any:
+        if isinstance(value, str):  # one pattern or a comma-separated list (environment)
+            return [p.strip() for p in value.split(",") if p.strip()]
+        return value
+
+
 class Settings(BaseSettings):
     """The whole configuration; attribute names are the appsettings.json keys."""
 
@@ -185,6 +212,7 @@ class Settings(BaseSettings):
     DeepZoom: DeepZoomSettings = Field(default_factory=DeepZoomSettings)
     TileFormat: TileFormatSettings = Field(default_factory=TileFormatSettings)
     Server: ServerSettings = Field(default_factory=ServerSettings)
+    Privacy: PrivacySettings = Field(default_factory=PrivacySettings)
     DemoDirectory: str = "./data"
 
     @model_validator(mode="before")

@@ -25,7 +25,8 @@ import anyio
 import openslide
 from anyio import CapacityLimiter
 
-from app.deepzoom import SlidePyramid, pyramid_geometry
+from app.colour import ColorTransform
+from app.deepzoom import ImageSource, SlidePyramid, pyramid_geometry
 from app.errors import SlideNotFound, SlideOpenError
 from app.native import DecodedTileCache, NativeReader
 from app.settings import Settings
@@ -63,7 +64,14 @@ class OpenSlide:
     identity: str
     signature: tuple[int, int, int]
     checked_at: float = field(default_factory=time.monotonic)
-    variants: dict = field(default_factory=dict)  # Encoding -> cache variant (app.cache)
+    variants: dict = field(default_factory=dict)  # (Encoding, scope) -> cache variant
+    source: ImageSource | None = None  # the slide's pyramid and colour transform
+    associated: dict[str, ImageSource] = field(default_factory=dict)  # opened on first use
+
+    @property
+    def color(self) -> ColorTransform | None:
+        """The slide's colour transform under ``DeepZoom.ColorMode``."""
+        return self.source.color if self.source is not None else None
 
     @property
     def name(self) -> str:
@@ -207,6 +215,7 @@ class SlideRegistry:
             geometry = pyramid_geometry(slide, deepzoom.TileSize, deepzoom.Overlap,
                                         deepzoom.LimitBounds, deepzoom.Geometry)
             pyramid = SlidePyramid(slide, *geometry, native)
+            color = ColorTransform.for_slide(slide, deepzoom.ColorMode)  # LittleCMS: OSError
         except (openslide.OpenSlideError, OSError, ValueError) as exc:
             message = str(exc) or type(exc).__name__
             raise SlideOpenError(f"OpenSlide cannot open {entry.path.name}: {message}",
@@ -216,4 +225,5 @@ class SlideRegistry:
         quickhash = slide.properties.get(openslide.PROPERTY_NAME_QUICKHASH1)
         identity = (f"quickhash-1:{quickhash}" if quickhash
                     else f"stat:{signature[0]}:{signature[1]}")
-        return OpenSlide(entry, slide, pyramid, identity, signature)
+        return OpenSlide(entry, slide, pyramid, identity, signature,
+                         source=ImageSource(pyramid, color))

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import openslide
 from fastapi import APIRouter
 
 from app import __version__
+from app.deepzoom import ImageSource, single_tile_level
 from app.dependencies import Registry, Tiles
 from app.errors import TileServerError
 from app.formats import TileFormat
@@ -18,15 +20,23 @@ router = APIRouter(prefix="/api", tags=["api"])
 MB = 1024 * 1024
 
 
-def dzi_url(name: str) -> str:
-    """The DZI URL of a slide: ``/image.dzi`` for the single slide, else under ``/storage``."""
+def dzi_url(name: str, associated: str | None = None) -> str:
+    """The DZI URL of a slide (``/image.dzi`` for the single slide, else under ``/storage``),
+    or of one of its associated images."""
+    if associated is not None:
+        base = "/image" if name == SINGLE_SLIDE_NAME else f"/storage/{name}"
+        return f"{base}/associated/{associated}.dzi"
     return "/image.dzi" if name == SINGLE_SLIDE_NAME else f"/storage/{name}.dzi"
 
 
-def describe_slide(tiles: TileService, handle: OpenSlide) -> dict[str, Any]:
-    """The ``/api/slides/{name}`` document: slide facts and, per DZI level, the policy."""
-    pyramid = handle.pyramid
-    slide = handle.slide
+def describe_levels(tiles: TileService, source: ImageSource) -> list[dict[str, Any]]:
+    """Per DZI level of a source: size, tiles, served encoding, lossless, slide level read.
+
+    ``lossless`` is true only where tiles decode to the slide's own pixels: a lossless format
+    and a colour mode that converts nothing.
+    """
+    pyramid = source.pyramid
+    color = source.color
     levels = []
     for level, ((width, height), (cols, rows)) in enumerate(
             zip(pyramid.level_dimensions, pyramid.level_tiles, strict=True)):
@@ -34,31 +44,73 @@ def describe_slide(tiles: TileService, handle: OpenSlide) -> dict[str, Any]:
         levels.append({
             "level": level, "width": width, "height": height, "cols": cols, "rows": rows,
             "tiles": cols * rows, "format": encoding.format.value,
-            "lossless": encoding.lossless, "quality": encoding.quality,
+            "lossless": encoding.lossless and not color.converts, "quality": encoding.quality,
+            "color_transform": color.name,
             "slide_level": pyramid.slide_levels[level],
             "original_tiles": (pyramid.original_count(level) if tiles.passthrough
                                and encoding.format is TileFormat.JPEG else 0),
         })
+    return levels
+
+
+def describe_associated(tiles: TileService, handle: OpenSlide) -> list[dict[str, Any]]:
+    """The associated images clients may see: name, size, DZI URL and a one-tile preview URL.
+
+    Sizes come from OpenSlide's ``openslide.associated.<name>.*`` properties: no image is read.
+    """
+    out = []
+    props = handle.slide.properties
+    tile_size = tiles.settings.DeepZoom.TileSize
+    ext = tiles.policy.declared.value
+    for name in tiles.privacy.associated_names(handle.slide.associated_images):
+        try:
+            width = int(props[f"openslide.associated.{name}.width"])
+            height = int(props[f"openslide.associated.{name}.height"])
+        except (KeyError, ValueError):
+            continue
+        dzi = dzi_url(handle.name, name)
+        level = single_tile_level(width, height, tile_size)
+        out.append({"name": name, "width": width, "height": height, "dzi_url": dzi,
+                    "preview_url": f"{dzi[:-4]}_files/{level}/0_0.{ext}",
+                    "viewer_url": f"/slide/{handle.name}/associated/{name}.html"})
+    return out
+
+
+def describe_slide(tiles: TileService, handle: OpenSlide) -> dict[str, Any]:
+    """The ``/api/slides/{name}`` document: slide facts and, per DZI level, the policy.
+
+    Properties ``Privacy.HideProperties`` withholds are absent, and so are the facts read from
+    them (vendor, mpp, quickhash); withheld associated images are not listed.
+    """
+    pyramid = handle.pyramid
+    slide = handle.slide
+    props = tiles.privacy.properties(slide.properties)
+    mpp = handle.mpp() if all(p in props for p in (
+        openslide.PROPERTY_NAME_MPP_X, openslide.PROPERTY_NAME_MPP_Y)) else None
     settings = tiles.settings
+    associated = describe_associated(tiles, handle)
     return {
         "name": handle.name,
-        "vendor": slide.properties.get("openslide.vendor"),
+        "vendor": props.get(openslide.PROPERTY_NAME_VENDOR),
         "dimensions": list(slide.dimensions),
-        "mpp": list(mpp) if (mpp := handle.mpp()) else None,
+        "mpp": list(mpp) if mpp else None,
         "slide_level_count": slide.level_count,
         "slide_level_dimensions": [list(d) for d in slide.level_dimensions],
         "slide_level_downsamples": list(slide.level_downsamples),
-        "associated_images": sorted(slide.associated_images),
-        "quickhash": slide.properties.get("openslide.quickhash-1"),
+        "associated_images": [item["name"] for item in associated],
+        "associated": associated,
+        "quickhash": props.get(openslide.PROPERTY_NAME_QUICKHASH1),
         "dzi_url": dzi_url(handle.name),
         "tile_size": pyramid.tile_size,
         "overlap": pyramid.overlap,
         "limit_bounds": pyramid.limit_bounds,
         "geometry": settings.DeepZoom.Geometry,
+        "color": handle.color.describe(),
         "declared_format": tiles.policy.declared.value,
         "level_count": pyramid.level_count,
         "tile_count": pyramid.tile_count,
-        "levels": levels,
+        "levels": describe_levels(tiles, handle.source),
+        "properties": props,
     }
 
 
@@ -88,6 +140,31 @@ async def images(registry: Registry, tiles: Tiles) -> list[dict[str, Any]]:
 async def slide(name: str, registry: Registry, tiles: Tiles) -> dict[str, Any]:
     """Dimensions, mpp, vendor, DZI levels with dimensions, tile counts and served format."""
     return describe_slide(tiles, await registry.get(name))
+
+
+@router.get("/slides/{name}/associated/{associated}",
+            summary="An associated image's pyramid and per-level format")
+async def associated_image(name: str, associated: str, registry: Registry,
+                           tiles: Tiles) -> dict[str, Any]:
+    """Dimensions, colour and DZI levels of one associated image (label, macro, thumbnail);
+    404 when the slide has none of that name or ``Privacy`` withholds it."""
+    handle = await registry.get(name)
+    source = await tiles.associated_source(handle, associated)
+    pyramid = source.pyramid
+    return {
+        "name": handle.name,
+        "associated": associated,
+        "dimensions": list(pyramid.level_dimensions[-1]),
+        "mpp": None,
+        "dzi_url": dzi_url(name, associated),
+        "tile_size": tiles.settings.DeepZoom.TileSize,
+        "overlap": tiles.settings.DeepZoom.Overlap,
+        "color": source.color.describe(),
+        "declared_format": tiles.policy.declared.value,
+        "level_count": pyramid.level_count,
+        "tile_count": pyramid.tile_count,
+        "levels": describe_levels(tiles, source),
+    }
 
 
 @router.get("/tiles/stats", summary="Disk cache totals")

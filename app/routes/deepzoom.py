@@ -55,12 +55,14 @@ def tile_headers(tile: Tile, cache_control: str, allow_origin: str) -> list[tupl
         (b"etag", tile.etag.encode()),
         (b"cache-control", cache_control.encode()),
         (b"x-tile-format", encoding.format.value.encode()),
-        (b"x-tile-lossless", b"true" if encoding.lossless else b"false"),
+        (b"x-tile-lossless", b"true" if tile.lossless else b"false"),
+        (b"x-tile-color-transform", tile.color_transform.encode()),
         (b"x-tile-cache", tile.cache.encode()),
         (b"x-tile-source", tile.source.encode()),
         (b"access-control-allow-origin", allow_origin.encode()),
         (b"access-control-expose-headers",
-         b"ETag, X-Tile-Format, X-Tile-Lossless, X-Tile-Cache, X-Tile-Source"),
+         b"ETag, X-Tile-Format, X-Tile-Lossless, X-Tile-Color-Transform, X-Tile-Cache, "
+         b"X-Tile-Source"),
     ]
     if tile.vary_accept:
         headers.append((b"vary", b"Accept"))
@@ -69,18 +71,21 @@ def tile_headers(tile: Tile, cache_control: str, allow_origin: str) -> list[tupl
 
 async def answer_tile(tiles: TileService, name: str, level: str, tile: str,
                       query_format: str | None, accept: str | None,
-                      if_none_match: str | None) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+                      if_none_match: str | None, associated: str | None = None,
+                      ) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
     """Serve one tile URL: ``(status, raw headers, body)``; 304 when ``If-None-Match`` matches.
 
     Used by the FastAPI routes below and by :class:`app.middleware.TileFastPath`, which answers
-    the same URLs without FastAPI's per-request machinery.
+    the same URLs without FastAPI's per-request machinery; ``associated`` names an associated
+    image of the slide (:mod:`app.routes.associated`).
 
     Raises:
         TileServerError: every 4xx/5xx case (mapped by :mod:`app.errors`).
     """
     t_level, col, row, ext = parse_address(level, tile)
     result = await tiles.get_tile(name, t_level, col, row, extension=ext,
-                                  query_format=query_format, accept=accept)
+                                  query_format=query_format, accept=accept,
+                                  associated=associated)
     server = tiles.settings.Server
     headers = tile_headers(result, server.CacheControl, server.AccessControlAllowOrigin)
     if etag_matches(if_none_match, result.etag):
@@ -106,10 +111,10 @@ def etag_matches(if_none_match: str | None, etag: str) -> bool:
 
 
 async def _tile(request: Request, tiles: TileService, name: str, level: str, tile: str,
-                format: str | None) -> Response:
+                format: str | None, associated: str | None = None) -> Response:
     status, headers, body = await answer_tile(
         tiles, name, level, tile, format, request.headers.get("accept"),
-        request.headers.get("if-none-match"))
+        request.headers.get("if-none-match"), associated)
     response = Response(body, status_code=status)
     response.raw_headers = headers
     return response

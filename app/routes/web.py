@@ -34,12 +34,14 @@ def openseadragon_dir() -> Path | None:
     return None
 
 
-def viewer_page(name: str, index_url: str) -> str:
-    """The viewer page of one slide, with its DZI and API URLs filled in."""
+def viewer_page(name: str, index_url: str, associated: str | None = None) -> str:
+    """The viewer page of one slide, or of one of its associated images, with its DZI and
+    API URLs filled in."""
+    api_url = f"/api/slides/{name}"
     values = {
-        "{{TITLE}}": name,
-        "{{DZI_URL}}": dzi_url(name),
-        "{{API_URL}}": f"/api/slides/{name}",
+        "{{TITLE}}": name if associated is None else f"{name} \u00b7 {associated}",
+        "{{DZI_URL}}": dzi_url(name, associated),
+        "{{API_URL}}": api_url if associated is None else f"{api_url}/associated/{associated}",
         "{{INDEX_URL}}": index_url,
     }
     page = template("viewer.html")

@@ -9,6 +9,7 @@
  *   window.viewer     the OpenSeadragon viewer
  *   window.tileStats  {loaded, failed} counted from tile-loaded / tile-load-failed
  *   window.slideInfo  the API JSON once loaded (null before)
+ *   window.scaleBar   {microns, pixels} of the scale bar last drawn (null without mpp)
  */
 (function () {
   'use strict';
@@ -83,6 +84,80 @@
   ['open', 'animation', 'animation-finish', 'resize', 'zoom'].forEach(function (name) {
     viewer.addHandler(name, scheduleUpdate);
   });
+
+  // ---------------------------------------------------------------- scale bar
+
+  /*
+   * A scale bar from the slide's mpp (microns per level-0 pixel): the longest "round" length
+   * (1, 2 or 5 x 10^n um) that fits in SCALE_MAX_PX CSS pixels at the current zoom. No
+   * maintained OpenSeadragon scale-bar plugin is published on npm, hence these few lines.
+   */
+  var SCALE_MAX_PX = 160;
+  var scaleBar = document.getElementById('scale-bar');
+  var scaleLabel = scaleBar.querySelector('.scale-bar-label');
+  window.scaleBar = null;
+
+  function niceLength(maxMicrons) {
+    var power = Math.pow(10, Math.floor(Math.log10(maxMicrons)));
+    var steps = [5, 2, 1];
+    for (var i = 0; i < steps.length; i++) {
+      if (steps[i] * power <= maxMicrons) {
+        return steps[i] * power;
+      }
+    }
+    return power;
+  }
+
+  function lengthLabel(microns) {
+    if (microns >= 1000) {
+      return (microns / 1000) + ' mm';
+    }
+    return (microns >= 1 ? microns : microns.toPrecision(1)) + ' \u00b5m';
+  }
+
+  function updateScaleBar() {
+    var info = window.slideInfo;
+    var item = viewer.world.getItemAt(0);
+    if (!info || !info.mpp || !info.mpp[0] || !item) {
+      scaleBar.hidden = true;
+      window.scaleBar = null;
+      return;
+    }
+    // CSS pixels on screen per level-0 pixel of the slide.
+    var zoom = item.viewportToImageZoom(viewer.viewport.getZoom(true));
+    var micronsPerPx = info.mpp[0] / zoom;
+    var microns = niceLength(SCALE_MAX_PX * micronsPerPx);
+    var pixels = microns / micronsPerPx;
+    scaleBar.style.width = pixels.toFixed(1) + 'px';
+    scaleLabel.textContent = lengthLabel(microns);
+    scaleBar.hidden = false;
+    window.scaleBar = { microns: microns, pixels: pixels };
+  }
+
+  // ---------------------------------------------------------------- associated images
+
+  function renderAssociated(info) {
+    var items = info.associated || [];
+    var section = document.getElementById('associated');
+    var list = document.getElementById('associated-list');
+    list.textContent = '';
+    items.forEach(function (item) {
+      var link = el('a');
+      link.href = item.viewer_url;
+      link.title = item.name + ' (' + fmt(item.width) + ' \u00d7 ' + fmt(item.height) + ' px)';
+      link.setAttribute('data-associated', item.name);
+      var img = el('img');
+      img.src = item.preview_url;
+      img.alt = item.name;
+      img.loading = 'lazy';
+      link.appendChild(img);
+      link.appendChild(el('span', null, item.name));
+      var li = el('li');
+      li.appendChild(link);
+      list.appendChild(li);
+    });
+    section.hidden = items.length === 0;
+  }
 
   // ---------------------------------------------------------------- legend
 
@@ -163,6 +238,13 @@
       addMeta('Tiles', info.tile_size + ' px, overlap ' + (info.overlap || 0) +
         (info.declared_format ? ', DZI ' + formatLabel(info.declared_format) : ''));
     }
+    if (info.color) {
+      var color = info.color;
+      var icc = color.icc_profile ? 'ICC \u201c' + color.icc_profile.description + '\u201d'
+        : 'no ICC profile';
+      addMeta('Colour', color.mode + (color.transform !== 'none' ? ' \u2192 ' + color.transform : '') +
+        ', ' + icc);
+    }
     var lossless = levels.filter(function (l) { return l.lossless; }).length;
     addMeta('Levels', (info.level_count !== undefined ? info.level_count : levels.length) +
       (lossless ? ' (' + lossless + ' lossless)' : ''));
@@ -225,6 +307,7 @@
   }
 
   function updateCurrentLevel() {
+    updateScaleBar();
     var shown = displayedLevel();
     if (!shown) {
       return;
@@ -276,6 +359,7 @@
       .then(function (info) {
         window.slideInfo = info;
         renderLegend(info);
+        renderAssociated(info);
       })
       .catch(function (err) {
         renderLegendError('Slide info unavailable (' + err.message + ').');

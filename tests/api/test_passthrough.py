@@ -21,6 +21,7 @@ from openslide.deepzoom import DeepZoomGenerator
 from PIL import Image
 
 from app.demo import write_aperio_svs, write_generic_tiff
+from app.icc import rgb_matrix_profile
 from app.native import ADOBE_RGB, JFIF, complete_jpeg
 from tests.conftest import decode
 
@@ -221,3 +222,29 @@ def test_original_from_disk_and_from_page_cache_are_equal(client_for, tmp_path):
     slide = openslide.OpenSlide(path)
     theirs = np.asarray(slide.read_region((480, 480), 0, (240, 240)))[..., :3]
     assert np.array_equal(decode(from_disk.content), theirs)
+
+
+def test_colour_modes_and_original_tiles(client_for, tmp_path):
+    """``embed``: the original tile carries the slide's profile (APP2) and its scan is still
+    the stored one; a converting mode changes pixels, so its tiles are rendered."""
+    profile = rgb_matrix_profile("wide-gamut scanner (passthrough test)",
+                                 ((0.70, 0.29), (0.17, 0.79), (0.13, 0.05)), (0.3127, 0.3290), 2.2)
+    path = write_aperio_svs(tmp_path / "icc.svs", 2000, 1500, seed=7, icc_profile=profile)
+    url = "/storage/s_files/11/2_1.jpeg?format=jpeg"
+    stored = _stored_tile(path, (2000, 1500), 1 * 9 + 2)
+    embed = client_for(Images=[{"Name": "s", "Path": str(path)}], DeepZoom=ALIGNED)
+    got = embed.get(url)
+    assert got.headers["x-tile-source"] == "original"
+    assert got.headers["x-tile-color-transform"] == "none"
+    assert got.content.endswith(stored[2:])
+    with Image.open(io.BytesIO(got.content)) as im:
+        assert im.info["icc_profile"] == profile
+    slide = openslide.OpenSlide(path)
+    theirs = np.asarray(slide.read_region((480, 240), 0, (240, 240)))[..., :3]
+    assert np.array_equal(decode(got.content), theirs)
+    converting = client_for(Images=[{"Name": "s", "Path": str(path)}],
+                            DeepZoom={**ALIGNED, "ColorMode": "perceptual"},
+                            TileCachePath=str(tmp_path / "c2"))
+    got = converting.get(url)
+    assert got.headers["x-tile-source"] == "rendered"
+    assert got.headers["x-tile-color-transform"] == "srgb-perceptual"

@@ -82,6 +82,13 @@ class PageLog:
             f"failed requests: {self.failed_requests}"
         )
 
+    def on_request_failed(self, request) -> None:
+        """Record failed requests, except tile loads the viewer itself cancelled: OpenSeadragon
+        aborts the image jobs of tiles it no longer needs after a zoom (``net::ERR_ABORTED``)."""
+        if request.failure == "net::ERR_ABORTED" and "_files/" in request.url:
+            return
+        self.failed_requests.append(f"{request.failure} {request.url}")
+
     def assert_clean(self) -> None:
         """Fail on any console error, uncaught page error or failed request."""
         assert not self.console_errors, self.summary()
@@ -111,7 +118,7 @@ def page_and_log(browser: Browser) -> Iterator[tuple[Page, PageLog]]:
     page.on("console", log.on_console)
     page.on("pageerror", lambda error: log.page_errors.append(str(error)))
     page.on("response", log.on_response)
-    page.on("requestfailed", lambda req: log.failed_requests.append(f"{req.failure} {req.url}"))
+    page.on("requestfailed", log.on_request_failed)
     try:
         yield page, log
     finally:
@@ -276,4 +283,56 @@ def test_index_lists_slides_with_links(live_server, page_and_log) -> None:
     links.nth(paths.index(target)).click()
     page.wait_for_url(lambda url: unquote(urlsplit(url).path) == target)
     page.wait_for_function("() => window.tileStats && window.tileStats.loaded >= 1")
+    log.assert_clean()
+
+
+def test_viewer_shows_associated_images_and_a_scale_bar(live_server, page_and_log) -> None:
+    """The legend links label, macro and thumbnail, each opening its own DZI viewer, and a
+    scale bar computed from mpp follows the zoom."""
+    page, log = page_and_log
+    page.goto(_slide_url(live_server.base_url, "generated"), wait_until="load")
+    _wait_for_viewer(page, log)
+    links = page.locator("#associated-list a")
+    names = links.evaluate_all("as => as.map(a => a.dataset.associated)")
+    assert names == ["label", "macro", "thumbnail"]
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('#associated-list img')]"
+        ".every(i => i.complete && i.naturalWidth > 0)")
+
+    def scale() -> dict:
+        return page.evaluate("""() => {
+            const item = window.viewer.world.getItemAt(0);
+            const zoom = item.viewportToImageZoom(window.viewer.viewport.getZoom(true));
+            const bar = document.getElementById('scale-bar');
+            return {...window.scaleBar, zoom, mpp: window.slideInfo.mpp[0],
+                    width: bar.getBoundingClientRect().width, hidden: bar.hidden,
+                    label: bar.textContent.trim()};
+        }""")
+
+    before = scale()
+    assert not before["hidden"]
+    # the bar's on-screen length is the length it names, at this zoom
+    assert before["width"] == pytest.approx(before["pixels"], abs=1)
+    assert before["microns"] == pytest.approx(
+        before["pixels"] * before["mpp"] / before["zoom"], rel=1e-6)
+    assert 60 <= before["pixels"] <= 160
+    assert before["label"] in (f"{before['microns'] / 1000:g} mm", f"{before['microns']:g} µm")
+    page.evaluate(
+        "() => { const vp = window.viewer.viewport; vp.zoomTo(vp.getMaxZoom(), null, true); }")
+    _next_frames(page)
+    after = scale()
+    assert after["microns"] < before["microns"] / 4
+
+    links.nth(0).click()
+    page.wait_for_url("**/slide/generated/associated/label.html")
+    page.wait_for_function("() => window.tileStats && window.tileStats.loaded >= 1"
+                           " && window.slideInfo !== null")
+    page.wait_for_function("() => window.viewer.world.getItemAt(0)"
+                           " && window.viewer.world.getItemAt(0).getFullyLoaded()")
+    info = page.evaluate("() => window.slideInfo")
+    assert info["associated"] == "label" and info["dimensions"] == [400, 460]
+    assert page.evaluate("() => document.getElementById('scale-bar').hidden")  # no mpp
+    canvas = _canvas_image(page)
+    print(_assert_not_blank(canvas, _background_rgb(page)))
+    assert page.evaluate("() => window.tileStats.failed") == 0
     log.assert_clean()
