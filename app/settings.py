@@ -34,7 +34,7 @@ from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from app.errors import ConfigError
-from app.formats import TileFormat
+from app.formats import AVIF_LOSSLESS_MEASUREMENT, TileFormat
 
 ENVIRONMENT_VARIABLE = "TILESERVER_ENVIRONMENT"
 
@@ -101,11 +101,22 @@ class TileFormatSettings(Section):
     PngCompressLevel: int = Field(1, ge=0, le=12,
                                   description="libdeflate level: 0 stored, 1 fastest, 12 smallest.")
     AllowFormatOverride: bool = True
+    AvifQuality: int = Field(70, ge=1, le=100, description="libavif quality of AVIF tiles.")
+    EnforceLossless: bool = Field(False, description="No override downgrades a lossless level.")
 
     @field_validator("Default", "LosslessFormat", mode="before")
     @classmethod
     def _parse_format(cls, value: Any) -> Any:
         return TileFormat.parse(value) if isinstance(value, str) else value
+
+    @field_validator("LosslessFormat")
+    @classmethod
+    def _avif_is_not_lossless(cls, value: TileFormat) -> TileFormat:
+        if value is TileFormat.AVIF:
+            raise ValueError(
+                f"AVIF is not bit-exact: {AVIF_LOSSLESS_MEASUREMENT}; it is served as a lossy "
+                "format only (TileFormat:Default or ?format=avif); use png or webp")
+        return value
 
     @model_validator(mode="after")
     def _lossless_format_is_lossless(self) -> TileFormatSettings:
@@ -158,6 +169,17 @@ class ServerSettings(Section):
     RevalidateSeconds: float = Field(2.0, ge=0, description="How often a slide file is re-stat'ed.")
 
 
+class AuditSettings(Section):
+    """``Audit``: the JSON-lines audit log of tile requests (see app.audit)."""
+
+    Enabled: bool = False
+    Path: str = Field("./audit/tiles.jsonl", min_length=1,
+                      description="The log file; rotated files get .1, .2, ... appended.")
+    MaxBytes: int = Field(100 * 1024 * 1024, ge=0,
+                          description="Rotate when the file reaches this size; 0 never rotates.")
+    BackupCount: int = Field(10, ge=0, le=10000, description="Rotated files kept.")
+
+
 class Settings(BaseSettings):
     """The whole configuration; attribute names are the appsettings.json keys."""
 
@@ -172,6 +194,7 @@ class Settings(BaseSettings):
     TileFormat: TileFormatSettings = Field(default_factory=TileFormatSettings)
     Server: ServerSettings = Field(default_factory=ServerSettings)
     DemoDirectory: str = "./data"
+    Audit: AuditSettings = Field(default_factory=AuditSettings)
 
     @model_validator(mode="before")
     @classmethod

@@ -9,6 +9,7 @@ before it is returned; a tile that failed is never cached.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import logging
 import os
@@ -28,6 +29,35 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
+class TileDigest:
+    """What one SHA-256 of a tile's bytes gives; computed once per tile (when it is rendered
+    or read from disk) and kept beside the bytes in the memory cache.
+
+    Attributes:
+        sha256: 64 hex digits (the audit log's ``sha256``; ``sha256sum`` prints the same).
+        etag: strong ETag, quoted: the first 32 of those hex digits.
+        content_digest: the RFC 9530 field value ``sha-256=:<base64 of the 32 bytes>:``.
+    """
+
+    sha256: str
+    etag: str
+    content_digest: str
+
+
+def digest_of(data: bytes) -> TileDigest:
+    """SHA-256 of tile bytes as hex, ETag and RFC 9530 ``Content-Digest`` value."""
+    digest = hashlib.sha256(data).digest()
+    hexdigest = digest.hex()
+    return TileDigest(hexdigest, '"' + hexdigest[:32] + '"',
+                      "sha-256=:" + base64.b64encode(digest).decode("ascii") + ":")
+
+
+EMPTY_DIGEST = digest_of(b"")
+"""The digest of empty content: RFC 9530's ``Content-Digest`` of a HEAD response (its Appendix
+B.2), whose message has no content."""
+
+
+@dataclass(frozen=True, slots=True)
 class Tile:
     """An encoded tile and the facts its response headers state.
 
@@ -35,20 +65,24 @@ class Tile:
         data: the complete image file bytes.
         encoding: what the bytes are (format, lossless, quality).
         cache: ``hit`` (memory or disk) or ``miss`` (rendered for this request).
-        etag: strong ETag, quoted: the first 32 hex digits of the bytes' SHA-256.
+        digest: SHA-256 of ``data`` with the ETag and Content-Digest made from it.
         vary_accept: the choice depended on ``Accept``.
+        identity: the slide's identity (``quickhash-1:<hex>``, else ``stat:<size>:<mtime>``).
+        override_refused: ``EnforceLossless`` refused a lossy override on a lossless level.
     """
 
     data: bytes
     encoding: Encoding
     cache: str
-    etag: str
+    digest: TileDigest
     vary_accept: bool
+    identity: str = ""
+    override_refused: bool = False
 
-
-def etag_of(data: bytes) -> str:
-    """A strong ETag for tile bytes (quoted 128-bit SHA-256 prefix)."""
-    return '"' + hashlib.sha256(data).hexdigest()[:32] + '"'
+    @property
+    def etag(self) -> str:
+        """Strong ETag, quoted: the first 32 hex digits of the bytes' SHA-256."""
+        return self.digest.etag
 
 
 class TileService:
@@ -107,36 +141,38 @@ class TileService:
         key = self.key_for(handle, level, col, row, decision.encoding)
         cached = self.memory.get(key)
         if cached is not None:
-            return Tile(cached[0], decision.encoding, "hit", cached[1], decision.vary_accept)
-        data, etag, status = await self._flight.run(
-            key, lambda: self._load(handle, key, decision.encoding))
-        return Tile(data, decision.encoding, status, etag, decision.vary_accept)
+            data, digest, status = cached[0], cached[1], "hit"
+        else:
+            data, digest, status = await self._flight.run(
+                key, lambda: self._load(handle, key, decision.encoding))
+        return Tile(data, decision.encoding, status, digest, decision.vary_accept,
+                    handle.identity, decision.override_refused)
 
     async def _load(self, handle: OpenSlide, key: TileKey,
-                    encoding: Encoding) -> tuple[bytes, str, str]:
+                    encoding: Encoding) -> tuple[bytes, TileDigest, str]:
         """Disk cache, else render + encode + store, in ONE worker-thread hop.
 
         Returns:
-            ``(bytes, etag, hit|miss)``.
+            ``(bytes, digest, hit|miss)``.
         """
         try:
-            data, etag, status = await anyio.to_thread.run_sync(
+            data, digest, status = await anyio.to_thread.run_sync(
                 self._load_blocking, handle, key, encoding, limiter=self.render_limiter)
         except SlideReadError:
             self.registry.discard(handle.name, handle)
             raise
-        self.memory.put(key, data, etag)
-        return data, etag, status
+        self.memory.put(key, data, digest)
+        return data, digest, status
 
     def _load_blocking(self, handle: OpenSlide, key: TileKey,
-                       encoding: Encoding) -> tuple[bytes, str, str]:
+                       encoding: Encoding) -> tuple[bytes, TileDigest, str]:
         data = self.disk.read(key)
         status = "hit"
         if data is None:
             data = self._render(handle, key, encoding)
             self.disk.write(key, data)
             status = "miss"
-        return data, etag_of(data), status
+        return data, digest_of(data), status
 
     def _render(self, handle: OpenSlide, key: TileKey, encoding: Encoding) -> bytes:
         """Read and encode one tile (worker thread)."""

@@ -1,0 +1,284 @@
+"""The audit log: one JSON line per tile request, written off the event loop.
+
+Enabled by ``Audit.Enabled``; the file is ``Audit.Path``. Every tile request, whichever way it
+reaches the server (the pure-ASGI fast path of :mod:`app.middleware` or the FastAPI routes: both
+go through :func:`app.routes.deepzoom.answer_tile`), 200, 304, HEAD and errors alike, becomes one
+line::
+
+    {"time": "2026-01-02T03:04:05.678901Z", "pid": 4242, "client": "10.0.0.7",
+     "method": "GET", "path": "/storage/CMU-1_files/17/40_30.jpeg", "slide": "CMU-1",
+     "quickhash": "5b7f...", "identity": "quickhash-1:5b7f...", "level": 17, "col": 40,
+     "row": 30, "requested": {"extension": "jpeg", "format": null, "accept": "image/webp,*/*",
+     "if_none_match": null}, "served": {"format": "png", "lossless": true,
+     "override": null}, "cache": "hit", "status": 200, "bytes": 48213,
+     "sha256": "9f86d0...", "duration_ms": 0.412, "error": null}
+
+How lines are written: the event loop only appends a tuple to an unbounded
+:class:`queue.SimpleQueue` (no lost lines: a slow disk grows the queue, it never drops or blocks
+a request); one writer thread per process drains everything queued, formats it and appends it
+with ONE ``os.write`` on a file opened ``O_APPEND``. At shutdown :meth:`AuditLog.close` drains the
+queue, writes the rest and ``fsync``s.
+
+Several uvicorn workers share ONE file safely: each process appends whole batches of whole
+lines with single ``O_APPEND`` writes, which Linux performs atomically with respect to each
+other on a local file system (the inode lock is held for the whole write, and the offset is the
+end of file at that moment), so lines of different processes never interleave. Rotation is by
+size: the process that finds the file at ``Audit.MaxBytes`` or more takes an exclusive
+``flock`` on ``{Path}.lock``, re-checks that no other process rotated first, renames
+``{Path}.N-1`` -> ``{Path}.N`` ... ``{Path}`` -> ``{Path}.1`` (dropping ``{Path}.{BackupCount}``,
+as :class:`logging.handlers.RotatingFileHandler` names them) and reopens. The other processes
+see that the path's inode changed before their next batch and reopen too; a batch they wrote in
+between lands at the end of ``{Path}.1``: never lost. (The stdlib's RotatingFileHandler is not
+used because two processes rotating the same file with it lose lines.) Not for NFS, where
+``O_APPEND`` is not atomic.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from app.settings import AuditSettings
+
+log = logging.getLogger(__name__)
+
+BATCH_LINES = 8192
+"""Most lines one ``os.write`` carries (a batch is a few MB at most)."""
+
+_STOP = object()
+
+FIELDS = ("time", "pid", "client", "method", "path", "slide", "quickhash", "identity", "level",
+          "col", "row", "requested", "served", "cache", "status", "bytes", "sha256",
+          "duration_ms", "error")
+"""The keys of every line, in order."""
+
+
+@dataclass(frozen=True, slots=True)
+class TileRequestRecord:
+    """One tile request as the audit log records it (built on the event loop; cheap).
+
+    Attributes:
+        time: ``time.time()`` when the request arrived (UTC seconds since the epoch).
+        client: the client's address (``scope["client"]`` host: uvicorn's proxy-headers
+            handling applies), or None.
+        method: ``GET`` or ``HEAD``.
+        path: the URL path and query string.
+        slide: the slide name of the URL.
+        identity: the slide identity (``quickhash-1:<hex>`` or ``stat:<size>:<mtime>``), or
+            None when the slide was not opened (unknown name, open error).
+        level, col, row: the DZI address, or None where the URL did not parse.
+        extension, query_format, accept, if_none_match: what was requested.
+        served_format, lossless, override: what was served (None on errors); ``override`` is
+            ``refused`` when ``EnforceLossless`` refused a lossy override.
+        cache: ``hit``, ``miss``, or None on errors.
+        status: the HTTP status.
+        body_bytes: body bytes sent (0 for HEAD and 304), None on errors.
+        sha256: hex SHA-256 of the tile (also for HEAD and 304), None on errors.
+        duration_s: seconds from arrival to the response being ready.
+        error: the error code (``tile_not_found``, ...) or None.
+    """
+
+    time: float
+    client: str | None
+    method: str
+    path: str
+    slide: str
+    identity: str | None
+    level: int | None
+    col: int | None
+    row: int | None
+    extension: str | None
+    query_format: str | None
+    accept: str | None
+    if_none_match: str | None
+    served_format: str | None
+    lossless: bool | None
+    override: str | None
+    cache: str | None
+    status: int
+    body_bytes: int | None
+    sha256: str | None
+    duration_s: float
+    error: str | None
+
+    def to_json(self, pid: int) -> dict[str, Any]:
+        """The JSON object of the line (keys in :data:`FIELDS` order)."""
+        identity = self.identity
+        quickhash = (identity.removeprefix("quickhash-1:")
+                     if identity and identity.startswith("quickhash-1:") else None)
+        return {
+            "time": _utc(self.time), "pid": pid, "client": self.client, "method": self.method,
+            "path": self.path, "slide": self.slide, "quickhash": quickhash,
+            "identity": identity, "level": self.level, "col": self.col, "row": self.row,
+            "requested": {"extension": self.extension, "format": self.query_format,
+                          "accept": self.accept, "if_none_match": self.if_none_match},
+            "served": (None if self.served_format is None else
+                       {"format": self.served_format, "lossless": self.lossless,
+                        "override": self.override}),
+            "cache": self.cache, "status": self.status, "bytes": self.body_bytes,
+            "sha256": self.sha256, "duration_ms": round(self.duration_s * 1000, 3),
+            "error": self.error,
+        }
+
+
+def _utc(t: float) -> str:
+    """``2026-01-02T03:04:05.678901Z`` for epoch seconds ``t``."""
+    seconds = int(t)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + \
+        f".{int((t - seconds) * 1_000_000):06d}Z"
+
+
+class AuditLog:
+    """The audit log of one process: a queue on the event-loop side, a writer thread behind.
+
+    Args:
+        settings: the ``Audit`` section (``Path``, ``MaxBytes``, ``BackupCount``).
+
+    :meth:`record` is the only method the event loop calls; :meth:`open` and :meth:`close`
+    block (file system, thread join): call them from a worker thread.
+    """
+
+    def __init__(self, settings: AuditSettings):
+        self.path = Path(settings.Path)
+        self.max_bytes = settings.MaxBytes
+        self.backup_count = settings.BackupCount
+        self.pid = os.getpid()
+        self.written = 0
+        """Lines written by this process so far."""
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._fd = -1
+        self._ino = -1
+        self._failed: str | None = None
+        self._pending: list[bytes] = []
+        self._pending_lines = 0
+
+    def open(self) -> None:
+        """Create the folder, open the file and start the writer thread. Blocking.
+
+        Raises:
+            OSError: the file cannot be opened (start-up then fails: an audit log that was
+                asked for and cannot be written is not silently skipped).
+        """
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._reopen()
+        self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
+        self._thread.start()
+
+    def record(self, entry: TileRequestRecord) -> None:
+        """Queue one line (event loop; never blocks, never drops)."""
+        self._queue.put(entry)
+
+    def close(self) -> None:
+        """Write everything queued, fsync and close. Blocking; idempotent."""
+        thread, self._thread = self._thread, None
+        if thread is None:
+            return
+        self._queue.put(_STOP)
+        thread.join()
+        if self._fd >= 0:
+            try:
+                os.fsync(self._fd)
+            except OSError:
+                pass
+            os.close(self._fd)
+            self._fd = -1
+        if self._pending_lines:
+            log.error("audit log %s: %d line(s) could not be written", self.path,
+                      self._pending_lines)
+
+    # ------------------------------------------------------------------ writer thread
+
+    def _run(self) -> None:
+        get, get_nowait = self._queue.get, self._queue.get_nowait
+        while True:
+            batch = [get()]
+            while len(batch) < BATCH_LINES:
+                try:
+                    batch.append(get_nowait())
+                except queue.Empty:
+                    break
+            stop = any(item is _STOP for item in batch)
+            lines = [json.dumps(item.to_json(self.pid), separators=(",", ":"),
+                                ensure_ascii=False)
+                     for item in batch if item is not _STOP]
+            if lines:
+                self._write(("\n".join(lines) + "\n").encode("utf-8"), len(lines))
+            if stop:
+                return
+
+    def _write(self, data: bytes, count: int) -> None:
+        """Append a batch; on a disk error keep it (and retry it before the next batch)."""
+        self._pending.append(data)
+        self._pending_lines += count
+        data = b"".join(self._pending)
+        written = 0
+        try:
+            self._follow_rotation()
+            size = os.fstat(self._fd).st_size
+            if self.max_bytes and self.backup_count and size \
+                    and size + len(data) > self.max_bytes:
+                self._rotate()
+            view = memoryview(data)
+            while written < len(data):
+                written += os.write(self._fd, view[written:])
+        except OSError as exc:
+            self._pending = [data[written:]] if written < len(data) else []
+            if self._failed != exc.strerror:
+                self._failed = exc.strerror
+                log.error("audit log %s: cannot write (%s); %d line(s) kept in memory and "
+                          "retried", self.path, exc.strerror, self._pending_lines)
+            return
+        self.written += self._pending_lines
+        self._pending, self._pending_lines = [], 0
+        if self._failed:
+            log.warning("audit log %s is writable again", self.path)
+            self._failed = None
+
+    def _reopen(self) -> None:
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+        if self._fd >= 0:
+            os.close(self._fd)
+        self._fd, self._ino = fd, os.fstat(fd).st_ino
+
+    def _follow_rotation(self) -> None:
+        """Reopen if another process rotated (the path names another inode, or none)."""
+        try:
+            same = os.stat(self.path).st_ino == self._ino
+        except FileNotFoundError:
+            same = False
+        if not same:
+            self._reopen()
+
+    def _rotate(self) -> None:
+        lock_path = f"{self.path}.lock"
+        with open(lock_path, "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                st = os.stat(self.path)
+            except FileNotFoundError:
+                st = None
+            if st is not None and st.st_ino == self._ino:  # nobody rotated it first
+                for n in range(self.backup_count - 1, 0, -1):
+                    older = f"{self.path}.{n}"
+                    if os.path.exists(older):
+                        os.replace(older, f"{self.path}.{n + 1}")
+                os.replace(self.path, f"{self.path}.1")
+            self._reopen()
+
+
+def audit_files(path: str | Path) -> list[Path]:
+    """The log and its rotated files, oldest first (``{Path}.N`` ... ``{Path}.1``, ``{Path}``)."""
+    base = Path(path)
+    rotated = sorted((p for p in base.parent.glob(base.name + ".*")
+                      if p.suffix[1:].isdigit()), key=lambda p: -int(p.suffix[1:]))
+    return [*rotated, *([base] if base.exists() else [])]
