@@ -9,6 +9,7 @@ from fastapi import APIRouter
 from app import __version__
 from app.dependencies import Registry, Tiles
 from app.errors import TileServerError
+from app.policy import SlidePolicy, level_policies, slide_policy
 from app.slides import SINGLE_SLIDE_NAME, OpenSlide
 from app.tiles import TileService
 
@@ -26,16 +27,7 @@ def describe_slide(tiles: TileService, handle: OpenSlide) -> dict[str, Any]:
     """The ``/api/slides/{name}`` document: slide facts and, per DZI level, the policy."""
     pyramid = handle.pyramid
     slide = handle.slide
-    levels = []
-    for level, ((width, height), (cols, rows)) in enumerate(
-            zip(pyramid.level_dimensions, pyramid.level_tiles, strict=True)):
-        encoding = tiles.policy.level_encoding(level, pyramid.level_count)
-        levels.append({
-            "level": level, "width": width, "height": height, "cols": cols, "rows": rows,
-            "tiles": cols * rows, "format": encoding.format.value,
-            "lossless": encoding.lossless, "quality": encoding.quality,
-            "slide_level": pyramid.slide_levels[level],
-        })
+    levels = [lv.model_dump() for lv in level_policies(tiles, handle)]
     settings = tiles.settings
     return {
         "name": handle.name,
@@ -84,6 +76,16 @@ async def images(registry: Registry, tiles: Tiles) -> list[dict[str, Any]]:
 async def slide(name: str, registry: Registry, tiles: Tiles) -> dict[str, Any]:
     """Dimensions, mpp, vendor, DZI levels with dimensions, tile counts and served format."""
     return describe_slide(tiles, await registry.get(name))
+
+
+@router.get("/slides/{name}/policy", summary="A slide's per-level format policy",
+            response_model=SlidePolicy)
+async def policy(name: str, registry: Registry, tiles: Tiles) -> SlidePolicy:
+    """Per DZI level: dimensions, tile count, format, lossless, the slide level read from.
+
+    The single slide (``Image.Path``) is ``/api/slides/image/policy``.
+    """
+    return slide_policy(tiles, await registry.get(name))
 
 
 @router.get("/tiles/stats", summary="Disk cache totals")
