@@ -160,7 +160,6 @@ class AuditLog:
         self._ino = -1
         self._failed: str | None = None
         self._pending: list[bytes] = []
-        self._pending_lines = 0
 
     def open(self) -> None:
         """Create the folder, open the file and start the writer thread. Blocking.
@@ -192,9 +191,9 @@ class AuditLog:
                 pass
             os.close(self._fd)
             self._fd = -1
-        if self._pending_lines:
+        if self._pending:
             log.error("audit log %s: %d line(s) could not be written", self.path,
-                      self._pending_lines)
+                      len(self._pending))
 
     # ------------------------------------------------------------------ writer thread
 
@@ -208,41 +207,52 @@ class AuditLog:
                 except queue.Empty:
                     break
             stop = any(item is _STOP for item in batch)
-            lines = [json.dumps(item.to_json(self.pid), separators=(",", ":"),
-                                ensure_ascii=False)
+            lines = [(json.dumps(item.to_json(self.pid), separators=(",", ":"),
+                                 ensure_ascii=False) + "\n").encode("utf-8")
                      for item in batch if item is not _STOP]
             if lines:
-                self._write(("\n".join(lines) + "\n").encode("utf-8"), len(lines))
+                self._write(lines)
             if stop:
                 return
 
-    def _write(self, data: bytes, count: int) -> None:
-        """Append a batch; on a disk error keep it (and retry it before the next batch)."""
-        self._pending.append(data)
-        self._pending_lines += count
-        data = b"".join(self._pending)
-        written = 0
+    def _write(self, lines: list[bytes]) -> None:
+        """Append lines (each ending in ``\\n``) in as few ``os.write`` calls as fit the size
+        limit; rotate between them. On a disk error keep the unwritten lines and retry them
+        before the next batch."""
+        self._pending += lines
         try:
-            self._follow_rotation()
-            size = os.fstat(self._fd).st_size
-            if self.max_bytes and self.backup_count and size \
-                    and size + len(data) > self.max_bytes:
-                self._rotate()
-            view = memoryview(data)
-            while written < len(data):
-                written += os.write(self._fd, view[written:])
+            while self._pending:
+                self._follow_rotation()
+                size = os.fstat(self._fd).st_size
+                room = self.max_bytes - size if self.rotating else 1 << 62
+                if size and len(self._pending[0]) > room:
+                    self._rotate()
+                    room = self.max_bytes
+                take = used = 0
+                for line in self._pending:
+                    if take and used + len(line) > room:
+                        break
+                    take, used = take + 1, used + len(line)
+                data = b"".join(self._pending[:take])
+                written = 0
+                while written < len(data):
+                    written += os.write(self._fd, memoryview(data)[written:])
+                del self._pending[:take]
+                self.written += take
         except OSError as exc:
-            self._pending = [data[written:]] if written < len(data) else []
             if self._failed != exc.strerror:
                 self._failed = exc.strerror
                 log.error("audit log %s: cannot write (%s); %d line(s) kept in memory and "
-                          "retried", self.path, exc.strerror, self._pending_lines)
+                          "retried", self.path, exc.strerror, len(self._pending))
             return
-        self.written += self._pending_lines
-        self._pending, self._pending_lines = [], 0
         if self._failed:
             log.warning("audit log %s is writable again", self.path)
             self._failed = None
+
+    @property
+    def rotating(self) -> bool:
+        """Whether the file rotates by size (``MaxBytes`` and ``BackupCount`` both > 0)."""
+        return bool(self.max_bytes and self.backup_count)
 
     def _reopen(self) -> None:
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
