@@ -15,9 +15,10 @@ line::
 
 How lines are written: the event loop only appends a tuple to an unbounded
 :class:`queue.SimpleQueue` (no lost lines: a slow disk grows the queue, it never drops or blocks
-a request); one writer thread per process drains everything queued, formats it and appends it
-with ONE ``os.write`` on a file opened ``O_APPEND``. At shutdown :meth:`AuditLog.close` drains the
-queue, writes the rest and ``fsync``s.
+a request); one writer thread per process wakes every :data:`FLUSH_SECONDS`, formats everything
+queued and appends it with as few ``os.write`` calls on a file opened ``O_APPEND`` as the size
+limit allows (one, between rotations). At shutdown :meth:`AuditLog.close` drains the queue,
+writes the rest and ``fsync``s.
 
 Several uvicorn workers share ONE file safely: each process appends whole batches of whole
 lines with single ``O_APPEND`` writes, which Linux performs atomically with respect to each
@@ -36,25 +37,24 @@ used because two processes rotating the same file with it lose lines.) Not for N
 from __future__ import annotations
 
 import fcntl
-import json
 import logging
 import os
 import queue
 import threading
 import time
-from dataclasses import dataclass
+from json.encoder import encode_basestring_ascii
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:
     from app.settings import AuditSettings
 
 log = logging.getLogger(__name__)
 
-BATCH_LINES = 8192
-"""Most lines one ``os.write`` carries (a batch is a few MB at most)."""
-
-_STOP = object()
+FLUSH_SECONDS = 0.05
+"""How often the writer thread wakes to write what was queued. Waking per line instead made
+the thread compete for the GIL with the event loop on every request (``make bench``, warm
+hits: 0.65x the throughput and p99 16 ms against 5 ms without the log)."""
 
 FIELDS = ("time", "pid", "client", "method", "path", "slide", "quickhash", "identity", "level",
           "col", "row", "requested", "served", "cache", "status", "bytes", "sha256",
@@ -62,9 +62,9 @@ FIELDS = ("time", "pid", "client", "method", "path", "slide", "quickhash", "iden
 """The keys of every line, in order."""
 
 
-@dataclass(frozen=True, slots=True)
-class TileRequestRecord:
-    """One tile request as the audit log records it (built on the event loop; cheap).
+class TileRequestRecord(NamedTuple):
+    """One tile request as the audit log records it (built on the event loop: a tuple, cheap;
+    formatted by the writer thread).
 
     Attributes:
         time: ``time.time()`` when the request arrived (UTC seconds since the epoch).
@@ -110,31 +110,51 @@ class TileRequestRecord:
     duration_s: float
     error: str | None
 
-    def to_json(self, pid: int) -> dict[str, Any]:
-        """The JSON object of the line (keys in :data:`FIELDS` order)."""
+    def to_line(self, pid: int) -> bytes:
+        """The JSON line (keys in :data:`FIELDS` order, ``\\n``-terminated, ASCII).
+
+        Written with an f-string and the json module's C string escaper: 4x faster than
+        ``json.dumps`` of a dict (2.1 against 9.4 us), which matters at 10,000 lines/s.
+        """
         identity = self.identity
-        quickhash = (identity.removeprefix("quickhash-1:")
-                     if identity and identity.startswith("quickhash-1:") else None)
-        return {
-            "time": _utc(self.time), "pid": pid, "client": self.client, "method": self.method,
-            "path": self.path, "slide": self.slide, "quickhash": quickhash,
-            "identity": identity, "level": self.level, "col": self.col, "row": self.row,
-            "requested": {"extension": self.extension, "format": self.query_format,
-                          "accept": self.accept, "if_none_match": self.if_none_match},
-            "served": (None if self.served_format is None else
-                       {"format": self.served_format, "lossless": self.lossless,
-                        "override": self.override}),
-            "cache": self.cache, "status": self.status, "bytes": self.body_bytes,
-            "sha256": self.sha256, "duration_ms": round(self.duration_s * 1000, 3),
-            "error": self.error,
-        }
+        quickhash = (identity[12:] if identity and identity.startswith("quickhash-1:")
+                     else None)
+        served = ("null" if self.served_format is None else
+                  f'{{"format":{_s(self.served_format)},"lossless":{_b(self.lossless)},'
+                  f'"override":{_s(self.override)}}}')
+        return (
+            f'{{"time":"{_utc(self.time)}","pid":{pid},"client":{_s(self.client)},'
+            f'"method":{_s(self.method)},"path":{_s(self.path)},"slide":{_s(self.slide)},'
+            f'"quickhash":{_s(quickhash)},"identity":{_s(identity)},"level":{_n(self.level)},'
+            f'"col":{_n(self.col)},"row":{_n(self.row)},"requested":{{"extension":'
+            f'{_s(self.extension)},"format":{_s(self.query_format)},"accept":{_s(self.accept)},'
+            f'"if_none_match":{_s(self.if_none_match)}}},"served":{served},'
+            f'"cache":{_s(self.cache)},"status":{self.status},"bytes":{_n(self.body_bytes)},'
+            f'"sha256":{_s(self.sha256)},"duration_ms":{round(self.duration_s * 1000, 3)!r},'
+            f'"error":{_s(self.error)}}}\n').encode("ascii")
+
+
+def _s(value: str | None) -> str:
+    return "null" if value is None else encode_basestring_ascii(value)
+
+
+def _n(value: int | None) -> str:
+    return "null" if value is None else str(int(value))
+
+
+def _b(value: bool | None) -> str:
+    return "null" if value is None else ("true" if value else "false")
+
+
+_SECOND = [-1, ""]
 
 
 def _utc(t: float) -> str:
-    """``2026-01-02T03:04:05.678901Z`` for epoch seconds ``t``."""
+    """``2026-01-02T03:04:05.678901Z`` for epoch seconds ``t`` (the second's text cached)."""
     seconds = int(t)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + \
-        f".{int((t - seconds) * 1_000_000):06d}Z"
+    if _SECOND[0] != seconds:
+        _SECOND[:] = [seconds, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))]
+    return f"{_SECOND[1]}.{int((t - seconds) * 1_000_000):06d}Z"
 
 
 class AuditLog:
@@ -155,6 +175,7 @@ class AuditLog:
         self.written = 0
         """Lines written by this process so far."""
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._fd = -1
         self._ino = -1
@@ -182,7 +203,7 @@ class AuditLog:
         thread, self._thread = self._thread, None
         if thread is None:
             return
-        self._queue.put(_STOP)
+        self._stop.set()
         thread.join()
         if self._fd >= 0:
             try:
@@ -198,22 +219,18 @@ class AuditLog:
     # ------------------------------------------------------------------ writer thread
 
     def _run(self) -> None:
-        get, get_nowait = self._queue.get, self._queue.get_nowait
-        while True:
-            batch = [get()]
-            while len(batch) < BATCH_LINES:
+        get_nowait = self._queue.get_nowait
+        stopping = False
+        while not stopping:
+            stopping = self._stop.wait(FLUSH_SECONDS)
+            lines = []
+            while True:
                 try:
-                    batch.append(get_nowait())
+                    lines.append(get_nowait().to_line(self.pid))
                 except queue.Empty:
                     break
-            stop = any(item is _STOP for item in batch)
-            lines = [(json.dumps(item.to_json(self.pid), separators=(",", ":"),
-                                 ensure_ascii=False) + "\n").encode("utf-8")
-                     for item in batch if item is not _STOP]
-            if lines:
+            if lines or self._pending:
                 self._write(lines)
-            if stop:
-                return
 
     def _write(self, lines: list[bytes]) -> None:
         """Append lines (each ending in ``\\n``) in as few ``os.write`` calls as fit the size

@@ -4,7 +4,7 @@ import json
 import multiprocessing
 import time
 
-from app.audit import AuditLog, TileRequestRecord, audit_files
+from app.audit import FIELDS, AuditLog, TileRequestRecord, audit_files
 from app.settings import AuditSettings
 
 LINES_PER_PROCESS = 3000
@@ -73,3 +73,20 @@ def test_a_full_disk_is_reported_and_never_blocks(caplog):
     assert log.written == 0
     assert "cannot write (No space left on device)" in caplog.text
     assert "3 line(s) could not be written" in caplog.text
+
+
+def test_lines_are_json_whatever_the_request_holds():
+    odd = TileRequestRecord(
+        1700000000.000123, None, "HEAD", '/storage/a"b\\c\u00e9\u2603\ud800_files/1/0_0.jpeg',
+        'a"b\\c\u00e9\u2603\ud800', None, None, None, None, None, "", "text/\x01\n\t", 'W/"x"',
+        None, None, None, None, 400, None, None, 1e-7, "bad_request")
+    line = odd.to_line(7)
+    assert line.endswith(b"\n") and line.count(b"\n") == 1 and line.isascii()
+    parsed = json.loads(line)
+    assert list(parsed) == list(FIELDS)
+    assert parsed["time"] == "2023-11-14T22:13:20.000123Z"
+    assert (parsed["path"], parsed["slide"]) == (odd.path, odd.slide)
+    assert parsed["requested"] == {"extension": None, "format": "", "accept": "text/\x01\n\t",
+                                   "if_none_match": 'W/"x"'}
+    assert parsed["served"] is None and parsed["level"] is None and parsed["client"] is None
+    assert parsed["duration_ms"] == 0.0 and parsed["error"] == "bad_request"
