@@ -192,3 +192,43 @@ def test_audit_log_rotates_without_losing_lines(generated_svs, tmp_path):
     lines = read_audit(log_path)
     assert [line["path"] for line in lines] == urls  # oldest file first, none lost
     assert not list(tmp_path.glob("tiles.jsonl.lock.*"))
+
+
+def test_fastapi_routes_and_fast_path_answer_and_audit_alike(generated_svs, tmp_path, top):
+    """The documented FastAPI tile routes (reached when the fast path is not installed) give
+    the same headers, bodies and audit lines as the fast path: both go through answer_tile."""
+    from app.middleware import TileFastPath
+
+    tile = f"/storage/g_files/{top}/0_1.jpeg"
+    urls = [("GET", tile), ("HEAD", tile),
+            ("GET", f"/storage/g_files/{top - 1}/0_0.png?format=jpeg"),
+            ("GET", "/storage/g_files/0/9_9.jpeg"), ("GET", "/storage/nosuch_files/0/0_0.jpeg")]
+    answers, logs = {}, {}
+    for variant in ("fast", "routes"):
+        log_path = tmp_path / variant / "audit.jsonl"
+        app = create_app(settings_from({
+            "Images": [{"Name": "g", "Path": str(generated_svs)}],
+            "TileCachePath": str(tmp_path / variant / "cache"),
+            "Audit": {"Enabled": True, "Path": str(log_path)}}))
+        if variant == "routes":
+            app.user_middleware = [m for m in app.user_middleware if m.cls is not TileFastPath]
+        with TestClient(app) as client:
+            answers[variant] = [client.request(method, url) for method, url in urls]
+        logs[variant] = read_audit(log_path)
+    for fast, route in zip(answers["fast"], answers["routes"], strict=True):
+        assert fast.status_code == route.status_code
+        skip = {"date", "server"}
+        if fast.status_code >= 400:  # the same JSON, spaced differently
+            assert fast.json() == route.json()
+            skip.add("content-length")
+        else:
+            assert fast.content == route.content
+        assert {k: v for k, v in fast.headers.items() if k not in skip} == {
+            k: v for k, v in route.headers.items() if k not in skip}
+    volatile = {"time", "pid", "duration_ms"}
+    assert len(logs["fast"]) == len(logs["routes"]) == len(urls)
+    for fast, route in zip(logs["fast"], logs["routes"], strict=True):
+        assert {k: v for k, v in fast.items() if k not in volatile} == {
+            k: v for k, v in route.items() if k not in volatile}
+    assert [line["status"] for line in logs["routes"]] == [200, 200, 200, 404, 404]
+    assert logs["routes"][1]["method"] == "HEAD"
