@@ -43,8 +43,8 @@ COPY --from=build /opt/venv /opt/venv
 COPY --from=viewer /build/node_modules/openseadragon/build/openseadragon \
      /app/node_modules/openseadragon/build/openseadragon
 COPY appsettings.json /app/appsettings.json
-RUN mkdir -p /app/tile_cache /data \
-    && chown tileserver:tileserver /app/tile_cache /data
+RUN mkdir -p /app/tile_cache /app/audit /data \
+    && chown tileserver:tileserver /app/tile_cache /app/audit /data
 
 USER 10001:10001
 EXPOSE 5000

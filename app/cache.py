@@ -21,6 +21,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +157,10 @@ class DiskTileCache:
 class MemoryTileCache:
     """A byte-bounded LRU of encoded tiles, per process. Event-loop only (not thread-safe).
 
+    Each tile is kept with its ``facts``: what the caller computed once from the bytes (the
+    tile service keeps its :class:`app.tiles.TileDigest`: SHA-256, ETag, Content-Digest), so
+    that a hit hashes nothing.
+
     Args:
         capacity: the most bytes of tile data it holds; 0 disables it.
     """
@@ -163,26 +168,27 @@ class MemoryTileCache:
     def __init__(self, capacity: int):
         self.capacity = capacity
         self.size = 0
-        self._items: OrderedDict[TileKey, tuple[bytes, str]] = OrderedDict()
+        self._items: OrderedDict[TileKey, tuple[bytes, Any]] = OrderedDict()
 
-    def get(self, key: TileKey) -> tuple[bytes, str] | None:
-        """``(bytes, etag)`` of the tile, marking it recently used; None if absent."""
+    def get(self, key: TileKey) -> tuple[bytes, Any] | None:
+        """``(bytes, facts)`` of the tile, marking it recently used; None if absent."""
         item = self._items.get(key)
         if item is not None:
             self._items.move_to_end(key)
         return item
 
-    def put(self, key: TileKey, data: bytes, etag: str) -> None:
-        """Insert a tile, evicting the least recently used ones beyond ``capacity``."""
+    def put(self, key: TileKey, data: bytes, facts: Any) -> None:
+        """Insert a tile and its facts, evicting the least recently used ones beyond
+        ``capacity``."""
         if len(data) > self.capacity:
             return
         old = self._items.pop(key, None)
         if old is not None:
             self.size -= len(old[0])
-        self._items[key] = (data, etag)
+        self._items[key] = (data, facts)
         self.size += len(data)
         while self.size > self.capacity:
-            _, (evicted, _etag) = self._items.popitem(last=False)
+            _, (evicted, _facts) = self._items.popitem(last=False)
             self.size -= len(evicted)
 
     def discard(self, slide: str | None = None) -> None:

@@ -4,6 +4,13 @@
 lossless). :class:`Encoding` is one concrete encoder configuration; its ``key`` enters the cache
 variant. :class:`FormatPolicy` is a pure function from (DZI level, level count, request) to the
 encoding to serve, following the rules of the README's "Format policy" section.
+
+AVIF is served as a lossy format only. Pillow's AVIF encoder has no lossless mode: it always
+converts RGB to YCbCr (no identity matrix coefficients), ignores ``lossless=True`` (the tile is then
+written at the default quality 75 with 4:2:0 chroma: a max error of 67 on wsidicom-data's 240 px
+H&E ``test_tile.png``), and even at quality 100 with 4:4:4 chroma that tile comes back with a max
+error of 2 in 59% of its samples. Measured with Pillow 13.0.0 (libavif); see
+:data:`AVIF_LOSSLESS_MEASUREMENT`.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ class TileFormat(StrEnum):
     JPEG = "jpeg"
     PNG = "png"
     WEBP = "webp"
+    AVIF = "avif"
 
     @classmethod
     def parse(cls, name: str) -> TileFormat:
@@ -46,7 +54,7 @@ class TileFormat(StrEnum):
             return cls(value)
         except ValueError:
             raise ValueError(
-                f"unknown tile format {name!r}; expected jpeg, jpg, png or webp") from None
+                f"unknown tile format {name!r}; expected jpeg, jpg, png, webp or avif") from None
 
     @property
     def media_type(self) -> str:
@@ -55,19 +63,35 @@ class TileFormat(StrEnum):
 
     @property
     def can_be_lossless(self) -> bool:
-        """True for formats with a bit-exact mode (PNG always, WebP in its lossless mode)."""
-        return self is not TileFormat.JPEG
+        """True for formats with a bit-exact mode (PNG always, WebP in its lossless mode).
+
+        JPEG and AVIF are lossy only (AVIF: see :data:`AVIF_LOSSLESS_MEASUREMENT`).
+        """
+        return self in (TileFormat.PNG, TileFormat.WEBP)
 
 
 _MEDIA_TYPES = {TileFormat.JPEG: "image/jpeg", TileFormat.PNG: "image/png",
-                TileFormat.WEBP: "image/webp"}
+                TileFormat.WEBP: "image/webp", TileFormat.AVIF: "image/avif"}
+
+AVIF_LOSSLESS_MEASUREMENT = (
+    "Pillow's AVIF encoder has no lossless mode: it converts RGB to YCbCr and ignores "
+    "lossless=True (max error 67 on wsidicom-data's 240 px H&E test tile; 2 even at quality 100 "
+    "with 4:4:4 chroma)"
+)
+"""Why AVIF cannot be ``TileFormat:LosslessFormat``: measured with Pillow 13.0.0 on
+``wsidicom_data/data/test_tile.png`` (``tests/unit/test_lossless.py`` measures it again)."""
+
+AVIF_SPEED = 10
+"""libavif encoder speed 0..10 used for AVIF tiles: 10 encodes a 256 px H&E tile in ~5.5 ms
+(speed 6, Pillow's default: ~68 ms) for files ~5% larger at the same PSNR."""
 
 
 @dataclass(frozen=True, slots=True)
 class Encoding:
     """One encoder configuration: format, lossless or not, and its options.
 
-    ``quality`` is 1..100 for lossy JPEG and WebP; ``compress_level`` is zlib's 0..9 for PNG.
+    ``quality`` is 1..100 for lossy JPEG, WebP and AVIF; ``compress_level`` is libdeflate's 0..12
+    for PNG.
     """
 
     format: TileFormat
@@ -95,7 +119,8 @@ class Encoding:
         as openslide-python's deepzoom_server writes, in about 70% of the time (a test holds
         the two byte-equal). PNG uses :mod:`app.png` (libdeflate at ``compress_level``).
         WebP lossless keeps RGB exact (``exact=True``); ``method=0`` is its fastest effort,
-        bit-exact like every other.
+        bit-exact like every other. AVIF is libavif through Pillow at :data:`AVIF_SPEED`, 4:2:0,
+        one thread per tile (tiles are encoded in parallel already).
         """
         pixels = image if isinstance(image, np.ndarray) else np.asarray(image.convert("RGB"))
         if self.format is TileFormat.PNG:
@@ -107,7 +132,10 @@ class Encoding:
             image = Image.fromarray(image)
         buf = io.BytesIO()
         extra = {"icc_profile": icc_profile} if icc_profile else {}
-        if self.lossless:
+        if self.format is TileFormat.AVIF:
+            image.save(buf, "AVIF", quality=self.quality, speed=AVIF_SPEED, max_threads=1,
+                       **extra)
+        elif self.lossless:
             image.save(buf, "WEBP", lossless=True, quality=0, method=0, exact=True, **extra)
         else:
             image.save(buf, "WEBP", quality=self.quality, method=4, **extra)
@@ -119,11 +147,14 @@ class FormatDecision:
     """What to serve for one tile request.
 
     ``vary_accept`` is true when the ``Accept`` header took part in the choice, so the response
-    must carry ``Vary: Accept``.
+    must carry ``Vary: Accept``. ``override_refused`` is true when the request asked for a lossy
+    format on a lossless level and ``TileFormat.EnforceLossless`` served the lossless format
+    instead (the response says ``X-Tile-Override: refused``).
     """
 
     encoding: Encoding
     vary_accept: bool = False
+    override_refused: bool = False
 
 
 class FormatPolicy:
@@ -141,6 +172,20 @@ class FormatPolicy:
         self._png = Encoding(TileFormat.PNG, True, compress_level=settings.PngCompressLevel)
         self._webp_lossy = Encoding(TileFormat.WEBP, False, quality=settings.WebpQuality)
         self._webp_lossless = Encoding(TileFormat.WEBP, True)
+        self._avif = Encoding(TileFormat.AVIF, False, quality=settings.AvifQuality)
+
+    def lossless_encodings(self) -> list[Encoding]:
+        """Every encoding this policy may serve as lossless (``X-Tile-Lossless: true``).
+
+        PNG always (lossless levels, ``?format=png``, the WebP fallback); lossless WebP when it
+        is the ``LosslessFormat`` or when overrides may ask for it. Each one must pass the
+        start-up round-trip (:func:`app.lossless.check_round_trips`).
+        """
+        out = [self._png]
+        if (self.settings.LosslessFormat is TileFormat.WEBP
+                or self.settings.AllowFormatOverride):
+            out.append(self._webp_lossless)
+        return out
 
     def is_lossless_level(self, level: int, level_count: int) -> bool:
         """True if the policy serves DZI ``level`` (of ``level_count``) in ``LosslessFormat``."""
@@ -153,6 +198,8 @@ class FormatPolicy:
             return self._jpeg
         if fmt is TileFormat.PNG:
             return self._png
+        if fmt is TileFormat.AVIF:
+            return self._avif
         if self.is_lossless_level(level, level_count):
             return self._webp_lossless
         return self._webp_lossy
@@ -174,8 +221,15 @@ class FormatPolicy:
             query_format: the ``?format=`` value, or None.
             accept: the request's ``Accept`` header, or None.
 
+        An explicit override (``?format=``, or an extension other than the declared one) is
+        served as asked, except that with ``EnforceLossless`` a lossy format asked for on a
+        lossless level is refused: the level's lossless encoding is served instead. Where the
+        policy (not the request) picks WebP or AVIF and ``Accept`` does not name it, PNG
+        (lossless levels, and lossy WebP as before) or JPEG (lossy AVIF) is served.
+
         Returns:
-            The encoding, and whether ``Accept`` took part (``Vary: Accept``).
+            The encoding, whether ``Accept`` took part (``Vary: Accept``), and whether an
+            override was refused.
 
         Raises:
             BadTileRequest: unknown extension or ``?format=`` value.
@@ -188,14 +242,23 @@ class FormatPolicy:
                 requested = query
             elif ext_format is not None and ext_format is not self.declared:
                 requested = ext_format
+        refused = False
         if requested is not None:
-            return FormatDecision(self.encoding_for(requested, level, level_count))
+            encoding = self.encoding_for(requested, level, level_count)
+            if not (self.settings.EnforceLossless and not encoding.lossless
+                    and self.is_lossless_level(level, level_count)):
+                return FormatDecision(encoding)
+            refused = True
         encoding = self.level_encoding(level, level_count)
         if encoding.format is TileFormat.WEBP:
-            if not accepts_webp(accept):
-                return FormatDecision(self._png, vary_accept=True)
-            return FormatDecision(encoding, vary_accept=True)
-        return FormatDecision(encoding)
+            if not accepts_media(accept, "image/webp"):
+                return FormatDecision(self._png, True, refused)
+            return FormatDecision(encoding, True, refused)
+        if encoding.format is TileFormat.AVIF:
+            if not accepts_media(accept, "image/avif"):
+                return FormatDecision(self._jpeg, True, refused)
+            return FormatDecision(encoding, True, refused)
+        return FormatDecision(encoding, False, refused)
 
 
 def _parse_requested(value: str, what: str) -> TileFormat:
@@ -211,11 +274,17 @@ def accepts_webp(accept: str | None) -> bool:
     Only the explicit type counts: ``*/*`` and ``image/*`` were sent by browsers that could not
     decode WebP (Safari before 14), so image CDNs likewise ignore them.
     """
+    return accepts_media(accept, "image/webp")
+
+
+def accepts_media(accept: str | None, media_type: str) -> bool:
+    """True if an ``Accept`` header names ``media_type`` explicitly with a non-zero q
+    (wildcards do not count; see :func:`accepts_webp`)."""
     if not accept:
         return False
     for item in accept.lower().split(","):
         media, _, params = item.strip().partition(";")
-        if media.strip() != "image/webp":
+        if media.strip() != media_type:
             continue
         for param in params.split(";"):
             name, _, value = param.strip().partition("=")

@@ -18,7 +18,9 @@ from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
 from app import __version__
+from app.audit import AuditLog
 from app.errors import install_handlers
+from app.lossless import check_round_trips
 from app.middleware import HeadAsGet, TileFastPath
 from app.routes import api, associated, deepzoom, web
 from app.settings import Settings, settings_from
@@ -35,7 +37,10 @@ def create_app(settings: Settings) -> FastAPI:
     """Build the app for validated settings.
 
     The slide catalogue is built at start-up (``SlideDirectory`` is listed once); slides are
-    opened on first use, so one unopenable slide never stops the others.
+    opened on first use, so one unopenable slide never stops the others. Start-up also proves
+    every encoding the policy calls lossless bit-exact (:mod:`app.lossless`; a failure stops
+    it with :class:`~app.errors.ConfigError`) and opens the audit log when ``Audit.Enabled``;
+    shutdown flushes the audit log.
     """
 
     @asynccontextmanager
@@ -46,8 +51,20 @@ def create_app(settings: Settings) -> FastAPI:
         app.state.settings = settings
         app.state.registry = registry
         app.state.tiles = TileService(registry, settings, render, CapacityLimiter(IO_THREADS))
+        await anyio.to_thread.run_sync(check_round_trips,
+                                       app.state.tiles.policy.lossless_encodings())
+        app.state.audit = None
+        if settings.Audit.Enabled:
+            audit = AuditLog(settings.Audit)
+            await anyio.to_thread.run_sync(audit.open)
+            app.state.audit = audit
+            log.info("audit log: %s", audit.path)
         log.info("serving %d slide(s): %s", len(catalogue), ", ".join(catalogue))
-        yield
+        try:
+            yield
+        finally:
+            if app.state.audit is not None:
+                await anyio.to_thread.run_sync(app.state.audit.close)
 
     app = FastAPI(title="WSI tile server", version=__version__, lifespan=lifespan,
                   description="DeepZoom tiles of whole-slide images read with OpenSlide.")

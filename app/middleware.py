@@ -10,7 +10,7 @@ from urllib.parse import parse_qs
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.errors import TileServerError, error_body, status_for
-from app.routes.deepzoom import answer_tile
+from app.routes.deepzoom import HEAD_SCOPE_KEY, AuditedRequest, answer_tile
 from app.slides import SINGLE_SLIDE_NAME
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,8 @@ class HeadAsGet:
                 message = {"type": "http.response.body", "body": b"", "more_body": False}
             await send(message)
 
-        await self.app({**scope, "method": "GET"}, receive, send_headers_only)
+        await self.app({**scope, "method": "GET", HEAD_SCOPE_KEY: True}, receive,
+                       send_headers_only)
 
 
 _TILE_PATH = re.compile(r"/(?:storage/(?P<name>[^/]+)_files|image_files)/(?P<level>[^/]+)/"
@@ -66,6 +67,13 @@ class TileFastPath:
         if match is None:
             await self.app(scope, receive, send)
             return
+        state = scope["app"].state
+        audit = None
+        audit_log = getattr(state, "audit", None)
+        if audit_log is not None:
+            client = scope.get("client")
+            audit = AuditedRequest.start(audit_log, client[0] if client else None,
+                                         scope["path"], scope["query_string"].decode("latin-1"))
         accept = if_none_match = None
         for name, value in scope["headers"]:
             if name == b"accept":
@@ -79,8 +87,9 @@ class TileFastPath:
             query_format = values[-1] if values else None
         try:
             status, headers, body = await answer_tile(
-                scope["app"].state.tiles, match["name"] or SINGLE_SLIDE_NAME, match["level"],
-                match["tile"], query_format, accept, if_none_match)
+                state.tiles, match["name"] or SINGLE_SLIDE_NAME, match["level"],
+                match["tile"], query_format, accept, if_none_match,
+                head=scope.get(HEAD_SCOPE_KEY, False), audit=audit)
         except TileServerError as exc:
             status = status_for(exc)
             if status >= 500:

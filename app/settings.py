@@ -35,7 +35,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from app import colour
 from app.errors import ConfigError
-from app.formats import TileFormat
+from app.formats import AVIF_LOSSLESS_MEASUREMENT, TileFormat
 
 ENVIRONMENT_VARIABLE = "TILESERVER_ENVIRONMENT"
 
@@ -125,11 +125,22 @@ class TileFormatSettings(Section):
     Passthrough: bool = Field(
         True, description="Serve a stored JPEG tile's own bytes where a JPEG DZI tile is "
                           "exactly one stored tile (needs DeepZoom.Geometry aligned).")
+    AvifQuality: int = Field(70, ge=1, le=100, description="libavif quality of AVIF tiles.")
+    EnforceLossless: bool = Field(False, description="No override downgrades a lossless level.")
 
     @field_validator("Default", "LosslessFormat", mode="before")
     @classmethod
     def _parse_format(cls, value: Any) -> Any:
         return TileFormat.parse(value) if isinstance(value, str) else value
+
+    @field_validator("LosslessFormat")
+    @classmethod
+    def _avif_is_not_lossless(cls, value: TileFormat) -> TileFormat:
+        if value is TileFormat.AVIF:
+            raise ValueError(
+                f"AVIF is not bit-exact: {AVIF_LOSSLESS_MEASUREMENT}; it is served as a lossy "
+                "format only (TileFormat:Default or ?format=avif); use png or webp")
+        return value
 
     @model_validator(mode="after")
     def _lossless_format_is_lossless(self) -> TileFormatSettings:
@@ -199,6 +210,17 @@ class PrivacySettings(Section):
         return value
 
 
+class AuditSettings(Section):
+    """``Audit``: the JSON-lines audit log of tile requests (see app.audit)."""
+
+    Enabled: bool = False
+    Path: str = Field("./audit/tiles.jsonl", min_length=1,
+                      description="The log file; rotated files get .1, .2, ... appended.")
+    MaxBytes: int = Field(100 * 1024 * 1024, ge=0,
+                          description="Rotate when the file reaches this size; 0 never rotates.")
+    BackupCount: int = Field(10, ge=0, le=10000, description="Rotated files kept.")
+
+
 class Settings(BaseSettings):
     """The whole configuration; attribute names are the appsettings.json keys."""
 
@@ -214,6 +236,7 @@ class Settings(BaseSettings):
     Server: ServerSettings = Field(default_factory=ServerSettings)
     Privacy: PrivacySettings = Field(default_factory=PrivacySettings)
     DemoDirectory: str = "./data"
+    Audit: AuditSettings = Field(default_factory=AuditSettings)
 
     @model_validator(mode="before")
     @classmethod

@@ -162,6 +162,10 @@ class SlideRegistry:
             return handle
         return None
 
+    def peek(self, name: str) -> OpenSlide | None:
+        """The open slide of that name if any, without revalidating it; no I/O."""
+        return self._open.get(name)
+
     async def get(self, name: str) -> OpenSlide:
         """The open slide, opening or revalidating it in a worker thread when needed.
 

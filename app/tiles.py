@@ -9,6 +9,7 @@ before it is returned; a tile that failed is never cached.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import logging
 import os
@@ -32,38 +33,71 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
+class TileDigest:
+    """What one SHA-256 of a tile's bytes gives; computed once per tile (when it is rendered,
+    read from disk or from the slide) and kept beside the bytes in the memory cache.
+
+    Attributes:
+        sha256: 64 hex digits (the audit log's ``sha256``; ``sha256sum`` prints the same).
+        etag: strong ETag, quoted: the first 32 of those hex digits.
+        content_digest: the RFC 9530 field value ``sha-256=:<base64 of the 32 bytes>:``.
+    """
+
+    sha256: str
+    etag: str
+    content_digest: str
+
+
+def digest_of(data: bytes) -> TileDigest:
+    """SHA-256 of tile bytes as hex, ETag and RFC 9530 ``Content-Digest`` value."""
+    digest = hashlib.sha256(data).digest()
+    hexdigest = digest.hex()
+    return TileDigest(hexdigest, '"' + hexdigest[:32] + '"',
+                      "sha-256=:" + base64.b64encode(digest).decode("ascii") + ":")
+
+
+EMPTY_DIGEST = digest_of(b"")
+"""The digest of empty content: RFC 9530's ``Content-Digest`` of a HEAD response (its Appendix
+B.2), whose message has no content."""
+
+
+@dataclass(frozen=True, slots=True)
 class Tile:
     """An encoded tile and the facts its response headers state.
 
     Attributes:
         data: the complete image file bytes.
         encoding: what the bytes are (format, lossless, quality).
-        cache: ``hit`` (memory or disk) or ``miss`` (rendered for this request).
-        etag: strong ETag, quoted: the first 32 hex digits of the bytes' SHA-256.
+        cache: ``hit`` (memory or disk) or ``miss`` (rendered or read for this request).
+        digest: SHA-256 of ``data`` with the ETag and Content-Digest made from it.
         vary_accept: the choice depended on ``Accept``.
         color_transform: ``X-Tile-Color-Transform``: ``none`` (pixels are the slide's) or
             ``srgb-<intent>`` (converted by the colour mode, see :mod:`app.colour`).
         source: ``original`` (the slide's stored JPEG tile, not decoded or re-encoded) or
             ``rendered`` (read, scaled where needed, and encoded by this server).
+        identity: the slide's identity (``quickhash-1:<hex>``, else ``stat:<size>:<mtime>``).
+        override_refused: ``EnforceLossless`` refused a lossy override on a lossless level.
     """
 
     data: bytes
     encoding: Encoding
     cache: str
-    etag: str
+    digest: TileDigest
     vary_accept: bool
     color_transform: str = NO_TRANSFORM
     source: str = "rendered"
+    identity: str = ""
+    override_refused: bool = False
+
+    @property
+    def etag(self) -> str:
+        """Strong ETag, quoted: the first 32 hex digits of the bytes' SHA-256."""
+        return self.digest.etag
 
     @property
     def lossless(self) -> bool:
         """``X-Tile-Lossless``: the tile decodes to exactly the slide's pixels."""
         return self.encoding.lossless and self.color_transform == NO_TRANSFORM
-
-
-def etag_of(data: bytes) -> str:
-    """A strong ETag for tile bytes (quoted 128-bit SHA-256 prefix)."""
-    return '"' + hashlib.sha256(data).hexdigest()[:32] + '"'
 
 
 class TileService:
@@ -164,11 +198,12 @@ class TileService:
             return await self._original(handle, source, key, decision)
         cached = self.memory.get(key)
         if cached is not None:
-            return Tile(cached[0], decision.encoding, "hit", cached[1], decision.vary_accept,
-                        color)
-        data, etag, status = await self._flight.run(
-            key, lambda: self._load(handle, key, decision.encoding, source))
-        return Tile(data, decision.encoding, status, etag, decision.vary_accept, color)
+            data, digest, status = cached[0], cached[1], "hit"
+        else:
+            data, digest, status = await self._flight.run(
+                key, lambda: self._load(handle, key, decision.encoding, source))
+        return Tile(data, decision.encoding, status, digest, decision.vary_accept, color,
+                    identity=handle.identity, override_refused=decision.override_refused)
 
     async def _original(self, handle: OpenSlide, source: ImageSource, key: TileKey,
                         decision: FormatDecision) -> Tile:
@@ -185,10 +220,11 @@ class TileService:
         data that is not a whole JPEG stream falls back to rendering.
         """
         color = source.color
+        facts = {"identity": handle.identity, "override_refused": decision.override_refused}
         cached = self.memory.get(key)
         if cached is not None:
             return Tile(cached[0], decision.encoding, "hit", cached[1], decision.vary_accept,
-                        color.name, "original")
+                        color.name, "original", **facts)
         pyramid = source.pyramid
         try:
             try:
@@ -201,43 +237,45 @@ class TileService:
             raise SlideReadError(f"cannot read {handle.entry.path.name}: {exc.strerror}",
                                  slide=handle.name) from None
         if data is None:  # damaged stored tile: render it, and let OpenSlide report it
-            data, etag, status = await self._flight.run(
+            data, digest, status = await self._flight.run(
                 key, lambda: self._load(handle, key, decision.encoding, source, remember=False))
-            return Tile(data, decision.encoding, status, etag, decision.vary_accept, color.name)
+            return Tile(data, decision.encoding, status, digest, decision.vary_accept,
+                        color.name, **facts)
         if color.embed_profile:
             data = jpeg_with_profile(data, color.embed_profile)
-        etag = etag_of(data)
-        self.memory.put(key, data, etag)
-        return Tile(data, decision.encoding, "miss", etag, decision.vary_accept, color.name,
-                    "original")
+        digest = digest_of(data)
+        self.memory.put(key, data, digest)
+        return Tile(data, decision.encoding, "miss", digest, decision.vary_accept, color.name,
+                    "original", **facts)
 
     async def _load(self, handle: OpenSlide, key: TileKey, encoding: Encoding,
-                    source: ImageSource, remember: bool = True) -> tuple[bytes, str, str]:
+                    source: ImageSource,
+                    remember: bool = True) -> tuple[bytes, TileDigest, str]:
         """Disk cache, else render + encode + store, in ONE worker-thread hop; the result
         joins the memory LRU when ``remember``.
 
         Returns:
-            ``(bytes, etag, hit|miss)``.
+            ``(bytes, digest, hit|miss)``.
         """
         try:
-            data, etag, status = await anyio.to_thread.run_sync(
+            data, digest, status = await anyio.to_thread.run_sync(
                 self._load_blocking, handle, key, encoding, source, limiter=self.render_limiter)
         except SlideReadError:
             self.registry.discard(handle.name, handle)
             raise
         if remember:
-            self.memory.put(key, data, etag)
-        return data, etag, status
+            self.memory.put(key, data, digest)
+        return data, digest, status
 
     def _load_blocking(self, handle: OpenSlide, key: TileKey, encoding: Encoding,
-                       source: ImageSource) -> tuple[bytes, str, str]:
+                       source: ImageSource) -> tuple[bytes, TileDigest, str]:
         data = self.disk.read(key)
         status = "hit"
         if data is None:
             data = self._render(handle, key, encoding, source)
             self.disk.write(key, data)
             status = "miss"
-        return data, etag_of(data), status
+        return data, digest_of(data), status
 
     def _render(self, handle: OpenSlide, key: TileKey, encoding: Encoding,
                 source: ImageSource) -> bytes:

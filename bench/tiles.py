@@ -6,6 +6,9 @@ Scenarios (``--scenarios``, comma-separated keys or groups; default ``all``):
 ``cold-jpeg``      ours: every tile of the deepest DZI level at most once, ``?format=jpeg``
 ``cold-lossless``  ours: the same tiles without override: the policy serves PNG (lossless)
 ``warm``           ours: 2000 pre-rendered tiles (JPEG) requested over and over: cache hits
+``warm-audit``     the same with the audit log on (``Audit.Enabled``); afterwards the log must
+                   hold one line per request (pre-warm + wrk + size sample; see
+                   ``check_audit_log`` for the requests in flight when wrk stops)
 ``baseline-jpeg``  openslide's ``deepzoom_server.py`` (Flask, gunicorn 2x4), ``.jpeg`` q90
 ``baseline-png``   the same baseline, ``.png``
 =================  =========================================================================
@@ -108,6 +111,8 @@ SCENARIOS: dict[str, Scenario] = {s.key: s for s in (
     Scenario("cold-jpeg", "cold JPEG", "ours", "cold", "jpeg", "image/jpeg"),
     Scenario("cold-lossless", "cold lossless (PNG)", "ours", "cold", "lossless", "image/png"),
     Scenario("warm", "warm cache hits", "ours", "warm", "jpeg", "image/jpeg"),
+    Scenario("warm-audit", "warm cache hits, audit log on", "ours", "warm", "jpeg",
+             "image/jpeg"),
     Scenario("baseline-jpeg", "cold JPEG", "baseline", "cold", "jpeg", "image/jpeg"),
     Scenario("baseline-png", "cold lossless (PNG)", "baseline", "cold", "png", "image/png"),
     Scenario("aligned-original", "uncached JPEG, aligned, passthrough", "ours", "uncached",
@@ -119,7 +124,8 @@ SCENARIOS: dict[str, Scenario] = {s.key: s for s in (
 )}
 GROUPS: dict[str, list[str]] = {
     "all": list(SCENARIOS),
-    "ours": ["cold-jpeg", "cold-lossless", "warm"],
+    "ours": ["cold-jpeg", "cold-lossless", "warm", "warm-audit"],
+    "audit": ["warm", "warm-audit"],
     "baseline": ["baseline-jpeg", "baseline-png"],
     "cold": ["cold-jpeg", "cold-lossless", "baseline-jpeg", "baseline-png"],
     "jpeg": ["cold-jpeg", "baseline-jpeg"],
@@ -704,8 +710,15 @@ async def _fetch_all(base_url: str, paths: list[str],
 
 def run_ours_warm(scenario: Scenario, slide: Path, workdir: Path, workers: int,
                   seconds: int) -> Result:
-    """Pre-warm 2000 tiles (one pass), then wrk cycling over them; check X-Tile-Cache: hit."""
-    server, cache = ours(slide, workdir, workers, scenario.key)
+    """Pre-warm 2000 tiles (one pass), then wrk cycling over them; check X-Tile-Cache: hit.
+
+    ``warm-audit`` runs with the audit log on and, once the server has stopped (and flushed),
+    checks that the log has one line per request: pre-warm + wrk's + the size sample's.
+    """
+    audit_path = workdir / f"audit-{scenario.key}" / "tiles.jsonl"
+    audited = scenario.key == "warm-audit"
+    extra = {"Audit": {"Enabled": True, "Path": str(audit_path)}} if audited else None
+    server, cache = ours(slide, workdir, workers, scenario.key, extra)
     try:
         with running(server, "/healthz"):
             doc = slide_doc(server)
@@ -735,8 +748,45 @@ def run_ours_warm(scenario: Scenario, slide: Path, workdir: Path, workers: int,
     if hits != len(sample):
         result.notes.append(f"after the run only {hits}/{len(sample)} sampled tiles said "
                             "X-Tile-Cache: hit")
+    if audited:
+        check_audit_log(result, audit_path, prewarm=len(paths), sample=len(sample))
     result.check()
     return result
+
+
+def check_audit_log(result: Result, path: Path, prewarm: int, sample: int) -> None:
+    """Count the audit lines (every rotated file) against the requests made; note a mismatch.
+
+    The pre-warm and the size sample are counted exactly. wrk's ``requests`` counts the
+    responses it read, its ``issued`` (the Lua ``request()`` calls) the requests it wrote; when
+    the run ends wrk closes its 16 connections with up to one request each in flight, which the
+    server may or may not have read. So every answered request must have its line and no line
+    may lack a request: ``answered <= wrk lines <= issued``, and the gap is at most the number
+    of connections.
+    """
+    from app.audit import audit_files
+
+    lines = 0
+    statuses: dict[int, int] = {}
+    for file in audit_files(path):
+        with file.open("rb") as fh:
+            for raw in fh:
+                lines += 1
+                status = json.loads(raw)["status"]
+                statuses[status] = statuses.get(status, 0) + 1
+    issued, answered = result.wrk["issued"], result.wrk["requests"]
+    wrk_lines = lines - prewarm - sample
+    result.extra["audit"] = {
+        "lines": lines, "prewarm": prewarm, "size_sample": sample, "wrk_lines": wrk_lines,
+        "wrk_answered": answered, "wrk_issued": issued, "statuses": statuses,
+        "complete": answered <= wrk_lines <= issued,
+        "files": len(audit_files(path)),
+        "bytes": sum(f.stat().st_size for f in audit_files(path)),
+    }
+    if not answered <= wrk_lines <= issued:
+        result.notes.append(
+            f"AUDIT LOG INCOMPLETE: {lines} lines = {prewarm} pre-warm + {sample} sample + "
+            f"{wrk_lines} for wrk, which read {answered} responses and wrote {issued} requests")
 
 
 def run_baseline(scenario: Scenario, slide: Path, workdir: Path, seconds: int,
@@ -883,6 +933,20 @@ def _ratio(a: float, b: float) -> float:
     return round(a / b, 2) if b else float("nan")
 
 
+def audit_comparison(results: dict[str, Result]) -> dict[str, Any] | None:
+    """The warm scenario with the audit log on against it off (None unless both ran)."""
+    on, off = results.get("warm-audit"), results.get("warm")
+    if on is None or off is None or "audit" not in on.extra:
+        return None
+    return {
+        "tiles_per_s_on": round(on.tiles_per_s, 1), "tiles_per_s_off": round(off.tiles_per_s, 1),
+        "tiles_per_s_ratio": _ratio(on.tiles_per_s, off.tiles_per_s),
+        "p99_ms_on": on.latency_ms("p99"), "p99_ms_off": off.latency_ms("p99"),
+        **{k: on.extra["audit"][k] for k in ("wrk_lines", "wrk_answered", "wrk_issued",
+                                              "complete")},
+    }
+
+
 def print_report(results: dict[str, Result], rat: dict[str, dict[str, float]],
                  header: str) -> None:
     """The results table, the ratios and every note, on stdout."""
@@ -916,6 +980,14 @@ def print_report(results: dict[str, Result], rat: dict[str, dict[str, float]],
             ratio_table.add_row(label, f"{v['tiles_per_s']:.2f}x", f"{v['p50']:.2f}x",
                                 f"{v['p99']:.2f}x", f"{v['mean_kb_per_tile']:.2f}x")
         console.print(ratio_table)
+    audit = audit_comparison(results)
+    if audit:
+        console.print(
+            f"audit log on / off (warm hits): {audit['tiles_per_s_on']:,.0f} / "
+            f"{audit['tiles_per_s_off']:,.0f} tiles/s ({audit['tiles_per_s_ratio']:.2f}x), "
+            f"p99 {audit['p99_ms_on']:.1f} / {audit['p99_ms_off']:.1f} ms; audit lines of the "
+            f"wrk run {audit['wrk_lines']}: wrk read {audit['wrk_answered']} responses, wrote "
+            f"{audit['wrk_issued']} requests ({'complete' if audit['complete'] else 'LOST'})")
     console.print(
         "[dim]tiles/s: 2xx image responses / wrk run time. mean KB/tile: the same "
         f"{SIZE_SAMPLE} addresses for every server (cold: spread over the deepest level), "
@@ -924,7 +996,7 @@ def print_report(results: dict[str, Result], rat: dict[str, dict[str, float]],
         f"the run; wrk, the server and everything else share {os.cpu_count()} cores.[/]")
     for r in results.values():
         for note in r.notes:
-            loud = note.startswith(("ERRORS", "RAN OUT"))
+            loud = note.startswith(("ERRORS", "RAN OUT", "AUDIT"))
             console.print(f"{'[bold red]' if loud else '[yellow]'}{r.scenario.key}: {note}[/]")
 
 
@@ -1058,12 +1130,15 @@ def main(argv: list[str] | None = None) -> int:
         },
         "scenarios": [r.to_json() for r in results.values()],
         "ratios_ours_over_baseline": rat,
+        "audit_on_over_off": audit_comparison(results),
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(doc, indent=2) + "\n")
     shown = args.output.relative_to(ROOT) if args.output.is_relative_to(ROOT) else args.output
     console.print(f"results: {shown}  ({elapsed:.0f} s)")
-    return 1 if any(r.error_total or r.wrk["exhausted"] for r in results.values()) else 0
+    return 1 if any(r.error_total or r.wrk["exhausted"]
+                    or any(n.startswith("AUDIT") for n in r.notes)
+                    for r in results.values()) else 0
 
 
 def _check_geometry(results: dict[str, Result]) -> None:

@@ -11,7 +11,7 @@ from app import __version__
 from app.deepzoom import ImageSource, single_tile_level
 from app.dependencies import Registry, Tiles
 from app.errors import TileServerError
-from app.formats import TileFormat
+from app.policy import SlidePolicy, level_policies, slide_policy
 from app.slides import SINGLE_SLIDE_NAME, OpenSlide
 from app.tiles import TileService
 
@@ -29,28 +29,11 @@ def dzi_url(name: str, associated: str | None = None) -> str:
     return "/image.dzi" if name == SINGLE_SLIDE_NAME else f"/storage/{name}.dzi"
 
 
-def describe_levels(tiles: TileService, source: ImageSource) -> list[dict[str, Any]]:
-    """Per DZI level of a source: size, tiles, served encoding, lossless, slide level read.
-
-    ``lossless`` is true only where tiles decode to the slide's own pixels: a lossless format
-    and a colour mode that converts nothing.
-    """
-    pyramid = source.pyramid
-    color = source.color
-    levels = []
-    for level, ((width, height), (cols, rows)) in enumerate(
-            zip(pyramid.level_dimensions, pyramid.level_tiles, strict=True)):
-        encoding = tiles.policy.level_encoding(level, pyramid.level_count)
-        levels.append({
-            "level": level, "width": width, "height": height, "cols": cols, "rows": rows,
-            "tiles": cols * rows, "format": encoding.format.value,
-            "lossless": encoding.lossless and not color.converts, "quality": encoding.quality,
-            "color_transform": color.name,
-            "slide_level": pyramid.slide_levels[level],
-            "original_tiles": (pyramid.original_count(level) if tiles.passthrough
-                               and encoding.format is TileFormat.JPEG else 0),
-        })
-    return levels
+def describe_levels(tiles: TileService, handle: OpenSlide,
+                    source: ImageSource) -> list[dict[str, Any]]:
+    """Per DZI level of a source (the slide or an associated image): the policy records of
+    :func:`app.policy.level_policies` (size, tiles, format, lossless, colour, slide level)."""
+    return [lv.model_dump() for lv in level_policies(tiles, handle, source)]
 
 
 def describe_associated(tiles: TileService, handle: OpenSlide) -> list[dict[str, Any]]:
@@ -109,7 +92,7 @@ def describe_slide(tiles: TileService, handle: OpenSlide) -> dict[str, Any]:
         "declared_format": tiles.policy.declared.value,
         "level_count": pyramid.level_count,
         "tile_count": pyramid.tile_count,
-        "levels": describe_levels(tiles, handle.source),
+        "levels": describe_levels(tiles, handle, handle.source),
         "properties": props,
     }
 
@@ -163,8 +146,18 @@ async def associated_image(name: str, associated: str, registry: Registry,
         "declared_format": tiles.policy.declared.value,
         "level_count": pyramid.level_count,
         "tile_count": pyramid.tile_count,
-        "levels": describe_levels(tiles, source),
+        "levels": describe_levels(tiles, handle, source),
     }
+
+
+@router.get("/slides/{name}/policy", summary="A slide's per-level format policy",
+            response_model=SlidePolicy)
+async def policy(name: str, registry: Registry, tiles: Tiles) -> SlidePolicy:
+    """Per DZI level: dimensions, tile count, format, lossless, the slide level read from.
+
+    The single slide (``Image.Path``) is ``/api/slides/image/policy``.
+    """
+    return slide_policy(tiles, await registry.get(name))
 
 
 @router.get("/tiles/stats", summary="Disk cache totals")

@@ -2,7 +2,8 @@
  * WSI DeepZoom viewer page logic.
  *
  * Reads the DZI and API URLs from <body data-dzi-url data-api-url>, opens the DZI in
- * OpenSeadragon and fills the level legend from the slide's API JSON, highlighting the
+ * OpenSeadragon and fills the level legend from the slide's API JSON and its format policy
+ * ({api}/policy: per DZI level, format, lossless, slide level read), highlighting the
  * DeepZoom level that matches the current zoom.
  *
  * Exposed for tests and debugging:
@@ -10,6 +11,7 @@
  *   window.tileStats  {loaded, failed} counted from tile-loaded / tile-load-failed
  *   window.slideInfo  the API JSON once loaded (null before)
  *   window.scaleBar   {microns, pixels} of the scale bar last drawn (null without mpp)
+ *   window.slidePolicy  the policy JSON once loaded (null before)
  */
 (function () {
   'use strict';
@@ -32,6 +34,7 @@
   var tileStats = { loaded: 0, failed: 0 };
   window.tileStats = tileStats;
   window.slideInfo = null;
+  window.slidePolicy = null;
 
   // Back link only in multi-slide mode (the server leaves {{INDEX_URL}} empty otherwise).
   if (indexLink && indexLink.getAttribute('href')) {
@@ -207,6 +210,11 @@
       var quality = level.quality !== null && level.quality !== undefined ? ' q' + level.quality : '';
       badge = el('span', 'badge lossy', label + quality);
       badge.title = 'Lossy ' + label + (quality ? ', quality ' + level.quality : '');
+      if (level.original_tiles) {
+        badge.textContent += ' \u00b7 original';
+        badge.title += '; ' + level.original_tiles + ' of ' + level.tiles +
+          ' tiles are the scanner\u2019s own JPEG bytes (X-Tile-Source: original)';
+      }
     }
     return badge;
   }
@@ -219,8 +227,8 @@
     metaEl.appendChild(el('dd', null, value));
   }
 
-  function renderLegend(info) {
-    levels = (info.levels || []).slice().sort(function (a, b) { return a.level - b.level; });
+  function renderLegend(info, policy) {
+    levels = (policy.levels || []).slice().sort(function (a, b) { return a.level - b.level; });
     rowByLevel = {};
     currentLevel = null;
 
@@ -246,8 +254,8 @@
         ', ' + icc);
     }
     var lossless = levels.filter(function (l) { return l.lossless; }).length;
-    addMeta('Levels', (info.level_count !== undefined ? info.level_count : levels.length) +
-      (lossless ? ' (' + lossless + ' lossless)' : ''));
+    addMeta('Levels', (policy.level_count !== undefined ? policy.level_count : levels.length) +
+      (lossless ? ' (' + lossless + ' lossless' + (policy.enforce_lossless ? ', enforced' : '') + ')' : ''));
 
     rowsEl.textContent = '';
     // Full resolution first: the levels a reader zooms through are at the top.
@@ -257,7 +265,8 @@
       tr.setAttribute('data-level', String(level.level));
       tr.setAttribute('data-lossless', level.lossless ? 'true' : 'false');
       if (level.slide_level !== undefined && level.slide_level !== null) {
-        tr.title = 'Read from OpenSlide level ' + level.slide_level;
+        tr.title = 'Read from OpenSlide level ' + level.slide_level +
+          (level.slide_downsample ? ' (downsample ' + Number(level.slide_downsample).toFixed(2) + ')' : '');
       }
       tr.appendChild(el('th', 'num', level.level)).setAttribute('scope', 'row');
       tr.appendChild(el('td', 'dims', fmt(level.width) + ' \u00d7 ' + fmt(level.height)));
@@ -349,17 +358,26 @@
   if (!apiUrl) {
     renderLegendError('No slide info URL.');
   } else {
-    fetch(apiUrl, { headers: { Accept: 'application/json' } })
-      .then(function (response) {
+    var getJson = function (url) {
+      return fetch(url, { headers: { Accept: 'application/json' } }).then(function (response) {
         if (!response.ok) {
           throw new Error('HTTP ' + response.status);
         }
         return response.json();
-      })
+      });
+    };
+    // A slide page reads its policy from {api}/policy; an associated image's API JSON holds
+    // its own per-level records.
+    getJson(apiUrl)
       .then(function (info) {
         window.slideInfo = info;
-        renderLegend(info);
-        renderAssociated(info);
+        var policy = info.associated_images !== undefined ? getJson(apiUrl + '/policy')
+          : Promise.resolve(info);
+        return policy.then(function (pol) {
+          window.slidePolicy = pol;
+          renderLegend(info, pol);
+          renderAssociated(info);
+        });
       })
       .catch(function (err) {
         renderLegendError('Slide info unavailable (' + err.message + ').');

@@ -97,3 +97,49 @@ def test_single_mode_index_is_the_viewer(client_for, generated_svs):
     page = client.get("/").text
     assert "/image.dzi" in page and "/api/slides/image" in page
     assert client.get("/api/slides/image").json()["dzi_url"] == "/image.dzi"
+
+
+def test_policy_document(client_for, generated_svs, fixtures):
+    import openslide
+    from openslide.deepzoom import DeepZoomGenerator
+
+    client = client_for(Images=[{"Name": "g", "Path": str(generated_svs)},
+                                {"Name": "boxes", "Path": str(fixtures / "boxes.tiff")}],
+                        TileFormat={"LosslessLevelCount": 3, "LosslessFormat": "webp",
+                                    "EnforceLossless": True},
+                        DeepZoom={"TileSize": 510, "Overlap": 2})
+    for name, path in (("g", generated_svs), ("boxes", fixtures / "boxes.tiff")):
+        doc = client.get(f"/api/slides/{name}/policy").json()
+        slide = openslide.OpenSlide(path)
+        dz = DeepZoomGenerator(slide, 510, 2, True)
+        assert (doc["name"], doc["tile_size"], doc["overlap"], doc["limit_bounds"]) == (
+            name, 510, 2, True)
+        assert doc["quickhash"] == slide.properties["openslide.quickhash-1"]
+        assert doc["identity"] == "quickhash-1:" + doc["quickhash"]
+        assert (doc["lossless_format"], doc["lossless_level_count"], doc["enforce_lossless"],
+                doc["declared_format"]) == ("webp", 3, True, "jpeg")
+        assert doc["level_count"] == dz.level_count and doc["tile_count"] == dz.tile_count
+        levels = doc["levels"]
+        assert [lv["level"] for lv in levels] == list(range(dz.level_count))
+        for lv in levels:
+            level = lv["level"]
+            assert (lv["width"], lv["height"]) == dz.level_dimensions[level]
+            assert (lv["cols"], lv["rows"]) == dz.level_tiles[level]
+            assert lv["tiles"] == lv["cols"] * lv["rows"]
+            slide_level = dz.get_tile_coordinates(level, (0, 0))[1]
+            assert lv["slide_level"] == slide_level
+            assert lv["slide_downsample"] == pytest.approx(slide.level_downsamples[slide_level])
+            lossless = level >= dz.level_count - 3
+            assert (lv["format"], lv["lossless"]) == (("webp", True) if lossless
+                                                      else ("jpeg", False))
+            assert lv["quality"] == (None if lossless else 90)
+        assert sum(lv["tiles"] for lv in levels) == doc["tile_count"]
+        summary = client.get(f"/api/slides/{name}").json()["levels"]
+        assert summary == levels  # the slide document carries the same records
+    assert client.get("/api/slides/nosuch/policy").status_code == 404
+
+
+def test_single_slide_policy(client_for, fixtures):
+    client = client_for(Image={"Path": str(fixtures / "small.svs")})
+    doc = client.get("/api/slides/image/policy").json()
+    assert doc["name"] == "image" and doc["levels"][-1]["lossless"] is True

@@ -223,9 +223,10 @@ def test_viewer_draws_tiles_and_legend(live_server, page_and_log, tmp_path: Path
     assert stats["loaded"] >= MIN_TILES, stats
     assert stats["failed"] == 0, f"{stats}\n{log.summary()}"
 
-    # Legend: one row per DZI level, lossless levels badged as such.
-    info = page.evaluate("() => window.slideInfo")
+    # Legend: one row per DZI level of the policy endpoint, lossless levels badged as such.
+    info = page.evaluate("() => window.slidePolicy")
     assert info["level_count"] == len(info["levels"]), info
+    assert info == live_server.get(f"/api/slides/{name}/policy").json()
     rows = page.locator("#level-rows tr[data-level]")
     assert rows.count() == info["level_count"]
     shown_levels = sorted(int(v) for v in rows.evaluate_all("rs => rs.map(r => r.dataset.level)"))

@@ -168,3 +168,89 @@ def test_jpeg_bytes_equal_pillow_save(he_tile, quality):
     buf = __import__("io").BytesIO()
     he_tile.save(buf, "JPEG", quality=quality)
     assert Encoding(TileFormat.JPEG, False, quality=quality).encode(he_tile) == buf.getvalue()
+
+
+# ----------------------------------------------------------------- EnforceLossless and AVIF
+
+LOSSY_OVERRIDES = [("jpeg", "jpeg"), ("png", "jpeg"), ("jpeg", "avif"), ("jpeg", "webp"),
+                   ("avif", None), ("jpg", "jpg")]
+
+
+@pytest.mark.parametrize("level_count", [5, 18])
+@pytest.mark.parametrize("lossless_count", [-1, 0, 1, 3])
+@pytest.mark.parametrize(("ext", "query"), LOSSY_OVERRIDES)
+def test_enforce_lossless_table(level_count, lossless_count, ext, query):
+    """Over every level: a lossless level is never served lossy, and refusals are named."""
+    lenient = policy(LosslessLevelCount=lossless_count)
+    strict = policy(LosslessLevelCount=lossless_count, EnforceLossless=True)
+    for level in range(level_count):
+        asked = lenient.decide(level, level_count, ext, query, CHROME_ACCEPT)
+        got = strict.decide(level, level_count, ext, query, CHROME_ACCEPT)
+        lossless_level = strict.is_lossless_level(level, level_count)
+        if lossless_level and not asked.encoding.lossless:
+            assert got.override_refused is True
+            assert got.encoding == strict.level_encoding(level, level_count)
+            assert got.encoding.lossless
+        else:
+            assert got == asked and got.override_refused is False
+        assert lossless_level <= got.encoding.lossless
+
+
+def test_enforce_lossless_keeps_lossless_overrides_and_fallbacks():
+    p = policy(EnforceLossless=True, LosslessFormat="webp")
+    webp = p.decide(17, 18, "webp", accept="*/*")  # asked for lossless WebP: served as asked
+    assert (webp.encoding.format, webp.encoding.lossless, webp.override_refused) == (
+        TileFormat.WEBP, True, False)
+    refused = p.decide(17, 18, "jpeg", "jpeg", accept="*/*")  # policy WebP, Accept lacks it
+    assert (refused.encoding.format, refused.encoding.lossless, refused.override_refused,
+            refused.vary_accept) == (TileFormat.PNG, True, True, True)
+    assert p.decide(3, 18, "jpeg", "jpeg").override_refused is False  # lossy level: as asked
+
+
+def test_avif_is_lossy_only():
+    assert not TileFormat.AVIF.can_be_lossless
+    assert TileFormat.parse("AVIF") is TileFormat.AVIF
+    assert TileFormat.AVIF.media_type == "image/avif"
+    p = policy(AvifQuality=55)
+    for level in (3, 17):  # even on the lossless level, ?format=avif is lossy AVIF
+        d = p.decide(level, 18, "jpeg", "avif")
+        assert (d.encoding.format, d.encoding.lossless, d.encoding.quality) == (
+            TileFormat.AVIF, False, 55)
+    assert TileFormat.AVIF not in {e.format for e in p.lossless_encodings()}
+
+
+def test_avif_default_falls_back_to_jpeg_without_accept():
+    p = policy(Default="avif")
+    assert p.decide(3, 18, "avif", accept=CHROME_ACCEPT).encoding.format is TileFormat.AVIF
+    old = p.decide(3, 18, "avif", accept="image/webp,*/*")
+    assert (old.encoding.format, old.vary_accept) == (TileFormat.JPEG, True)
+    assert p.decide(17, 18, "avif", accept="*/*").encoding.format is TileFormat.PNG
+
+
+def test_avif_as_lossless_format_is_a_configuration_error():
+    from app.errors import ConfigError
+    from app.settings import settings_from
+
+    with pytest.raises(ConfigError) as info:
+        settings_from({"TileFormat": {"LosslessFormat": "avif"}})
+    message = info.value.detail
+    assert "TileFormat:LosslessFormat = 'avif'" in message
+    assert "not bit-exact" in message and "max error 67" in message and "lossy" in message
+
+
+def test_avif_tiles_are_close(he_tile):
+    encoding = Encoding(TileFormat.AVIF, False, quality=70)
+    data = encoding.encode(he_tile)
+    assert data[4:12] == b"ftypavif"
+    pixels = decode(data).astype(int)
+    assert pixels.shape == np.asarray(he_tile).shape
+    error = np.abs(pixels - np.asarray(he_tile, dtype=int))
+    assert error.max() > 0 and error.mean() < 6
+
+
+def test_lossless_encodings_follow_the_settings():
+    keys = lambda p: [e.key for e in p.lossless_encodings()]  # noqa: E731
+    assert keys(policy()) == ["png-lossless-z1", "webp-lossless"]  # ?format=webp may ask
+    assert keys(policy(AllowFormatOverride=False)) == ["png-lossless-z1"]
+    assert keys(policy(AllowFormatOverride=False, LosslessFormat="webp")) == [
+        "png-lossless-z1", "webp-lossless"]

@@ -1,0 +1,148 @@
+"""``tileserver verify`` in-process: passes on real slides, fails on a corrupted cache."""
+
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from app.cli import main
+from app.verify import VerifyError, parse_levels, sample_addresses
+
+OPENABLE = ["boxes.tiff", "small.svs", "boxes_0.dcm", "boxes.png", "boxes-no-icc.png"]
+
+
+def images_args(slides: dict) -> list[str]:
+    out = []
+    for i, (name, path) in enumerate(slides.items()):
+        out += [f"Images:{i}:Name={name}", f"Images:{i}:Path={path}"]
+    return out
+
+
+def run_cli(args: list[str], tmp_path, capsys) -> tuple[int, dict, str]:
+    report = tmp_path / "report.json"
+    code = main(["verify", *args, "--json", str(report)])
+    out = capsys.readouterr().out
+    return code, json.loads(report.read_text()), out
+
+
+@pytest.fixture
+def slides(fixtures, generated_svs) -> dict:
+    out = {name.replace(".", "-"): fixtures / name for name in OPENABLE}
+    out["generated"] = generated_svs
+    return out
+
+
+def test_verify_passes_on_every_openable_slide(slides, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no appsettings.json here: only the overrides count
+    code, report, out = run_cli(
+        [*images_args(slides), f"TileCachePath={tmp_path / 'cache'}", "--sample", "6"],
+        tmp_path, capsys)
+    assert code == 0, out
+    assert report["passed"] is True and "PASSED" in out
+    assert report["server"] == {"url": "in-process", "version": "0.1.0"}
+    assert report["reference"]["function"] == "openslide.deepzoom.DeepZoomGenerator.get_tile"
+    assert [s["name"] for s in report["slides"]] == list(slides)
+    for slide in report["slides"]:
+        assert slide["passed"] and not slide["problems"]
+        assert slide["settings"]["tile_size"] == 254 and slide["settings"]["overlap"] == 1
+        levels = slide["levels"]
+        assert [lv["level"] for lv in levels] == list(range(len(levels)))
+        top = levels[-1]
+        assert top["lossless"] and top["format"] == "png"
+        assert top["exact"] == top["tiles_checked"] == min(6, top["tiles"]) > 0
+        assert all(lv["tiles_checked"] == min(6, lv["tiles"]) for lv in levels)
+        lossy = [lv for lv in levels if not lv["lossless"] and lv["psnr_min"] is not None]
+        assert lossy and all(lv["psnr_min"] > 10 and lv["max_error"] > 0 for lv in lossy)
+    generated = report["slides"][-1]
+    assert generated["identity_check"] == "openslide.quickhash-1"
+    assert generated["quickhash"] == generated["server_quickhash"] is not None
+    png = report["slides"][OPENABLE.index("boxes.png")]
+    assert png["quickhash"] is None and png["identity_check"].startswith("file size")
+
+
+def test_verify_every_level_as_png_and_every_tile(generated_svs, tmp_path, capsys,
+                                                  monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, report, out = run_cli(
+        [f"Image:Path={generated_svs}", f"TileCachePath={tmp_path / 'c'}", "--format", "png",
+         "--levels", "8-10", "--sample", "0"], tmp_path, capsys)
+    assert code == 0, out
+    levels = report["slides"][0]["levels"]
+    assert [lv["level"] for lv in levels] == [8, 9, 10]
+    for lv in levels:  # every tile, and every one bit-exact since PNG was asked for
+        assert lv["tiles_checked"] == lv["tiles"] == lv["exact"]
+
+
+def test_verify_fails_on_a_corrupted_disk_cache(generated_svs, tmp_path, capsys,
+                                                monkeypatch):
+    """A cached PNG overwritten with other valid pixels is caught and named."""
+    monkeypatch.chdir(tmp_path)
+    cache = tmp_path / "cache"
+    args = ["Images:0:Name=g", f"Images:0:Path={generated_svs}", f"TileCachePath={cache}",
+            "--levels", "12-top", "--sample", "0"]
+    code, report, out = run_cli(args, tmp_path, capsys)
+    assert code == 0, out
+    top = report["slides"][0]["levels"][-1]["level"]
+    victim = next((cache / "g").rglob(f"{top}/1_2.png"))
+    other = next((cache / "g").rglob(f"{top}/2_1.png"))
+    with Image.open(io.BytesIO(other.read_bytes())) as im:  # valid pixels of another tile,
+        pixels = np.asarray(im.convert("RGB"))[: Image.open(victim).size[1],
+                                                : Image.open(victim).size[0]]
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(pixels)).save(buf, "PNG")
+    victim.write_bytes(buf.getvalue())  # ... cut to the victim's size: a plausible tile
+
+    code, report, out = run_cli(args, tmp_path, capsys)  # a new app: memory cache empty
+    assert code == 1
+    assert report["passed"] is False
+    failures = [f for lv in report["slides"][0]["levels"] for f in lv["failures"]]
+    assert [(f["level"], f["col"], f["row"]) for f in failures] == [(top, 1, 2)]
+    assert failures[0]["url"] == f"/storage/g_files/{top}/1_2.jpeg"
+    assert "lossless tile differs from DeepZoomGenerator.get_tile" in failures[0]["problem"]
+    assert failures[0]["max_error"] > 0
+    assert f"/storage/g_files/{top}/1_2.jpeg: lossless tile differs" in out.replace("\n", "")
+    assert "FAILED" in out
+
+
+def test_verify_fails_on_an_unreadable_slide(fixtures, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, report, out = run_cli(
+        ["Images:0:Name=bad", f"Images:0:Path={fixtures / 'unreadable.svs'}",
+         f"TileCachePath={tmp_path / 'c'}"], tmp_path, capsys)
+    assert code == 1
+    failures = report["slides"][0]["levels"][0]["failures"]
+    assert failures[0]["status"] == 500 and "Bogus marker length" in failures[0]["problem"]
+
+
+def test_verify_usage_errors(fixtures, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    base = ["Images:0:Name=boxes", f"Images:0:Path={fixtures / 'boxes.tiff'}",
+            f"TileCachePath={tmp_path / 'c'}"]
+    assert main(["verify", *base, "nosuch"]) == 2
+    assert "'nosuch' is not in this machine's configuration" in capsys.readouterr().err
+    assert main(["verify", *base, "--levels", "5-2"]) == 2
+    assert "--levels '5-2'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    (None, None), ("3", (3, 3)), ("2-5", (2, 5)), ("4-", (4, None)), ("4-top", (4, None)),
+])
+def test_parse_levels(text, expected):
+    assert parse_levels(text) == expected
+
+
+@pytest.mark.parametrize("text", ["a", "-1", "3-1", "1-2-3", "top"])
+def test_parse_levels_rejects(text):
+    with pytest.raises(VerifyError):
+        parse_levels(text)
+
+
+def test_sample_addresses():
+    assert sample_addresses(3, 2, 0, "s") == [(0, 0), (1, 0), (2, 0), (0, 1), (1, 1), (2, 1)]
+    picks = sample_addresses(100, 80, 16, "seed")
+    assert len(picks) == len(set(picks)) == 16
+    assert {(0, 0), (99, 0), (0, 79), (99, 79), (50, 40)} <= set(picks)
+    assert picks == sample_addresses(100, 80, 16, "seed")  # reproducible
+    assert picks != sample_addresses(100, 80, 16, "other")
