@@ -18,10 +18,12 @@ Tiles come over HTTP from a running server (``--url``) or from the app built in 
 from this machine's configuration (appsettings.json, ``--config``, environment, overrides), as for
 ``tileserver serve``.
 
-The reference is ONE function, :func:`expected_tile`: today openslide-python's
-``DeepZoomGenerator.get_tile`` with the server's tile size, overlap and limit_bounds. A server
-option that changes pixels on purpose (a colour transform) plugs in there, so that verify
-compares against the same transform.
+The reference is ONE function, :func:`expected_tile`: openslide-python's
+``DeepZoomGenerator.get_tile`` with the server's tile size, overlap and limit_bounds, converted
+to sRGB where the server's ``DeepZoom.ColorMode`` converts (:func:`app.colour.reference_pixels`),
+so that verify compares against the same transform. Tiles the server sends as the slide's own
+JPEG bytes (``X-Tile-Source: original``) must be the stored tile, read here with tifffile, and
+decode exactly to the reference.
 """
 
 from __future__ import annotations
@@ -42,10 +44,12 @@ import anyio
 import httpx
 import numpy as np
 import openslide
+import tifffile
 from openslide.deepzoom import DeepZoomGenerator
 from PIL import Image
 
 from app import __version__
+from app.colour import ColorMode, reference_pixels
 from app.settings import Settings
 from app.slides import build_catalogue
 from app.tiles import digest_of
@@ -64,21 +68,27 @@ class VerifyError(Exception):
 # ----------------------------------------------------------------------------- reference
 
 
-def expected_tile(generator: DeepZoomGenerator, level: int, col: int, row: int) -> np.ndarray:
-    """The pixels a tile must decode to: ``DeepZoomGenerator.get_tile``, as RGB.
+def expected_tile(slide: openslide.AbstractSlide, generator: DeepZoomGenerator, level: int,
+                  col: int, row: int, color_mode: ColorMode | str = ColorMode.EMBED
+                  ) -> np.ndarray:
+    """The pixels a tile must decode to: ``DeepZoomGenerator.get_tile``, as RGB, converted to
+    sRGB where the server's colour mode converts (:func:`app.colour.reference_pixels`).
 
-    The one reference of :mod:`app.verify`; a pixel-changing server option (e.g. a colour
-    mode) adds its transform here. Blocking (OpenSlide read): call from a worker thread.
+    The one reference of :mod:`app.verify`. Blocking (OpenSlide read): call from a worker
+    thread.
 
     Args:
-        generator: openslide-python's generator with the server's tile_size, overlap and
-            limit_bounds.
+        slide: the slide opened here (its ICC profile drives converting modes).
+        generator: openslide-python's generator of ``slide`` with the server's tile_size,
+            overlap and limit_bounds.
         level, col, row: DZI level (0 = 1x1 px) and tile address.
+        color_mode: the server's ``DeepZoom.ColorMode`` (its policy document names it).
 
     Returns:
         ``(height, width, 3)`` uint8.
     """
-    return np.asarray(generator.get_tile(level, (col, row)).convert("RGB"))
+    return reference_pixels(slide, level, col, row, tile_size=0, overlap=0,
+                            limit_bounds=False, color_mode=color_mode, generator=generator)
 
 
 class ReferenceSlide:
@@ -92,18 +102,44 @@ class ReferenceSlide:
         VerifyError: OpenSlide cannot open the file.
     """
 
-    def __init__(self, path: Path, tile_size: int, overlap: int, limit_bounds: bool):
+    def __init__(self, path: Path, tile_size: int, overlap: int, limit_bounds: bool,
+                 color_mode: ColorMode | str = ColorMode.EMBED):
         try:
             self.slide = openslide.open_slide(path)
         except (openslide.OpenSlideError, OSError) as exc:
             raise VerifyError(f"cannot open {path} here: {exc}") from None
         self.path = path
+        self.color_mode = color_mode
         self.generator = DeepZoomGenerator(self.slide, tile_size, overlap, limit_bounds)
         self.quickhash = self.slide.properties.get(openslide.PROPERTY_NAME_QUICKHASH1)
 
     def expected(self, level: int, col: int, row: int) -> np.ndarray:
         """:func:`expected_tile` of this slide (blocking)."""
-        return expected_tile(self.generator, level, col, row)
+        return expected_tile(self.slide, self.generator, level, col, row, self.color_mode)
+
+    def stored_tile(self, level: int, col: int, row: int) -> bytes | None:
+        """The slide file's stored JPEG tile that DZI tile (level, col, row) must be when the
+        server says ``X-Tile-Source: original``, read here with tifffile (offsets and byte
+        counts of the TIFF page whose size is the slide level's); None if the DZI tile is not
+        exactly one stored tile. Blocking."""
+        l0, slide_level, l_size = self.generator.get_tile_coordinates(level, (col, row))
+        downsample = self.slide.level_downsamples[slide_level]
+        x, y = l0[0] / downsample, l0[1] / downsample
+        dims = self.slide.level_dimensions[slide_level]
+        try:
+            with tifffile.TiffFile(self.path) as tif:
+                page = next((p for p in tif.pages if p.is_tiled and p.compression == 7
+                             and (p.imagewidth, p.imagelength) == dims), None)
+                if (page is None or not x.is_integer() or not y.is_integer()
+                        or tuple(l_size) != (page.tilewidth, page.tilelength)
+                        or x % page.tilewidth or y % page.tilelength):
+                    return None
+                index = (int(y) // page.tilelength) * -(-dims[0] // page.tilewidth) + (
+                    int(x) // page.tilewidth)
+                tif.filehandle.seek(page.dataoffsets[index])
+                return tif.filehandle.read(page.databytecounts[index])
+        except (OSError, tifffile.TiffFileError, ValueError):
+            return None
 
 
 # ----------------------------------------------------------------------------- results
@@ -138,6 +174,7 @@ class TileResult:
     max_error: int | None = None
     differing_pixels: int | None = None
     psnr: float | None = None
+    source: str | None = None
     problem: str | None = None
 
 
@@ -170,6 +207,7 @@ class LevelReport:
             "format": self.format, "lossless": self.lossless, "slide_level": self.slide_level,
             "tiles_checked": len(self.tiles),
             "exact": sum(t.exact for t in self.tiles),
+            "original": sum(t.source == "original" for t in self.tiles),
             "failed": len(self.failures),
             "psnr_min": round(min(psnrs), 2) if psnrs else None,
             "psnr_mean": round(sum(psnrs) / len(psnrs), 2) if psnrs else None,
@@ -258,12 +296,20 @@ def psnr(mse: float) -> float:
 
 
 def compare(result: TileResult, body: bytes, headers: httpx.Headers, expected: np.ndarray,
-            level_lossless: bool, min_psnr: float) -> None:
+            level_lossless: bool, min_psnr: float, stored: bytes | None = None) -> None:
     """Decode ``body`` and fill ``result``: headers, exactness, error, PSNR, problem.
 
-    Blocking (decode + arrays).
+    A tile the server calls ``X-Tile-Source: original`` must be ``stored`` (the slide's own
+    JPEG tile, read here): its entropy-coded scan byte for byte, and its pixels exactly the
+    reference's, since OpenSlide decodes that same stream. Blocking (decode + arrays).
     """
     problems = []
+    result.source = headers.get("x-tile-source")
+    if result.source == "original":
+        if stored is None:
+            problems.append("X-Tile-Source: original, but this DZI tile is not one stored tile")
+        elif not body.endswith(stored[2:]):
+            problems.append("X-Tile-Source: original, but the bytes are not the stored tile's")
     digest = headers.get("content-digest")
     if digest != digest_of(body).content_digest:
         problems.append(f"Content-Digest {digest!r} is not the SHA-256 of the bytes received")
@@ -290,8 +336,9 @@ def compare(result: TileResult, body: bytes, headers: httpx.Headers, expected: n
         result.differing_pixels = int(np.count_nonzero(diff.max(axis=2)))
         result.exact = result.max_error == 0
         result.psnr = psnr(float(np.mean(diff.astype(np.float64) ** 2)))
-        if result.lossless and not result.exact:
-            problems.append(f"lossless tile differs from DeepZoomGenerator.get_tile: "
+        if (result.lossless or result.source == "original") and not result.exact:
+            kind = "lossless" if result.lossless else "original"
+            problems.append(f"{kind} tile differs from DeepZoomGenerator.get_tile: "
                             f"{result.differing_pixels} pixel(s), max error {result.max_error}")
         elif not result.lossless and result.psnr < min_psnr:
             problems.append(f"PSNR {result.psnr:.1f} dB below --min-psnr {min_psnr}")
@@ -360,9 +407,11 @@ class Verifier:
             "lossless_level_count", "enforce_lossless", "allow_format_override")}
         report.settings["query_format"] = self.query_format
         report.server_quickhash = policy["quickhash"]
+        report.settings["color_mode"] = policy["color"]["mode"]
+        report.settings["geometry"] = policy["geometry"]
         reference = await anyio.to_thread.run_sync(
             ReferenceSlide, entry.path, policy["tile_size"], policy["overlap"],
-            policy["limit_bounds"])
+            policy["limit_bounds"], policy["color"]["mode"])
         report.quickhash = reference.quickhash
         self._check_identity(report, reference, policy)
         base = await self._check_dzi(report, reference, name, policy["declared_format"])
@@ -372,8 +421,9 @@ class Verifier:
         for lv in policy["levels"]:
             if lv["level"] not in wanted:
                 continue
+            fmt, lossless = self._requested(policy, lv)
             level = LevelReport(lv["level"], lv["width"], lv["height"], lv["cols"], lv["rows"],
-                                lv["format"], lv["lossless"], lv["slide_level"])
+                                fmt, lossless, lv["slide_level"])
             seed = f"{policy['quickhash'] or name}-{lv['level']}"
             addresses = sample_addresses(lv["cols"], lv["rows"], self.sample, seed)
             async with anyio.create_task_group() as tg:
@@ -383,7 +433,7 @@ class Verifier:
                     if self.query_format:
                         result.url += f"?format={self.query_format}"
                     level.tiles.append(result)
-                    tg.start_soon(self._check_tile, reference, result, lv["lossless"])
+                    tg.start_soon(self._check_tile, reference, result, lossless)
             report.levels.append(level)
         return report
 
@@ -420,6 +470,19 @@ class Verifier:
                                    "the server's geometry is not the reference's")
         return dzi_url.removesuffix(".dzi") + "_files"
 
+    def _requested(self, policy: dict[str, Any], lv: dict[str, Any]) -> tuple[str, bool]:
+        """The format a level's tiles come in and whether they must be bit-exact, given
+        ``--format``: an override the server honours (``AllowFormatOverride``, and not a lossy
+        format on a level ``EnforceLossless`` keeps lossless) makes PNG exact, WebP exact on
+        lossless levels, JPEG and AVIF lossy; a converting colour mode is never exact."""
+        fmt = (self.query_format or "").lower().replace("jpg", "jpeg")
+        if not fmt or not policy["allow_format_override"] or fmt == lv["format"]:
+            return lv["format"], lv["lossless"]
+        if policy["enforce_lossless"] and lv["lossless"] and fmt in ("jpeg", "avif"):
+            return lv["format"], True
+        untouched = lv["color_transform"] == "none"
+        return fmt, untouched and (fmt == "png" or (fmt == "webp" and lv["lossless"]))
+
     def _wanted_levels(self, level_count: int) -> range:
         if self.levels is None:
             return range(level_count)
@@ -442,8 +505,12 @@ class Verifier:
                 return
             expected = await anyio.to_thread.run_sync(
                 reference.expected, result.level, result.col, result.row)
+            stored = None
+            if response.headers.get("x-tile-source") == "original":
+                stored = await anyio.to_thread.run_sync(
+                    reference.stored_tile, result.level, result.col, result.row)
             await anyio.to_thread.run_sync(compare, result, response.content, response.headers,
-                                           expected, level_lossless, self.min_psnr)
+                                           expected, level_lossless, self.min_psnr, stored)
 
 
 @contextlib.asynccontextmanager

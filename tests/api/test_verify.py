@@ -146,3 +146,59 @@ def test_sample_addresses():
     assert {(0, 0), (99, 0), (0, 79), (99, 79), (50, 40)} <= set(picks)
     assert picks == sample_addresses(100, 80, 16, "seed")  # reproducible
     assert picks != sample_addresses(100, 80, 16, "other")
+
+
+def test_verify_original_tiles_and_a_converting_colour_mode(tmp_path, capsys, monkeypatch):
+    """Aligned geometry: verify checks that original tiles are the stored tiles and decode to
+    exactly get_tile; a converting colour mode is compared with the same LittleCMS transform."""
+    from app.demo import write_aperio_svs
+    from app.icc import D65_XY, rgb_matrix_profile
+
+    monkeypatch.chdir(tmp_path)
+    bare = write_aperio_svs(tmp_path / "bare.svs", 1500, 1100, photometric="rgb", app14=False,
+                            seed=8)
+    code, report, out = run_cli(
+        [f"Image:Path={bare}", f"TileCachePath={tmp_path / 'c1'}", "DeepZoom:Geometry=aligned",
+         "--format", "jpeg", "--levels", "10-top", "--sample", "0"], tmp_path, capsys)
+    assert code == 0, out
+    slide = report["slides"][0]
+    assert slide["settings"]["geometry"] == "aligned" and slide["settings"]["tile_size"] == 240
+    top = slide["levels"][-1]
+    assert top["original"] == top["exact"] == (1500 // 240) * (1100 // 240)
+    assert top["tiles_checked"] == top["tiles"] > top["original"]  # edge tiles rendered
+
+    wide = rgb_matrix_profile("wide (verify test)", ((0.68, 0.32), (0.21, 0.71), (0.15, 0.06)),
+                              D65_XY, 1.8)
+    icc = write_aperio_svs(tmp_path / "icc.svs", 1500, 1100, seed=8, icc_profile=wide)
+    code, report, out = run_cli(
+        [f"Image:Path={icc}", f"TileCachePath={tmp_path / 'c2'}",
+         "DeepZoom:ColorMode=perceptual", "--levels", "10-top", "--sample", "4"],
+        tmp_path, capsys)
+    assert code == 0, out
+    slide = report["slides"][0]
+    assert slide["settings"]["color_mode"] == "perceptual"
+    top = slide["levels"][-1]
+    assert top["format"] == "png" and not top["lossless"]  # converted: not the slide's pixels
+    assert top["exact"] == top["tiles_checked"] == 4  # ... but exactly the transform's
+
+
+def test_compare_flags_an_original_tile_that_is_not_the_stored_one():
+    import httpx
+
+    from app.tiles import digest_of
+    from app.verify import TileResult, compare
+
+    pixels = np.full((8, 8, 3), 200, np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "JPEG", quality=100)
+    body = buf.getvalue()
+    headers = httpx.Headers({"content-digest": digest_of(body).content_digest,
+                             "content-type": "image/jpeg", "x-tile-lossless": "false",
+                             "x-tile-source": "original"})
+    expected = np.asarray(Image.open(io.BytesIO(body)).convert("RGB"))
+    result = TileResult("/t", 0, 0, 0, 200)
+    compare(result, body, headers, expected, False, 0.0, stored=body)
+    assert result.problem is None and result.exact
+    result = TileResult("/t", 0, 0, 0, 200)
+    compare(result, body, headers, expected, False, 0.0, stored=b"\xff\xd8other\xff\xd9")
+    assert "not the stored tile" in result.problem
