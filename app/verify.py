@@ -49,7 +49,7 @@ from openslide.deepzoom import DeepZoomGenerator
 from PIL import Image
 
 from app import __version__
-from app.colour import ColorMode, reference_pixels
+from app.colour import ColorMode, expected_profile, reference_pixels
 from app.settings import Settings
 from app.slides import build_catalogue
 from app.tiles import digest_of
@@ -112,6 +112,7 @@ class ReferenceSlide:
         self.color_mode = color_mode
         self.generator = DeepZoomGenerator(self.slide, tile_size, overlap, limit_bounds)
         self.quickhash = self.slide.properties.get(openslide.PROPERTY_NAME_QUICKHASH1)
+        self.profile = expected_profile(self.slide, color_mode)
 
     def expected(self, level: int, col: int, row: int) -> np.ndarray:
         """:func:`expected_tile` of this slide (blocking)."""
@@ -296,12 +297,15 @@ def psnr(mse: float) -> float:
 
 
 def compare(result: TileResult, body: bytes, headers: httpx.Headers, expected: np.ndarray,
-            level_lossless: bool, min_psnr: float, stored: bytes | None = None) -> None:
+            level_lossless: bool, min_psnr: float, stored: bytes | None = None,
+            profile: bytes | None = None) -> None:
     """Decode ``body`` and fill ``result``: headers, exactness, error, PSNR, problem.
 
     A tile the server calls ``X-Tile-Source: original`` must be ``stored`` (the slide's own
     JPEG tile, read here): its entropy-coded scan byte for byte, and its pixels exactly the
-    reference's, since OpenSlide decodes that same stream. Blocking (decode + arrays).
+    reference's, since OpenSlide decodes that same stream. The ICC profile embedded in the tile
+    must be ``profile`` (:func:`app.colour.expected_profile`: the slide's own bytes in ``embed``
+    mode, the sRGB profile in converting modes, none otherwise). Blocking (decode + arrays).
     """
     problems = []
     result.source = headers.get("x-tile-source")
@@ -320,10 +324,14 @@ def compare(result: TileResult, body: bytes, headers: httpx.Headers, expected: n
     try:
         with Image.open(io.BytesIO(body)) as im:
             kind = im.format
+            embedded = im.info.get("icc_profile") or None
             pixels = np.asarray(im.convert("RGB"))
     except Exception as exc:  # noqa: BLE001 - any undecodable body is a finding, not a crash
         result.problem = f"cannot decode the {len(body)} bytes: {exc}"
         return
+    if embedded != profile:
+        problems.append(f"embedded ICC profile ({len(embedded or b'')} bytes) is not the "
+                        f"expected one ({len(profile or b'')} bytes)")
     media = headers.get("content-type", "")
     if _DECODED_TYPES.get(kind or "") != media:
         problems.append(f"Content-Type {media} but the bytes are {kind}")
@@ -510,7 +518,8 @@ class Verifier:
                 stored = await anyio.to_thread.run_sync(
                     reference.stored_tile, result.level, result.col, result.row)
             await anyio.to_thread.run_sync(compare, result, response.content, response.headers,
-                                           expected, level_lossless, self.min_psnr, stored)
+                                           expected, level_lossless, self.min_psnr, stored,
+                                           reference.profile)
 
 
 @contextlib.asynccontextmanager
