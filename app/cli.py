@@ -1,5 +1,6 @@
 """The ``tileserver`` command: ``tileserver serve [--host] [--port] [--workers] [--config]
-[Section:Key=value ...]``."""
+[Section:Key=value ...]``; ``tileserver pregenerate`` and ``tileserver export`` (see
+:mod:`app.pregenerate_cli`)."""
 
 from __future__ import annotations
 
@@ -29,6 +30,9 @@ def _parser() -> argparse.ArgumentParser:
                        choices=["critical", "error", "warning", "info", "debug"])
     serve.add_argument("overrides", nargs="*", metavar="Section:Key=value",
                        help="settings overrides, e.g. Images:0:Path=/slides/a.svs")
+    from app.pregenerate_cli import add_commands
+
+    add_commands(commands)
     return parser
 
 
@@ -69,6 +73,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "serve":
             return serve(args)
+        if args.command in ("pregenerate", "export"):
+            from app.pregenerate_cli import run_command
+
+            return run_command(args)
     except ConfigError as exc:
         print(f"tileserver: {exc.detail}", file=sys.stderr)
         return 2

@@ -21,7 +21,7 @@ from anyio import CapacityLimiter
 from app.cache import DiskTileCache, MemoryTileCache, SingleFlight, TileKey, variant_of
 from app.errors import SlideReadError
 from app.formats import Encoding, FormatPolicy
-from app.settings import Settings
+from app.settings import DeepZoomSettings, Settings
 from app.slides import OpenSlide, SlideRegistry
 
 log = logging.getLogger(__name__)
@@ -76,12 +76,7 @@ class TileService:
     def key_for(self, handle: OpenSlide, level: int, col: int, row: int,
                 encoding: Encoding) -> TileKey:
         """The cache key of a tile: slide, variant (identity + geometry + encoder), address."""
-        variant = handle.variants.get(encoding)
-        if variant is None:
-            dz = self.settings.DeepZoom
-            variant = handle.variants[encoding] = variant_of(
-                handle.identity, dz.TileSize, dz.Overlap, dz.LimitBounds, encoding.key)
-        return TileKey(handle.name, variant, level, col, row, encoding.format.value)
+        return tile_key(handle, self.settings.DeepZoom, level, col, row, encoding)
 
     async def get_tile(self, name: str, level: int, col: int, row: int,
                        extension: str | None = None, query_format: str | None = None,
@@ -140,12 +135,7 @@ class TileService:
 
     def _render(self, handle: OpenSlide, key: TileKey, encoding: Encoding) -> bytes:
         """Read and encode one tile (worker thread)."""
-        try:
-            image = handle.pyramid.render(key.level, key.col, key.row)
-        except openslide.OpenSlideError as exc:
-            raise SlideReadError(f"OpenSlide cannot read {handle.entry.path.name}: {exc}",
-                                 slide=handle.name) from None
-        return encoding.encode(image)
+        return render_tile(handle, key.level, key.col, key.row, encoding)
 
     async def clear(self, name: str | None = None) -> None:
         """Delete cached tiles of one slide or all (disk and this process's memory)."""
@@ -155,6 +145,39 @@ class TileService:
     async def stats(self, name: str | None = None) -> tuple[int, int]:
         """``(cached tile files, bytes)`` on disk for one slide or all."""
         return await anyio.to_thread.run_sync(self.disk.stats, name, limiter=self.io_limiter)
+
+
+def tile_key(handle: OpenSlide, deepzoom: DeepZoomSettings, level: int, col: int, row: int,
+             encoding: Encoding) -> TileKey:
+    """The cache key of a tile at a DZI address (level, col, row) of an open slide.
+
+    Pure apart from memoising the variant on ``handle``; used by :class:`TileService` and by
+    pregeneration workers (:mod:`app.pregenerate`), so both write the same cache paths.
+    """
+    variant = handle.variants.get(encoding)
+    if variant is None:
+        variant = handle.variants[encoding] = variant_of(
+            handle.identity, deepzoom.TileSize, deepzoom.Overlap, deepzoom.LimitBounds,
+            encoding.key)
+    return TileKey(handle.name, variant, level, col, row, encoding.format.value)
+
+
+def render_tile(handle: OpenSlide, level: int, col: int, row: int, encoding: Encoding) -> bytes:
+    """Read and encode the tile at a DZI address: the bytes every path serves or stores.
+
+    Blocking (slide read + encode): call it from a worker thread or process. On-demand
+    requests (:class:`TileService`) and pregeneration (:mod:`app.pregenerate`) both call it,
+    so a tile's bytes do not depend on which path made it.
+
+    Raises:
+        SlideReadError: OpenSlide cannot read the slide (its message is kept).
+    """
+    try:
+        image = handle.pyramid.render(level, col, row)
+    except openslide.OpenSlideError as exc:
+        raise SlideReadError(f"OpenSlide cannot read {handle.entry.path.name}: {exc}",
+                             slide=handle.name) from None
+    return encoding.encode(image)
 
 
 def default_render_threads() -> int:
