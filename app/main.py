@@ -1,8 +1,8 @@
 """The application factory: ``create_app(settings)`` builds the FastAPI app and its services.
 
-Resources live on ``app.state`` (``settings``, ``registry``, ``tiles``); nothing is created at
-import time, so tests build apps from ``Settings`` objects. ``create_app_from_env`` is the factory
-uvicorn workers call: the CLI passes them its validated settings as JSON in
+Resources live on ``app.state`` (``settings``, ``registry``, ``tiles``, ``jobs``); nothing is
+created at import time, so tests build apps from ``Settings`` objects. ``create_app_from_env`` is
+the factory uvicorn workers call: the CLI passes them its validated settings as JSON in
 ``TILESERVER_SETTINGS_JSON``.
 """
 
@@ -19,8 +19,9 @@ from fastapi.staticfiles import StaticFiles
 
 from app import __version__
 from app.errors import install_handlers
+from app.jobs import JobManager
 from app.middleware import HeadAsGet, TileFastPath
-from app.routes import api, deepzoom, web
+from app.routes import api, deepzoom, jobs, web
 from app.settings import Settings, settings_from
 from app.slides import SlideRegistry, build_catalogue
 from app.tiles import TileService, default_render_threads
@@ -46,14 +47,18 @@ def create_app(settings: Settings) -> FastAPI:
         app.state.settings = settings
         app.state.registry = registry
         app.state.tiles = TileService(registry, settings, render, CapacityLimiter(IO_THREADS))
+        app.state.jobs = JobManager(app.state.tiles)
+        app.state.jobs.start()
         log.info("serving %d slide(s): %s", len(catalogue), ", ".join(catalogue))
         yield
+        await app.state.jobs.close()
 
     app = FastAPI(title="WSI tile server", version=__version__, lifespan=lifespan,
                   description="DeepZoom tiles of whole-slide images read with OpenSlide.")
     install_handlers(app)
     app.include_router(deepzoom.router)
     app.include_router(api.router)
+    app.include_router(jobs.router)
     app.include_router(web.router)
     osd = web.openseadragon_dir()
     if osd is not None:

@@ -445,10 +445,15 @@ class Pregenerator:
 
     def run(self, targets: Sequence[SlideTarget], overwrite: bool = False,
             cancel: threading.Event | None = None,
-            on_progress: Callable[[Progress], None] | None = None) -> Progress:
+            on_progress: Callable[[Progress], None] | None = None,
+            slide_errors: list[TileServerError] | None = None) -> Progress:
         """Render every target, one slide after the other.
 
         Before a slide, temporary files that killed writers left in its folder are deleted.
+
+        Args:
+            slide_errors: when given, a slide that cannot be opened or read is recorded here
+                (its remaining batches dropped) and the next slide goes on; else it raises.
 
         Returns:
             The final counts.
@@ -461,29 +466,38 @@ class Pregenerator:
         cancel = cancel or threading.Event()
         progress = Progress(total=sum(target.total for target in targets))
         for target in targets:
-            if cancel.is_set():
-                raise Cancelled()
-            progress.slide = target.entry.name
-            if on_progress is not None:
-                on_progress(dataclasses.replace(progress))
-            folder = (target.output if target.output is not None
-                      else Path(self.settings.TileCachePath) / target.entry.name)
-            if folder.is_dir():
-                swept = sweep_temporary_files(folder)
-                if swept:
-                    log.info("removed %d temporary file(s) of killed writers in %s",
-                             swept, folder)
-            with closing(self.engine.run(self.tasks(target, overwrite), cancel)) as results:
-                for result in results:
-                    progress.done += result.done
-                    progress.skipped += result.skipped
-                    progress.bytes += result.bytes
-                    raise_for(result, target.entry.name)
-                    if on_progress is not None:
-                        on_progress(dataclasses.replace(progress))
-            if cancel.is_set():
-                raise Cancelled()
+            try:
+                self._run_slide(target, overwrite, cancel, on_progress, progress)
+            except (SlideOpenError, SlideReadError) as exc:
+                if slide_errors is None:
+                    raise
+                slide_errors.append(exc)
         return progress
+
+    def _run_slide(self, target: SlideTarget, overwrite: bool, cancel: threading.Event,
+                   on_progress: Callable[[Progress], None] | None, progress: Progress) -> None:
+        """One slide's batches; counts go into ``progress``."""
+        if cancel.is_set():
+            raise Cancelled()
+        progress.slide = target.entry.name
+        if on_progress is not None:
+            on_progress(dataclasses.replace(progress))
+        folder = (target.output if target.output is not None
+                  else Path(self.settings.TileCachePath) / target.entry.name)
+        if folder.is_dir():
+            swept = sweep_temporary_files(folder)
+            if swept:
+                log.info("removed %d temporary file(s) of killed writers in %s", swept, folder)
+        with closing(self.engine.run(self.tasks(target, overwrite), cancel)) as results:
+            for result in results:
+                progress.done += result.done
+                progress.skipped += result.skipped
+                progress.bytes += result.bytes
+                raise_for(result, target.entry.name)
+                if on_progress is not None:
+                    on_progress(dataclasses.replace(progress))
+        if cancel.is_set():
+            raise Cancelled()
 
     def close(self) -> None:
         """Stop the engine's processes or disconnect from the cluster."""
