@@ -346,7 +346,7 @@ class DaskPool:
 
         futures = self.client.map(render_batch, list(tasks), pure=False)
         try:
-            for future in as_completed(futures):
+            for future in as_completed(futures, loop=self.client.loop):
                 yield future.result()
                 if cancel.is_set():
                     break
