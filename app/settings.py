@@ -165,7 +165,7 @@ class PregenerationSettings(Section):
     Nice: int = Field(10, ge=0, le=19,
                       description="Niceness added to worker processes, so that interactive "
                                   "requests keep their latency while a job runs.")
-    WorkerCacheBytes: int = Field(128 * 1024 * 1024, ge=0,
+    WorkerCacheBytes: int = Field(64 * 1024 * 1024, ge=0,
                                   description="Decoded slide tiles kept per worker process.")
     Scheduler: str | None = Field(None, description="Dask scheduler address "
                                   "(tcp://host:8786): run jobs on that cluster instead.")
