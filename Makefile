@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 5000
 
-.PHONY: install run test bench lint clean
+.PHONY: install run test bench bench-pregen lint clean
 
 $(BIN)/.installed: pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,9 @@ test: install
 
 bench: install
 	$(BIN)/python -m bench.tiles
+
+bench-pregen: install
+	$(BIN)/python -m bench.pregen
 
 lint: install
 	$(BIN)/ruff check app tests bench

@@ -17,6 +17,7 @@ import logging
 import os
 import shutil
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -99,26 +100,10 @@ class DiskTileCache:
         """
         if not self.enabled:
             return False
-        path = self.path_for(key)
-        tmp = None
         try:
-            unique = f"{os.getpid()}-{threading.get_ident()}-{next(_SERIAL)}"
-            tmp = f"{path.parent}/{TEMP_PREFIX}{unique}"
-            try:
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            except FileNotFoundError:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.replace(tmp, path)
+            write_atomic(self.path_for(key), data)
             return True
         except OSError as exc:
-            if tmp is not None:
-                try:
-                    os.unlink(tmp)
-                except OSError:
-                    pass
             if exc.errno not in self._warned:
                 self._warned.add(exc.errno or 0)
                 reason = errno.errorcode.get(exc.errno or 0, "error")
@@ -152,6 +137,77 @@ class DiskTileCache:
                         child.unlink(missing_ok=True)
         else:
             shutil.rmtree(self.root / slide, ignore_errors=True)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write a file atomically: a temporary file in the same folder, then ``os.replace``.
+
+    Creates missing parent folders. A reader sees no file or the whole file, whatever happens
+    to the writer (kill -9 included); a temporary file a killed writer leaves behind is named
+    ``.tmp-{pid}-...`` and is never served (see :func:`sweep_temporary_files`).
+
+    Raises:
+        OSError: the file cannot be written (read-only or full disk, ...); the temporary file
+            is removed.
+    """
+    unique = f"{os.getpid()}-{threading.get_ident()}-{next(_SERIAL)}"
+    tmp = f"{path.parent}/{TEMP_PREFIX}{unique}"
+    try:
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileNotFoundError:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except OSError:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def sweep_temporary_files(folder: Path, stale_seconds: float = 600.0) -> int:
+    """Delete the temporary files killed writers left under ``folder`` (recursively).
+
+    A ``.tmp-{pid}-...`` file is stale when no process ``pid`` runs on this host, or when it
+    is older than ``stale_seconds`` (writers on other hosts of a shared cache). Live writers'
+    files are kept. Blocking.
+
+    Returns:
+        How many files were deleted.
+    """
+    removed = 0
+    now = time.time()
+    for dirpath, _dirs, files in os.walk(folder):
+        for name in files:
+            if not name.startswith(TEMP_PREFIX):
+                continue
+            path = os.path.join(dirpath, name)
+            pid_text = name[len(TEMP_PREFIX):].split("-", 1)[0]
+            try:
+                stale = (not _pid_alive(int(pid_text))
+                         or now - os.stat(path).st_mtime > stale_seconds)
+                if stale:
+                    os.unlink(path)
+                    removed += 1
+            except (OSError, ValueError):
+                continue
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 class MemoryTileCache:

@@ -2,7 +2,8 @@
 
 ``tileserver serve [--host] [--port] [--workers] [--config] [Section:Key=value ...]`` serves;
 ``tileserver verify [NAME ...] [--url URL] [--levels A-B] [--sample N] [--json FILE] ...`` proves
-that served tiles are the slide's pixels (see :mod:`app.verify`).
+that served tiles are the slide's pixels (see :mod:`app.verify`); ``tileserver pregenerate`` and
+``tileserver export`` fill the cache and write static pyramids (see :mod:`app.pregenerate_cli`).
 """
 
 from __future__ import annotations
@@ -57,6 +58,10 @@ def _parser() -> argparse.ArgumentParser:
                         help="fail lossy tiles below this PSNR (default 0: report only)")
     verify.add_argument("--json", metavar="FILE", help="write the JSON report (- for stdout)")
     verify.add_argument("--config", metavar="FILE", help="JSON settings, as for serve")
+
+    from app.pregenerate_cli import add_commands
+
+    add_commands(commands)
     return parser
 
 
@@ -136,6 +141,10 @@ def main(argv: list[str] | None = None) -> int:
             return serve(args)
         if args.command == "verify":
             return verify(args)
+        if args.command in ("pregenerate", "export"):
+            from app.pregenerate_cli import run_command
+
+            return run_command(args)
     except ConfigError as exc:
         print(f"tileserver: {exc.detail}", file=sys.stderr)
         return 2

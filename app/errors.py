@@ -21,10 +21,11 @@ class TileServerError(Exception):
 
     code = "internal_error"
 
-    def __init__(self, detail: str, *, slide: str | None = None):
+    def __init__(self, detail: str, *, slide: str | None = None, **extra: str):
         super().__init__(detail)
         self.detail = detail
         self.slide = slide
+        self.extra = extra  # more fields of the JSON body, e.g. ``job`` of a 409
 
 
 class ConfigError(TileServerError):
@@ -69,7 +70,49 @@ class SlideReadError(TileServerError):
     code = "slide_unreadable"
 
 
+class BadJobRequest(TileServerError):
+    """A malformed pregeneration request, e.g. ``?levels=`` that is not ``A-B`` or a list."""
+
+    code = "bad_request"
+
+
+class JobNotFound(TileServerError):
+    """No pregeneration job of that id is known to the process that answers."""
+
+    code = "job_not_found"
+
+
+class JobConflict(TileServerError):
+    """A job already runs (or waits) for that slide; ``extra["job"]`` is its id."""
+
+    code = "job_conflict"
+
+
+class JobFinished(TileServerError):
+    """The job has already finished, so it cannot be cancelled."""
+
+    code = "job_finished"
+
+
+class DiskCacheDisabled(TileServerError):
+    """Pregeneration fills the disk cache, and ``EnableDiskCache`` is false."""
+
+    code = "disk_cache_disabled"
+
+
+class CacheWriteError(TileServerError):
+    """Pregeneration could not write a tile (read-only or full disk); ``detail`` says why."""
+
+    code = "cache_not_writable"
+
+
 STATUS: dict[type[TileServerError], int] = {
+    BadJobRequest: 400,
+    JobNotFound: 404,
+    JobConflict: 409,
+    JobFinished: 409,
+    DiskCacheDisabled: 409,
+    CacheWriteError: 500,
     BadTileRequest: 400,
     SlideNotFound: 404,
     TileNotFound: 404,
@@ -89,11 +132,13 @@ def status_for(exc: TileServerError) -> int:
     return 500
 
 
-def error_body(code: str, detail: str, slide: str | None = None) -> dict[str, str]:
-    """The JSON body of every error response."""
+def error_body(code: str, detail: str, slide: str | None = None,
+               extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The JSON body of every error response (``extra``: more fields, e.g. a 409's ``job``)."""
     body = {"error": code, "detail": detail}
     if slide is not None:
         body["slide"] = slide
+    body.update(extra or {})
     return body
 
 
@@ -105,7 +150,8 @@ def install_handlers(app: FastAPI) -> None:
         status = status_for(exc)
         if status >= 500:
             log.warning("%s %s -> %d %s", request.method, request.url.path, status, exc.detail)
-        return JSONResponse(error_body(exc.code, exc.detail, exc.slide), status_code=status)
+        return JSONResponse(error_body(exc.code, exc.detail, exc.slide, exc.extra),
+                            status_code=status)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:

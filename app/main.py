@@ -1,8 +1,8 @@
 """The application factory: ``create_app(settings)`` builds the FastAPI app and its services.
 
-Resources live on ``app.state`` (``settings``, ``registry``, ``tiles``); nothing is created at
-import time, so tests build apps from ``Settings`` objects. ``create_app_from_env`` is the factory
-uvicorn workers call: the CLI passes them its validated settings as JSON in
+Resources live on ``app.state`` (``settings``, ``registry``, ``tiles``, ``jobs``); nothing is
+created at import time, so tests build apps from ``Settings`` objects. ``create_app_from_env`` is
+the factory uvicorn workers call: the CLI passes them its validated settings as JSON in
 ``TILESERVER_SETTINGS_JSON``.
 """
 
@@ -20,9 +20,10 @@ from fastapi.staticfiles import StaticFiles
 from app import __version__
 from app.audit import AuditLog
 from app.errors import install_handlers
+from app.jobs import JobManager
 from app.lossless import check_round_trips
 from app.middleware import HeadAsGet, TileFastPath
-from app.routes import api, associated, deepzoom, web
+from app.routes import api, associated, deepzoom, jobs, web
 from app.settings import Settings, settings_from
 from app.slides import SlideRegistry, build_catalogue
 from app.tiles import TileService, default_render_threads
@@ -59,10 +60,13 @@ def create_app(settings: Settings) -> FastAPI:
             await anyio.to_thread.run_sync(audit.open)
             app.state.audit = audit
             log.info("audit log: %s", audit.path)
+        app.state.jobs = JobManager(app.state.tiles)
+        app.state.jobs.start()
         log.info("serving %d slide(s): %s", len(catalogue), ", ".join(catalogue))
         try:
             yield
         finally:
+            await app.state.jobs.close()
             if app.state.audit is not None:
                 await anyio.to_thread.run_sync(app.state.audit.close)
 
@@ -72,6 +76,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(deepzoom.router)
     app.include_router(associated.router)
     app.include_router(api.router)
+    app.include_router(jobs.router)
     app.include_router(web.router)
     osd = web.openseadragon_dir()
     if osd is not None:

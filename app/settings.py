@@ -221,6 +221,19 @@ class AuditSettings(Section):
     BackupCount: int = Field(10, ge=0, le=10000, description="Rotated files kept.")
 
 
+class PregenerationSettings(Section):
+    """``Pregeneration``: background jobs and ``tileserver pregenerate`` (see app.pregenerate)."""
+
+    Workers: int = Field(0, ge=0, le=256, description="Worker processes; 0: one per CPU core.")
+    Nice: int = Field(10, ge=0, le=19,
+                      description="Niceness added to worker processes, so that interactive "
+                                  "requests keep their latency while a job runs.")
+    WorkerCacheBytes: int = Field(64 * 1024 * 1024, ge=0,
+                                  description="Decoded slide tiles kept per worker process.")
+    Scheduler: str | None = Field(None, description="Dask scheduler address "
+                                  "(tcp://host:8786): run jobs on that cluster instead.")
+
+
 class Settings(BaseSettings):
     """The whole configuration; attribute names are the appsettings.json keys."""
 
@@ -235,6 +248,7 @@ class Settings(BaseSettings):
     TileFormat: TileFormatSettings = Field(default_factory=TileFormatSettings)
     Server: ServerSettings = Field(default_factory=ServerSettings)
     Privacy: PrivacySettings = Field(default_factory=PrivacySettings)
+    Pregeneration: PregenerationSettings = Field(default_factory=PregenerationSettings)
     DemoDirectory: str = "./data"
     Audit: AuditSettings = Field(default_factory=AuditSettings)
 

@@ -192,6 +192,23 @@ class SlideRegistry:
                 self._open.popitem(last=False)  # closed by OpenSlide when unreferenced
             return handle
 
+    def open_blocking(self, name: str) -> OpenSlide:
+        """The open slide, opened or revalidated in the calling thread.
+
+        For processes without an event loop (pregeneration workers, the CLI); do not mix
+        with :meth:`get` on one registry.
+
+        Raises:
+            SlideNotFound: unknown name.
+            SlideOpenError: OpenSlide cannot open the file (its message is the detail).
+        """
+        handle = self._open_or_revalidate(self.entry(name), self._open.get(name))
+        self._open[name] = handle
+        self._open.move_to_end(name)
+        while len(self._open) > self.settings.Server.MaxOpenSlides:
+            self._open.popitem(last=False)
+        return handle
+
     def discard(self, name: str, handle: OpenSlide | None = None) -> None:
         """Drop an open slide (after a read error, the handle is dead); reopened on next use."""
         if handle is None or self._open.get(name) is handle:

@@ -126,16 +126,8 @@ class TileService:
 
     def key_for(self, handle: OpenSlide, level: int, col: int, row: int,
                 encoding: Encoding, source: ImageSource | None = None) -> TileKey:
-        """The cache key of a tile: slide, variant (identity + geometry + encoder + colour
-        + which image), address. ``source`` defaults to the slide itself."""
-        source = source or handle.source
-        variant = handle.variants.get((encoding, source.scope))
-        if variant is None:
-            pyramid = source.pyramid
-            variant = handle.variants[(encoding, source.scope)] = variant_of(
-                handle.identity, pyramid.tile_size, pyramid.overlap, pyramid.limit_bounds,
-                encoding.key, source.color.key, source.scope)
-        return TileKey(handle.name, variant, level, col, row, encoding.format.value)
+        """The cache key of a tile (:func:`tile_key`); ``source`` defaults to the slide."""
+        return tile_key(handle, level, col, row, encoding, source)
 
     async def associated_source(self, handle: OpenSlide, name: str) -> ImageSource:
         """An associated image of an open slide as a DZI source, opened once per handle.
@@ -225,13 +217,13 @@ class TileService:
         if cached is not None:
             return Tile(cached[0], decision.encoding, "hit", cached[1], decision.vary_accept,
                         color.name, "original", **facts)
-        pyramid = source.pyramid
+        args = (handle, key.level, key.col, key.row, decision.encoding, True, source)
         try:
             try:
-                data = pyramid.original(key.level, key.col, key.row, nowait=True)
+                data = original_tile(*args, nowait=True)
             except BlockingIOError:
                 data = await anyio.to_thread.run_sync(
-                    pyramid.original, key.level, key.col, key.row, limiter=self.render_limiter)
+                    original_tile, *args, limiter=self.render_limiter)
         except OSError as exc:
             self.registry.discard(handle.name, handle)
             raise SlideReadError(f"cannot read {handle.entry.path.name}: {exc.strerror}",
@@ -241,8 +233,6 @@ class TileService:
                 key, lambda: self._load(handle, key, decision.encoding, source, remember=False))
             return Tile(data, decision.encoding, status, digest, decision.vary_accept,
                         color.name, **facts)
-        if color.embed_profile:
-            data = jpeg_with_profile(data, color.embed_profile)
         digest = digest_of(data)
         self.memory.put(key, data, digest)
         return Tile(data, decision.encoding, "miss", digest, decision.vary_accept, color.name,
@@ -280,13 +270,7 @@ class TileService:
     def _render(self, handle: OpenSlide, key: TileKey, encoding: Encoding,
                 source: ImageSource) -> bytes:
         """Read, colour-convert (if the mode says so) and encode one tile (worker thread)."""
-        try:
-            image = source.pyramid.render(key.level, key.col, key.row)
-        except openslide.OpenSlideError as exc:
-            raise SlideReadError(f"OpenSlide cannot read {handle.entry.path.name}: {exc}",
-                                 slide=handle.name) from None
-        color = source.color
-        return encoding.encode(color.apply(image), color.embed_profile)
+        return render_tile(handle, key.level, key.col, key.row, encoding, source)
 
     async def clear(self, name: str | None = None) -> None:
         """Delete cached tiles of one slide or all (disk and this process's memory)."""
@@ -296,6 +280,73 @@ class TileService:
     async def stats(self, name: str | None = None) -> tuple[int, int]:
         """``(cached tile files, bytes)`` on disk for one slide or all."""
         return await anyio.to_thread.run_sync(self.disk.stats, name, limiter=self.io_limiter)
+
+
+def tile_key(handle: OpenSlide, level: int, col: int, row: int, encoding: Encoding,
+             source: ImageSource | None = None) -> TileKey:
+    """The cache key of a tile at a DZI address (level, col, row) of an open slide.
+
+    The variant hashes the slide identity, the pyramid's geometry (``DeepZoom.Geometry`` may
+    make it per slide), the encoder options, the colour mode and which image (``source``: the
+    slide by default, or one of its associated images). Pure apart from memoising the variant
+    on ``handle``; used by :class:`TileService` and by pregeneration workers
+    (:mod:`app.pregenerate`), so both write the same cache paths.
+    """
+    source = source or handle.source
+    variant = handle.variants.get((encoding, source.scope))
+    if variant is None:
+        pyramid = source.pyramid
+        variant = handle.variants[(encoding, source.scope)] = variant_of(
+            handle.identity, pyramid.tile_size, pyramid.overlap, pyramid.limit_bounds,
+            encoding.key, source.color.key, source.scope)
+    return TileKey(handle.name, variant, level, col, row, encoding.format.value)
+
+
+def render_tile(handle: OpenSlide, level: int, col: int, row: int, encoding: Encoding,
+                source: ImageSource | None = None) -> bytes:
+    """Read, colour-convert (if the mode says so) and encode the tile at a DZI address: the
+    bytes every path serves or stores.
+
+    Blocking (slide read + encode): call it from a worker thread or process. On-demand
+    requests (:class:`TileService`) and pregeneration (:mod:`app.pregenerate`) both call it,
+    so a tile's bytes do not depend on which path made it.
+
+    Raises:
+        SlideReadError: OpenSlide cannot read the slide (its message is kept).
+    """
+    source = source or handle.source
+    try:
+        image = source.pyramid.render(level, col, row)
+    except openslide.OpenSlideError as exc:
+        raise SlideReadError(f"OpenSlide cannot read {handle.entry.path.name}: {exc}",
+                             slide=handle.name) from None
+    color = source.color
+    return encoding.encode(color.apply(image), color.embed_profile)
+
+
+def original_tile(handle: OpenSlide, level: int, col: int, row: int, encoding: Encoding,
+                  passthrough: bool, source: ImageSource | None = None,
+                  nowait: bool = False) -> bytes | None:
+    """The slide's stored JPEG bytes when they ARE the tile served at this address, else None.
+
+    They are when ``TileFormat.Passthrough`` is on, the encoding is JPEG, the colour mode
+    converts nothing, and the DZI tile is exactly one stored tile
+    (:meth:`app.deepzoom.SlidePyramid.original`); in ``embed`` mode the slide's profile is
+    spliced in as APP2 (the scan untouched). Used by :class:`TileService` and by export, so
+    both send the same bytes. One read, blocking, or with ``nowait`` from the page cache only.
+
+    Raises:
+        BlockingIOError: ``nowait`` and the read would wait for the disk.
+        OSError: the slide file cannot be read.
+    """
+    source = source or handle.source
+    color = source.color
+    if not passthrough or encoding.format is not TileFormat.JPEG or color.converts:
+        return None
+    data = source.pyramid.original(level, col, row, nowait)
+    if data is not None and color.embed_profile:
+        data = jpeg_with_profile(data, color.embed_profile)
+    return data
 
 
 def default_render_threads() -> int:

@@ -89,8 +89,10 @@ class LiveServer:
         return httpx.get(self.base_url + path, timeout=30, **kwargs)
 
 
-def start_server(tmp: Path, settings: dict, *args: str, env: dict | None = None) -> LiveServer:
-    """Start ``tileserver serve`` with an appsettings file; wait until /healthz answers."""
+def start_server(tmp: Path, settings: dict, *args: str, env: dict | None = None,
+                 prefix: tuple[str, ...] = ()) -> LiveServer:
+    """Start ``tileserver serve`` with an appsettings file; wait until /healthz answers.
+    ``prefix`` goes in front of the command (e.g. ``unshare ...``)."""
     config = tmp / "appsettings.json"
     config.write_text(json.dumps(settings))
     port = free_port()
@@ -98,8 +100,8 @@ def start_server(tmp: Path, settings: dict, *args: str, env: dict | None = None)
     full_env = {k: v for k, v in os.environ.items() if "__" not in k}
     full_env.update(env or {})
     process = subprocess.Popen(
-        [sys.executable, "-m", "app.cli", "serve", "--port", str(port), "--config", str(config),
-         *args],
+        [*prefix, sys.executable, "-m", "app.cli", "serve", "--port", str(port),
+         "--config", str(config), *args],
         cwd=tmp, env=full_env, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
     )
     base = f"http://127.0.0.1:{port}"

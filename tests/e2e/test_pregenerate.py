@@ -1,0 +1,225 @@
+"""End to end: `tileserver pregenerate` and `tileserver export` as processes, kill -9 and resume,
+a full and a read-only disk (tmpfs mounts in a user namespace), the Dask path on a LocalCluster,
+and an export served by Python's http.server."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import decode, free_port, start_server, stop_server
+
+CLI = [sys.executable, "-m", "app.cli"]
+DEADLINE = 300.0  # seconds a command may take on a loaded 2-core machine
+
+
+def run_cli(*args: str, cwd: Path, prefix: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if "__" not in k}
+    return subprocess.run([*prefix, *CLI, *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=DEADLINE)
+
+
+def slide_args(cache: Path, slide: Path, *extra: str) -> list[str]:
+    return ["Images:0:Name=g", f"Images:0:Path={slide}", f"TileCachePath={cache}", *extra]
+
+
+def tiles_on_disk(root: Path) -> list[Path]:
+    return [p for p in root.rglob("*") if p.is_file() and not p.name.startswith(".tmp-")]
+
+
+def assert_cache_equals_on_demand(client_for, cache: Path, slide: Path, **sections) -> int:
+    """Every tile of every level, rendered on demand by an app with an empty cache of its own,
+    equals the file pregeneration wrote; returns the number of tiles compared."""
+    app = client_for(Images=[{"Name": "g", "Path": str(slide)}],
+                     TileCachePath=str(cache.parent / "on-demand"), **sections)
+    reader = client_for(Images=[{"Name": "g", "Path": str(slide)}], TileCachePath=str(cache),
+                        **sections)
+    compared = 0
+    for level in app.get("/api/slides/g").json()["levels"]:
+        for row in range(level["rows"]):
+            for col in range(level["cols"]):
+                url = f"/storage/g_files/{level['level']}/{col}_{row}.jpeg"
+                fresh, stored = app.get(url), reader.get(url)
+                assert fresh.headers["x-tile-cache"] == "miss"
+                assert stored.headers["x-tile-cache"] == "hit", url  # pregenerated file
+                assert fresh.content == stored.content, url
+                compared += 1
+    return compared
+
+
+def test_pregenerate_cli_writes_the_tiles_the_server_renders(tmp_path, generated_svs,
+                                                              client_for):
+    cache = tmp_path / "cache"
+    done = run_cli("pregenerate", *slide_args(cache, generated_svs), "--workers", "2",
+                   cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "tiles written, 0 skipped" in done.stdout and "tiles/s" in done.stderr  # rich bar
+    compared = assert_cache_equals_on_demand(client_for, cache, generated_svs)
+    assert len(tiles_on_disk(cache)) == compared
+    again = run_cli("pregenerate", "g", *slide_args(cache, generated_svs), "--levels", "9-11",
+                    cwd=tmp_path)
+    assert again.returncode == 0 and " 0 tiles written" in again.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--levels", "x"], "levels 'x'"),
+    (["nope"], "no slide named 'nope'"),
+    (["TileFormat:JpegQuality=0"], "TileFormat:JpegQuality"),
+])
+def test_pregenerate_cli_bad_input(tmp_path, generated_svs, args, message):
+    result = run_cli("pregenerate", *slide_args(tmp_path / "c", generated_svs), *args,
+                     cwd=tmp_path)
+    assert result.returncode in (1, 2) and message in result.stderr
+
+
+def test_unreadable_slide_fails_with_openslide_message(tmp_path, fixtures):
+    cache = tmp_path / "cache"
+    result = run_cli("pregenerate", *slide_args(cache, fixtures / "unreadable.svs"), cwd=tmp_path)
+    assert result.returncode == 1 and "Bogus marker length" in result.stderr
+    assert not tiles_on_disk(cache)
+
+
+def test_kill_9_mid_pyramid_then_resume(tmp_path, generated_svs, client_for):
+    """kill -9 the CLI and its worker processes mid-pyramid: every file in the cache is whole;
+    the next run removes the killed writers' temporary files, skips the whole tiles and
+    completes the pyramid, byte-identical to on-demand tiles."""
+    cache = tmp_path / "cache"
+    slow = ["TileFormat:LosslessLevelCount=-1", "TileFormat:PngCompressLevel=12"]
+    env = {k: v for k, v in os.environ.items() if "__" not in k}
+    process = subprocess.Popen([*CLI, "pregenerate", *slide_args(cache, generated_svs, *slow)],
+                               cwd=tmp_path, env=env, start_new_session=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + DEADLINE
+    while time.monotonic() < deadline and len(tiles_on_disk(cache)) < 40:
+        assert process.poll() is None, "finished before it could be killed"
+        time.sleep(0.02)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    time.sleep(0.5)  # the killed workers are gone
+    written = tiles_on_disk(cache)
+    total = client_for(Images=[{"Name": "g", "Path": str(generated_svs)}]).get(
+        "/api/slides/g").json()["tile_count"]
+    assert 40 <= len(written) < total
+    for path in written:
+        assert decode(path.read_bytes()).ndim == 3  # whole files only: raises on a truncated one
+
+    resumed = run_cli("pregenerate", *slide_args(cache, generated_svs, *slow), cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    skipped = int(resumed.stdout.split(" skipped")[0].rsplit(" ", 1)[1])
+    assert skipped >= len(written)
+    assert not list(cache.rglob(".tmp-*"))
+    sections = {"TileFormat": {"LosslessLevelCount": -1, "PngCompressLevel": 12}}
+    assert assert_cache_equals_on_demand(client_for, cache, generated_svs, **sections) == total
+
+
+def in_namespace_with_tmpfs(mountpoint: Path, options: str) -> tuple[str, ...]:
+    """A command prefix: a user + mount namespace (``unshare -rm``) where ``mountpoint`` is a
+    fresh tmpfs mounted with ``options`` (``size=...``; ``ro``)."""
+    mountpoint.mkdir(parents=True, exist_ok=True)
+    script = f'mount -t tmpfs -o {options} none "{mountpoint}" && exec "$@"'
+    return ("unshare", "-rm", "sh", "-c", script, "sh")
+
+
+@pytest.mark.parametrize("options, message", [
+    ("size=96k", "No space left on device"),
+    ("ro", "Read-only file system"),
+])
+def test_full_or_read_only_disk_fails_clearly(tmp_path, generated_svs, options, message):
+    cache = tmp_path / "cache"
+    result = run_cli("pregenerate", *slide_args(cache, generated_svs), cwd=tmp_path,
+                     prefix=in_namespace_with_tmpfs(cache, options))
+    assert result.returncode == 1, result.stderr
+    assert "cannot write the tile cache" in result.stderr and message in result.stderr
+
+
+def test_server_job_fails_on_a_full_disk_and_the_server_keeps_serving(tmp_path, generated_svs):
+    cache = tmp_path / "cache"
+    settings = {"TileCachePath": str(cache), "Images": [{"Name": "g", "Path": str(generated_svs)}]}
+    server = start_server(tmp_path, settings,
+                          prefix=in_namespace_with_tmpfs(cache, "size=96k"))
+    try:
+        job = httpx.post(server.base_url + "/api/tiles/g/generate", timeout=30).json()
+        deadline = time.monotonic() + DEADLINE
+        while time.monotonic() < deadline:
+            doc = server.get(f"/api/jobs/{job['id']}").json()
+            if doc["state"] not in ("queued", "running"):
+                break
+            time.sleep(0.1)
+        assert doc["state"] == "failed" and "No space left on device" in doc["error"]
+        assert doc["error_code"] == "cache_not_writable"
+        tile = server.get("/storage/g_files/12/1_1.jpeg")
+        assert tile.status_code == 200 and decode(tile.content).shape == (256, 256, 3)
+        assert server.get("/healthz").status_code == 200
+    finally:
+        stop_server(server)
+
+
+def test_dask_local_cluster(tmp_path, generated_svs, client_for):
+    from distributed import LocalCluster
+
+    cache = tmp_path / "cache"
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                      dashboard_address=None) as cluster:
+        result = run_cli("pregenerate", *slide_args(cache, generated_svs),
+                         "--scheduler", cluster.scheduler_address, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    compared = assert_cache_equals_on_demand(client_for, cache, generated_svs)
+    assert len(tiles_on_disk(cache)) == compared
+
+
+def test_export_served_by_a_static_server(tmp_path, generated_svs, client_for):
+    out = tmp_path / "export"
+    result = run_cli("export", str(generated_svs), str(out),
+                     f"TileCachePath={tmp_path / 'unused'}", "--workers", "2", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert (out / "generated.html").is_file()
+    assert (out / "openseadragon" / "openseadragon.min.js").is_file()
+    app = client_for(Images=[{"Name": "generated", "Path": str(generated_svs)}])
+    port = free_port()
+    static = subprocess.Popen([sys.executable, "-m", "http.server", "--bind", "127.0.0.1",
+                               "--directory", str(out), str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                dzi = httpx.get(f"{base}/generated.dzi", timeout=5)
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+        assert dzi.text == app.get("/storage/generated.dzi").text
+        image = ET.fromstring(dzi.text)
+        assert image.get("Format") == "jpeg"
+        description = httpx.get(f"{base}/generated.json", timeout=5).json()
+        assert description["tile_size"] == int(image.get("TileSize"))
+        with httpx.Client(base_url=base, timeout=10) as web:
+            for level in description["levels"]:
+                ext = level["format"]
+                for row in range(level["rows"]):
+                    for col in range(level["cols"]):
+                        served = web.get(f"/generated_files/{level['level']}/{col}_{row}.{ext}")
+                        assert served.status_code == 200
+                        assert served.headers["content-type"] == f"image/{ext}"
+                        on_demand = app.get(
+                            f"/storage/generated_files/{level['level']}/{col}_{row}.jpeg")
+                        assert served.content == on_demand.content
+        assert description["levels"][-1]["format"] == "png"  # the lossless top level
+        page = httpx.get(f"{base}/generated.html", timeout=5).text
+        source = json.loads(page.split("const source = ")[1].split(";\n")[0])
+        assert source["formats"] == [lvl["format"] for lvl in description["levels"]]
+    finally:
+        static.terminate()
+        static.wait()
+    shutil.rmtree(out)
