@@ -88,8 +88,8 @@ def export_slide(settings: Settings, registry: SlideRegistry, name: str, outdir:
     width, height = pyramid.level_dimensions[-1]
     description = {
         "name": name, "dzi": dzi.name, "tiles": files.name, "width": width, "height": height,
-        "tile_size": settings.DeepZoom.TileSize, "overlap": settings.DeepZoom.Overlap,
-        "limit_bounds": settings.DeepZoom.LimitBounds, "quickhash": handle.identity,
+        "tile_size": handle.pyramid.tile_size, "overlap": handle.pyramid.overlap,
+        "limit_bounds": handle.pyramid.limit_bounds, "quickhash": handle.identity,
         "levels": formats,
     }
     write_atomic(outdir / f"{name}.json", (json.dumps(description, indent=1) + "\n").encode())

@@ -223,3 +223,40 @@ def test_export_served_by_a_static_server(tmp_path, generated_svs, client_for):
         static.terminate()
         static.wait()
     shutil.rmtree(out)
+
+
+def test_aligned_geometry_pregenerate_skips_and_export_writes_original_tiles(tmp_path,
+                                                                               client_for):
+    """With passthrough, original tiles come from the slide: pregeneration leaves them out of
+    the cache (the server never reads it for them), export writes the same bytes the server
+    sends, and every other tile is byte-identical to an on-demand render."""
+    from app.demo import write_aperio_svs
+
+    slide = write_aperio_svs(tmp_path / "a.svs", 1500, 1100, photometric="rgb", app14=False,
+                             seed=9)
+    aligned = ("DeepZoom:Geometry=aligned", "TileFormat:LosslessLevelCount=0")
+    cache = tmp_path / "cache"
+    done = run_cli("pregenerate", *slide_args(cache, slide, *aligned), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    sections = {"DeepZoom": {"Geometry": "aligned"}, "TileFormat": {"LosslessLevelCount": 0}}
+    reader = client_for(Images=[{"Name": "g", "Path": str(slide)}], TileCachePath=str(cache),
+                        **sections)
+    info = reader.get("/api/slides/g").json()
+    originals = sum(level["original_tiles"] for level in info["levels"])
+    assert originals == (1500 // 240) * (1100 // 240)
+    assert len(tiles_on_disk(cache)) == info["tile_count"] - originals
+    out = tmp_path / "export"
+    result = run_cli("export", "g", str(out), *slide_args(tmp_path / "c2", slide, *aligned),
+                     cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    seen = set()
+    for level in info["levels"]:
+        for row in range(level["rows"]):
+            for col in range(level["cols"]):
+                served = reader.get(f"/storage/g_files/{level['level']}/{col}_{row}.jpeg")
+                exported = (out / "g_files" / str(level["level"]) / f"{col}_{row}.jpeg")
+                assert exported.read_bytes() == served.content
+                seen.add(served.headers["x-tile-source"])
+                if served.headers["x-tile-source"] == "rendered":
+                    assert served.headers["x-tile-cache"] == "hit"  # pregenerated
+    assert seen == {"original", "rendered"}
