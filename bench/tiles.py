@@ -137,6 +137,9 @@ RATIOS = (("JPEG", "cold-jpeg", "baseline-jpeg"), ("lossless/PNG", "cold-lossles
           ("passthrough / rendered", "aligned-original", "aligned-rendered"),
           ("passthrough / iipsrv", "aligned-original", "iipsrv"))
 IIPSRV = Path("/usr/lib/iipimage-server/iipsrv.fcgi")
+CACHE_PARENT: Path | None = None
+"""Where each scenario's fresh TileCachePath is made (``--cache-parent``); None: the run's
+temporary folder."""
 # Two single-threaded FastCGI processes per core behind one nginx: 1707 tiles/s against 1302
 # with one per core on 2 cores (make bench --scenarios iipsrv).
 IIPSRV_PROCESSES = 4
@@ -307,7 +310,7 @@ def ours(slide: Path, workdir: Path, workers: int, tag: str,
          settings: dict[str, Any] | None = None) -> tuple[Server, Path]:
     """``tileserver serve`` on a free port with a fresh, empty tile cache directory, and
     ``settings`` added to its appsettings."""
-    cache = Path(tempfile.mkdtemp(prefix=f"cache-{tag}-", dir=workdir))
+    cache = Path(tempfile.mkdtemp(prefix=f"cache-{tag}-", dir=CACHE_PARENT or workdir))
     config = workdir / f"config-{tag}.json"
     config.write_text(json.dumps({
         "Images": [{"Name": SLIDE_NAME, "Path": str(slide)}],
@@ -1058,6 +1061,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--duration", type=int, metavar="SECONDS",
                         help=f"seconds of wrk per scenario (default {COLD_SECONDS} cold, "
                         f"{WARM_SECONDS} warm)")
+    parser.add_argument("--cache-parent", type=Path, metavar="DIR",
+                        help="make each scenario's fresh TileCachePath in DIR (default: the "
+                        "run's temporary folder), e.g. to measure the cache's file system")
     parser.add_argument("--output", type=Path, default=RESULTS,
                         help="JSON results file (default bench/results/latest.json)")
     return parser
@@ -1066,6 +1072,8 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run the selected scenarios, print the table, write the JSON; 1 if any had errors."""
     args = _parser().parse_args(argv)
+    global CACHE_PARENT
+    CACHE_PARENT = args.cache_parent
     started = time.monotonic()
     try:
         wrk_binary()
