@@ -210,8 +210,8 @@ def expected_profile(slide: AbstractSlide, mode: ColorMode | str) -> bytes | Non
 
 
 def reference_pixels(slide: AbstractSlide, level: int, col: int, row: int, *,
-                     tile_size: int, overlap: int, limit_bounds: bool,
-                     color_mode: ColorMode | str,
+                     color_mode: ColorMode | str, tile_size: int | None = None,
+                     overlap: int | None = None, limit_bounds: bool | None = None,
                      generator: DeepZoomGenerator | None = None) -> np.ndarray:
     """The pixels a served tile must decode to: ``get_tile``'s, converted as the mode says.
 
@@ -223,10 +223,11 @@ def reference_pixels(slide: AbstractSlide, level: int, col: int, row: int, *,
         slide: the slide (an ``OpenSlide``), or ``ImageSlide(slide.associated_images[name])``
             for an associated image.
         level, col, row: DZI level (0 = 1x1 px) and tile address.
-        tile_size, overlap, limit_bounds: the DZI geometry (``DeepZoom`` settings).
         color_mode: ``DeepZoom.ColorMode``.
-        generator: a ``DeepZoomGenerator`` of ``slide`` with that geometry, to reuse across
-            calls (one is built when omitted).
+        tile_size, overlap, limit_bounds: the DZI geometry (``DeepZoom`` settings); needed
+            only without ``generator``.
+        generator: a ``DeepZoomGenerator`` of ``slide`` with the geometry, to reuse across
+            calls (one is built from the three above when omitted).
 
     Returns:
         ``(height, width, 3)`` uint8 RGB.
@@ -235,7 +236,12 @@ def reference_pixels(slide: AbstractSlide, level: int, col: int, row: int, *,
         ValueError: the address is outside the pyramid (``get_tile``'s error).
         openslide.OpenSlideError: the slide cannot be read.
     """
-    dz = generator or DeepZoomGenerator(slide, tile_size, overlap, limit_bounds)
+    dz = generator
+    if dz is None:
+        if tile_size is None or overlap is None or limit_bounds is None:
+            raise TypeError("reference_pixels needs a generator or tile_size, overlap and "
+                            "limit_bounds")
+        dz = DeepZoomGenerator(slide, tile_size, overlap, limit_bounds)
     tile = dz.get_tile(level, (col, row))
     profile = slide.color_profile
     intent = conversion_intent(color_mode, profile)

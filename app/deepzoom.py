@@ -54,19 +54,26 @@ class SlidePyramid:
         self.slide_levels: tuple[int, ...] = tuple(
             self._dz.get_tile_coordinates(level, (0, 0))[1] for level in range(self.level_count)
         )
-        # Per DZI level, which columns and rows are each exactly one stored tile; a tile is
-        # original where both are (x depends on col only, y on row only).
-        self._original_cols: list[tuple[bool, ...]] = []
-        self._original_rows: list[tuple[bool, ...]] = []
+        # Per DZI level, the stored tile column of each DZI column and the stored tile row of
+        # each DZI row that is exactly one stored tile (None elsewhere); a tile is original
+        # where both are (x depends on col only, y on row only), and its stored index is
+        # row * stored columns + col: no geometry on the tile path.
+        self._original_cols: list[tuple[int | None, ...]] = []
+        self._original_rows: list[tuple[int | None, ...]] = []
+        self._stored_cols: list[int] = []
         for level in range(self.level_count):
             cols, rows = self.level_tiles[level]
-            self._original_cols.append(tuple(
-                self._original_index(level, col, 0) is not None for col in range(cols)))
-            self._original_rows.append(tuple(
-                self._original_index(level, 0, row) is not None for row in range(rows)))
+            stride = (self.native.stored_cols(self.slide_levels[level])
+                      if self.native is not None else 0) or 1
+            col_index = [self._original_index(level, col, 0) for col in range(cols)]
+            row_index = [self._original_index(level, 0, row) for row in range(rows)]
+            self._original_cols.append(tuple(None if i is None else i % stride
+                                             for i in col_index))
+            self._original_rows.append(tuple(None if i is None else i // stride
+                                             for i in row_index))
+            self._stored_cols.append(stride)
         self.original_levels: frozenset[int] = frozenset(
-            level for level in range(self.level_count)
-            if any(self._original_cols[level]) and any(self._original_rows[level]))
+            level for level in range(self.level_count) if self.original_count(level))
 
     def _original_index(self, level: int, col: int, row: int) -> int | None:
         """The stored tile that is DZI tile (level, col, row), unscaled, or None."""
@@ -81,11 +88,13 @@ class SlidePyramid:
         """Whether DZI tile (level, col, row) is exactly one stored JPEG tile of the slide:
         the DZI level is a slide level (no scaling), the tile grids coincide, and the stored
         tile is interior (not padded). O(1); the address must be valid."""
-        return self._original_cols[level][col] and self._original_rows[level][row]
+        return (self._original_cols[level][col] is not None
+                and self._original_rows[level][row] is not None)
 
     def original_count(self, level: int) -> int:
         """How many tiles of a DZI level are stored tiles (see :meth:`original_at`)."""
-        return sum(self._original_cols[level]) * sum(self._original_rows[level])
+        return (sum(c is not None for c in self._original_cols[level])
+                * sum(r is not None for r in self._original_rows[level]))
 
     def original(self, level: int, col: int, row: int, nowait: bool = False) -> bytes | None:
         """The slide's stored JPEG bytes for DZI tile (level, col, row), made a complete JPEG
@@ -97,11 +106,11 @@ class SlidePyramid:
             BlockingIOError: ``nowait`` and the read would wait for the disk.
             OSError: the file cannot be read.
         """
-        if not self.original_at(level, col, row):
+        stored_col, stored_row = self._original_cols[level][col], self._original_rows[level][row]
+        if stored_col is None or stored_row is None:
             return None
-        l0_location, slide_level, l_size = self._dz.get_tile_coordinates(level, (col, row))
-        index = self.native.original_index(l0_location, slide_level, l_size)
-        return None if index is None else self.native.original(slide_level, index, nowait)
+        index = stored_row * self._stored_cols[level] + stored_col
+        return self.native.original(self.slide_levels[level], index, nowait)
 
     def check_address(self, level: int, col: int, row: int) -> None:
         """Raise :class:`TileNotFound` unless (level, col, row) is a tile of this pyramid."""

@@ -171,6 +171,11 @@ class NativeReader:
                                                          x0 - tx * tw:x1 - tx * tw]
         return out
 
+    def stored_cols(self, slide_level: int) -> int:
+        """Stored tiles per row of a slide level; 0 where the level is not native."""
+        level = self._levels[slide_level] if slide_level < len(self._levels) else None
+        return level.cols if level is not None else 0
+
     def original_index(self, l0_location: tuple[int, int], slide_level: int,
                        size: tuple[int, int]) -> int | None:
         """The index of the stored tile that is exactly ``read_region(l0_location,
@@ -236,12 +241,6 @@ class NativeReader:
         if len(data) != count or data[:2] != SOI or data[-2:] != EOI:
             return None
         return complete_jpeg(data, level.tables, level.photometric)
-
-    def stored_tile(self, slide_level: int, index: int) -> bytes:
-        """Stored tile ``index`` of a native level exactly as in the file (abbreviated
-        stream, SOI to EOI), for verification."""
-        level = self._levels[slide_level]
-        return os.pread(self._fd, level.counts[index], level.offsets[index])
 
     def _tile(self, slide_level: int, level: _Level, index: int) -> np.ndarray | None:
         """A decoded stored tile; None if it cannot be decoded (OpenSlide then reports it)."""

@@ -87,8 +87,7 @@ def expected_tile(slide: openslide.AbstractSlide, generator: DeepZoomGenerator, 
     Returns:
         ``(height, width, 3)`` uint8.
     """
-    return reference_pixels(slide, level, col, row, tile_size=0, overlap=0,
-                            limit_bounds=False, color_mode=color_mode, generator=generator)
+    return reference_pixels(slide, level, col, row, color_mode=color_mode, generator=generator)
 
 
 class ReferenceSlide:
@@ -113,6 +112,7 @@ class ReferenceSlide:
         self.generator = DeepZoomGenerator(self.slide, tile_size, overlap, limit_bounds)
         self.quickhash = self.slide.properties.get(openslide.PROPERTY_NAME_QUICKHASH1)
         self.profile = expected_profile(self.slide, color_mode)
+        self._pages: dict[tuple[int, int], _StoredPage] | None = None
 
     def expected(self, level: int, col: int, row: int) -> np.ndarray:
         """:func:`expected_tile` of this slide (blocking)."""
@@ -122,25 +122,46 @@ class ReferenceSlide:
         """The slide file's stored JPEG tile that DZI tile (level, col, row) must be when the
         server says ``X-Tile-Source: original``, read here with tifffile (offsets and byte
         counts of the TIFF page whose size is the slide level's); None if the DZI tile is not
-        exactly one stored tile. Blocking."""
+        exactly one stored tile. Blocking; the TIFF's pages are parsed once per slide."""
         l0, slide_level, l_size = self.generator.get_tile_coordinates(level, (col, row))
         downsample = self.slide.level_downsamples[slide_level]
         x, y = l0[0] / downsample, l0[1] / downsample
         dims = self.slide.level_dimensions[slide_level]
-        try:
-            with tifffile.TiffFile(self.path) as tif:
-                page = next((p for p in tif.pages if p.is_tiled and p.compression == 7
-                             and (p.imagewidth, p.imagelength) == dims), None)
-                if (page is None or not x.is_integer() or not y.is_integer()
-                        or tuple(l_size) != (page.tilewidth, page.tilelength)
-                        or x % page.tilewidth or y % page.tilelength):
-                    return None
-                index = (int(y) // page.tilelength) * -(-dims[0] // page.tilewidth) + (
-                    int(x) // page.tilewidth)
-                tif.filehandle.seek(page.dataoffsets[index])
-                return tif.filehandle.read(page.databytecounts[index])
-        except (OSError, tifffile.TiffFileError, ValueError):
+        page = self._jpeg_pages().get(dims)
+        if (page is None or not x.is_integer() or not y.is_integer()
+                or tuple(l_size) != page.tile_size
+                or x % page.tile_size[0] or y % page.tile_size[1]):
             return None
+        index = (int(y) // page.tile_size[1]) * page.cols + int(x) // page.tile_size[0]
+        with open(self.path, "rb") as f:
+            f.seek(page.offsets[index])
+            return f.read(page.counts[index])
+
+    def _jpeg_pages(self) -> dict[tuple[int, int], _StoredPage]:
+        """``{(width, height): layout}`` of the file's tiled JPEG pages (parsed once)."""
+        if self._pages is None:  # threads may race here: each builds, one dict wins whole
+            pages = {}
+            try:
+                with tifffile.TiffFile(self.path) as tif:
+                    for p in tif.pages:
+                        if p.is_tiled and p.compression == 7:
+                            pages[(p.imagewidth, p.imagelength)] = _StoredPage(
+                                (p.tilewidth, p.tilelength), -(-p.imagewidth // p.tilewidth),
+                                tuple(p.dataoffsets), tuple(p.databytecounts))
+            except (OSError, tifffile.TiffFileError, ValueError):
+                pass  # not a TIFF: no stored JPEG tiles, every "original" claim fails
+            self._pages = pages
+        return self._pages
+
+
+@dataclass(frozen=True)
+class _StoredPage:
+    """Where one TIFF page's JPEG tiles are: tile size, tiles per row, offsets, byte counts."""
+
+    tile_size: tuple[int, int]
+    cols: int
+    offsets: tuple[int, ...]
+    counts: tuple[int, ...]
 
 
 # ----------------------------------------------------------------------------- results
