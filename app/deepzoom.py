@@ -54,6 +54,16 @@ class SlidePyramid:
         self.slide_levels: tuple[int, ...] = tuple(
             self._dz.get_tile_coordinates(level, (0, 0))[1] for level in range(self.level_count)
         )
+        # Per DZI level, the read_region arguments and the DZI size of each column's and each
+        # row's tiles: every one of them depends on the column alone (x) or the row alone (y),
+        # so (level, col, row) is two lookups, not DeepZoomGenerator's ~20 µs of Python per
+        # call on every cold tile.
+        self._cols: list[tuple[tuple[int, int, int], ...]] = []
+        self._rows: list[tuple[tuple[int, int, int], ...]] = []
+        for level in range(self.level_count):
+            cols, rows = self.level_tiles[level]
+            self._cols.append(tuple(self._axis(level, (col, 0), 0) for col in range(cols)))
+            self._rows.append(tuple(self._axis(level, (0, row), 1) for row in range(rows)))
         # Per DZI level, the stored tile column of each DZI column and the stored tile row of
         # each DZI row that is exactly one stored tile (None elsewhere); a tile is original
         # where both are (x depends on col only, y on row only), and its stored index is
@@ -75,12 +85,28 @@ class SlidePyramid:
         self.original_levels: frozenset[int] = frozenset(
             level for level in range(self.level_count) if self.original_count(level))
 
+    def _axis(self, level: int, address: tuple[int, int], axis: int) -> tuple[int, int, int]:
+        """``(level-0 position, slide-level size, DZI size)`` along one axis (0: x, 1: y) of
+        the tile at ``address``, from ``DeepZoomGenerator`` itself."""
+        l0_location, _, l_size = self._dz.get_tile_coordinates(level, address)
+        return (l0_location[axis], l_size[axis],
+                self._dz.get_tile_dimensions(level, address)[axis])
+
+    def tile_coordinates(self, level: int, col: int, row: int
+                         ) -> tuple[tuple[tuple[int, int], int, tuple[int, int]], tuple[int, int]]:
+        """``((l0_location, slide_level, l_size), z_size)`` of a DZI tile: the arguments of
+        the ``read_region`` that renders it and its size in pixels of the DZI level, equal to
+        ``DeepZoomGenerator.get_tile_coordinates`` and ``get_tile_dimensions`` (precomputed
+        per column and row). The address must be valid (:meth:`check_address`)."""
+        x, y = self._cols[level][col], self._rows[level][row]
+        return ((x[0], y[0]), self.slide_levels[level], (x[1], y[1])), (x[2], y[2])
+
     def _original_index(self, level: int, col: int, row: int) -> int | None:
         """The stored tile that is DZI tile (level, col, row), unscaled, or None."""
         if self.native is None or self.overlap:
             return None
-        l0_location, slide_level, l_size = self._dz.get_tile_coordinates(level, (col, row))
-        if tuple(l_size) != self._dz.get_tile_dimensions(level, (col, row)):
+        (l0_location, slide_level, l_size), z_size = self.tile_coordinates(level, col, row)
+        if l_size != z_size:
             return None  # scaled: the slide level is not this DZI level
         return self.native.original_index(l0_location, slide_level, l_size)
 
@@ -141,10 +167,9 @@ class SlidePyramid:
             openslide.OpenSlideError: the slide cannot be read.
         """
         if self.native is not None:
-            l0_location, slide_level, l_size = self._dz.get_tile_coordinates(level, (col, row))
+            (l0_location, slide_level, l_size), z_size = self.tile_coordinates(level, col, row)
             region = self.native.read(l0_location, slide_level, l_size)
             if region is not None:
-                z_size = self._dz.get_tile_dimensions(level, (col, row))
                 if (region.shape[1], region.shape[0]) == z_size:
                     return region
                 tile = Image.fromarray(region)

@@ -67,6 +67,7 @@ def create_app(settings: Settings) -> FastAPI:
             yield
         finally:
             await app.state.jobs.close()
+            await app.state.tiles.close()
             if app.state.audit is not None:
                 await anyio.to_thread.run_sync(app.state.audit.close)
 

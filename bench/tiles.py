@@ -55,6 +55,8 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
+from app.cache import write_atomic
+
 ROOT = Path(__file__).resolve().parent.parent
 BENCH_DIR = ROOT / "bench"
 DATA_DIR = BENCH_DIR / "data"
@@ -140,6 +142,12 @@ IIPSRV = Path("/usr/lib/iipimage-server/iipsrv.fcgi")
 CACHE_PARENT: Path | None = None
 """Where each scenario's fresh TileCachePath is made (``--cache-parent``); None: the run's
 temporary folder."""
+SPENT_CACHES: list[Path] = []
+"""Tile caches of finished scenarios, deleted only when the whole run is over (see
+:func:`retire`)."""
+PROBE_FILES = 200
+SLOW_CREATE_US = 150.0
+"""A file creation dearer than this (µs, :func:`file_create_probe`) gets a warning."""
 # Two single-threaded FastCGI processes per core behind one nginx: 1707 tiles/s against 1302
 # with one per core on 2 cores (make bench --scenarios iipsrv).
 IIPSRV_PROCESSES = 4
@@ -622,6 +630,43 @@ class Result:
         }
 
 
+def retire(cache: Path) -> None:
+    """Keep a finished scenario's tile cache until the run is over, then delete it.
+
+    Deleting a scenario's ~10,000 tile files right away made the next scenario's file creation
+    10x dearer on this VM (ext4 without a journal: inode allocation skips, one by one, every
+    inode freed in the last 5 minutes; ``recently_deleted()`` in Linux's fs/ext4/ialloc.c,
+    which ``perf`` showed at the top of the server's kernel time), a cost of the benchmark's
+    own clean-up, not of the server under test.
+    """
+    SPENT_CACHES.append(cache)
+
+
+def delete_spent_caches() -> None:
+    """Delete every retired tile cache (end of the run)."""
+    while SPENT_CACHES:
+        shutil.rmtree(SPENT_CACHES.pop(), ignore_errors=True)
+
+
+def file_create_probe(parent: Path, count: int = PROBE_FILES) -> float:
+    """Microseconds (wall) to create one tile-sized file as the cache does (temporary file +
+    ``os.replace``), over ``count`` files in a fresh folder of ``parent``.
+
+    The cold scenarios create one file per tile; this says what that costs on the file system
+    at the start of the scenario (6-60 µs on a quiet disk here, up to 700 µs on this VM's ext4
+    in the 5 minutes after many files were deleted: :func:`retire`). The files stay until the
+    run is over.
+    """
+    folder = Path(tempfile.mkdtemp(prefix="create-probe-", dir=parent))
+    data = os.urandom(8 * 1024)
+    start = time.perf_counter()
+    for i in range(count):
+        write_atomic(folder / f"{i}.jpeg", data)
+    elapsed = time.perf_counter() - start
+    retire(folder)
+    return 1e6 * elapsed / count
+
+
 def _loadavg() -> float:
     return round(os.getloadavg()[0], 2)
 
@@ -682,7 +727,14 @@ def run_ours_cold(scenario: Scenario, slide: Path, workdir: Path, workers: int,
             geo = geometry_from_api(doc)
             cols, rows = geo.tiles[geo.top]
             paths = [ours_path(geo.top, c, r, scenario.fmt) for c, r in cold_order(cols, rows)]
+            create_us = file_create_probe(cache.parent)
             result = _measure(server, scenario, paths, "once", seconds, workdir)
+            result.extra["file_create_us"] = round(create_us, 1)
+            if create_us > SLOW_CREATE_US:
+                result.notes.append(
+                    f"creating a file cost {create_us:.0f} µs at the start (a quiet disk here: "
+                    f"6-60 µs); on ext4 without a journal this follows deleting many files in "
+                    f"the last 5 minutes (make test, an earlier run): rerun later")
             sample = size_sample(server, result, spread(paths))
             lossless = sorted({str(r.headers.get("x-tile-lossless")) for r in sample})
             result.extra["x_tile_lossless"] = lossless
@@ -692,7 +744,7 @@ def run_ours_cold(scenario: Scenario, slide: Path, workdir: Path, workers: int,
             result.extra["geometry"] = {"level": geo.top, "cols": cols, "rows": rows,
                                         "policy": doc["levels"][geo.top]["format"]}
     finally:
-        shutil.rmtree(cache, ignore_errors=True)
+        retire(cache)
     result.check()
     return result
 
@@ -739,7 +791,7 @@ def run_ours_warm(scenario: Scenario, slide: Path, workdir: Path, workers: int,
             sample = size_sample(server, result, spread(paths))
             hits = sum(r.headers.get("x-tile-cache") == "hit" for r in sample)
     finally:
-        shutil.rmtree(cache, ignore_errors=True)
+        retire(cache)
     levels = sorted({lv for lv, _, _ in warm_tiles(geo)}, reverse=True)
     result.extra.update({
         "warm_set": {"tiles": len(paths), "levels": levels, "region": list(WARM_REGION),
@@ -828,7 +880,7 @@ def run_ours_uncached(scenario: Scenario, slide: Path, workdir: Path, workers: i
                 "overlap": doc["overlap"],
                 "original_tiles": doc["levels"][geo.top]["original_tiles"]}
     finally:
-        shutil.rmtree(cache, ignore_errors=True)
+        retire(cache)
     result.check()
     return result
 
@@ -1107,6 +1159,9 @@ def main(argv: list[str] | None = None) -> int:
                         f"({first.tiles}/{first.tiles_available} at "
                         f"{first.tiles_per_s:,.0f} tiles/s); this is a rerun with {seconds} s")
                 results[key] = result
+                if "file_create_us" in result.extra:
+                    console.print(f"  file creation before the run: "
+                                  f"{result.extra['file_create_us']:.0f} µs per tile file")
                 console.print(f"  {result.tiles_per_s:,.0f} tiles/s, p50 "
                               f"{result.latency_ms('p50'):.1f} ms, p99 "
                               f"{result.latency_ms('p99'):.1f} ms, "
@@ -1117,6 +1172,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     finally:
         stop_all()
+        delete_spent_caches()
     elapsed = time.monotonic() - started
     rat = ratios(results)
     command = shlex.join(getattr(sys, "orig_argv", [sys.executable, *sys.argv]))

@@ -6,7 +6,15 @@ import os
 
 import pytest
 
-from app.cache import DiskTileCache, MemoryTileCache, SingleFlight, TileKey, variant_of
+from app import cache as cache_module
+from app.cache import (
+    DiskTileCache,
+    MemoryTileCache,
+    SingleFlight,
+    TileKey,
+    variant_of,
+    write_atomic,
+)
 
 BASE = dict(slide_identity="quickhash-1:abc", tile_size=254, overlap=1, limit_bounds=True,
             encoding_key="jpeg-q90")
@@ -142,3 +150,39 @@ def test_single_flight_runs_once_and_shares_errors():
 
     asyncio.run(main())
     assert calls == 2
+
+
+def test_write_atomic_links_an_unnamed_file(tmp_path, monkeypatch):
+    """Linux: the bytes go to an O_TMPFILE file linked into place; no name ever holds part."""
+    target = tmp_path / "a" / "b" / "1_2.jpeg"
+
+    def no_rename(*args):
+        raise AssertionError("a new file must not go through a temporary name")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "replace", no_rename)
+        write_atomic(target, b"first")  # makes the missing folders
+    assert target.read_bytes() == b"first"
+    inode = target.stat().st_ino
+    write_atomic(str(target), b"second, longer")  # an existing file is replaced
+    assert target.read_bytes() == b"second, longer"
+    assert target.stat().st_ino != inode
+    assert os.listdir(target.parent) == ["1_2.jpeg"]
+
+
+def test_write_atomic_without_o_tmpfile(tmp_path, monkeypatch):
+    """Platforms without O_TMPFILE take the temporary-name path: same result, no leftovers."""
+    monkeypatch.setattr(cache_module, "_TMPFILE", 0)
+    target = tmp_path / "x" / "3_4.png"
+    write_atomic(target, b"png bytes")
+    write_atomic(target, b"replaced")
+    assert target.read_bytes() == b"replaced"
+    assert os.listdir(target.parent) == ["3_4.png"]
+
+
+def test_write_atomic_failure_leaves_nothing(tmp_path):
+    """A write the disk refuses raises, and leaves neither the file nor a temporary one."""
+    (tmp_path / "file").write_bytes(b"")
+    with pytest.raises(OSError):
+        write_atomic(tmp_path / "file" / "sub" / "0_0.jpeg", b"x")  # a folder under a file
+    assert os.listdir(tmp_path) == ["file"]
