@@ -23,11 +23,11 @@ tissue rather than on the glass margin), so that no tile is requested twice. The
 counts image responses and their body bytes (the mean size per tile), non-2xx statuses and
 ``X-Tile-Cache`` hit/miss headers, and prints one JSON line that this module parses.
 
-The cold scenarios run ``--repeat`` rounds (default 3), ours and the baseline alternating; the
-table shows each scenario's median run and the range of all. Before every scenario the page
-cache is written back (``sync``), and the tile caches of finished scenarios are deleted only at
-the end of the run (:func:`retire` says why); each cold scenario of ours first times the
-creation of a tile file (:func:`file_create_probe`).
+Every scenario runs ``--repeat`` times (default 3), in rounds, so that ours and the other
+servers alternate; the table shows each scenario's median run and the range of all. Before
+every scenario the page cache is written back (``sync``), and the tile caches of finished
+scenarios are deleted only at the end of the run (:func:`retire` says why); each cold scenario
+of ours first times the creation of a tile file (:func:`file_create_probe`).
 
 Output: a rich table on stdout and ``bench/results/latest.json`` (machine facts, command,
 per-scenario numbers, ratios ours/baseline).
@@ -81,8 +81,8 @@ COLD_SECONDS = 5
 tiles): 5 s lasts up to about 2,300 tiles/s; a run that ran out is rerun shorter."""
 WARM_SECONDS = 10
 REPEAT = 3
-"""Rounds of the cold scenarios (``--repeat``): single cold runs on this 2-core VM moved by
-20-50% from one to the next."""
+"""Rounds of every scenario (``--repeat``): single runs on this 2-core VM moved by 20-50% (cold)
+and 10-15% (warm, passthrough) from one to the next."""
 WARM_TILES = 2000
 WARM_REGION = (50, 40)
 """Deepest-level region (cols, rows) pre-warmed for the warm scenario, centred on the slide."""
@@ -1065,8 +1065,8 @@ def print_report(results: dict[str, Result], rat: dict[str, dict[str, float]],
             f"wrk run {audit['wrk_lines']}: wrk read {audit['wrk_answered']} responses, wrote "
             f"{audit['wrk_issued']} requests ({'complete' if audit['complete'] else 'LOST'})")
     console.print(
-        "[dim]tiles/s: 2xx image responses / wrk run time; a scenario run several times "
-        "(cold, --repeat) shows its median run and the range of all. mean KB/tile: the same "
+        "[dim]tiles/s: 2xx image responses / wrk run time; each scenario shows its median run "
+        "and the range of all its runs (--repeat). mean KB/tile: the same "
         f"{SIZE_SAMPLE} addresses for every server (cold: spread over the deepest level), "
         "fetched after the run; KB/tile served: mean over every tile of the run (depends on "
         "which tiles a run reached). KB = 1024 bytes of body. CPU: percent of one core over "
@@ -1081,11 +1081,10 @@ def print_report(results: dict[str, Result], rat: dict[str, dict[str, float]],
 
 
 def schedule(keys: list[str], repeat: int) -> list[tuple[int, str]]:
-    """``(round, scenario)`` in the order they run: round 0 runs every scenario; each further
-    round runs the cold ones again in the same order, so that ours and the baseline alternate
-    and a slow spell of the machine does not fall on one side only."""
-    return [(round_, key) for round_ in range(repeat) for key in keys
-            if round_ == 0 or SCENARIOS[key].kind == "cold"]
+    """``(round, scenario)`` in the order they run: every round runs every scenario in the same
+    order, so that ours and the other servers alternate and a slow spell of the machine does
+    not fall on one side only."""
+    return [(round_, key) for round_ in range(repeat) for key in keys]
 
 
 def median_run(results: list[Result]) -> Result:
@@ -1162,7 +1161,7 @@ def _parser() -> argparse.ArgumentParser:
                         help="make each scenario's fresh TileCachePath in DIR (default: the "
                         "run's temporary folder), e.g. to measure the cache's file system")
     parser.add_argument("--repeat", type=int, default=REPEAT, metavar="N",
-                        help=f"rounds of the cold scenarios, ours and the baseline "
+                        help=f"rounds of every scenario, ours and the other servers "
                         f"alternating; the table shows each one's median run and the range "
                         f"(default {REPEAT})")
     parser.add_argument("--output", type=Path, default=RESULTS,
@@ -1195,7 +1194,7 @@ def main(argv: list[str] | None = None) -> int:
                 scenario = SCENARIOS[key]
                 seconds = durations.get(key) or args.duration or (
                     COLD_SECONDS if scenario.kind == "cold" else WARM_SECONDS)
-                label = f" (round {round_ + 1}/{args.repeat})" if scenario.kind == "cold" else ""
+                label = f" (round {round_ + 1}/{args.repeat})" if args.repeat > 1 else ""
                 console.print(f"[bold]{key}[/]: {scenario.title}, {scenario.server}, "
                               f"{seconds} s{label} ...")
                 if scenario.server == "baseline":
@@ -1259,7 +1258,7 @@ def main(argv: list[str] | None = None) -> int:
     shown = args.output.relative_to(ROOT) if args.output.is_relative_to(ROOT) else args.output
     console.print(f"results: {shown}  ({elapsed:.0f} s)")
     return 1 if any(r.error_total or r.wrk["exhausted"]
-                    or any(n.startswith("AUDIT") for n in r.notes)
+                    or any(n.startswith(("AUDIT", "ERRORS", "RAN OUT")) for n in r.notes)
                     for r in results.values()) else 0
 
 
