@@ -365,8 +365,7 @@ def iipsrv(slide: Path, workdir: Path, tag: str) -> Server:
                          "apt-get install iipimage-server nginx (Debian)")
     port = free_port()
     backends = [free_port() for _ in range(IIPSRV_PROCESSES)]
-    prefix = workdir / f"nginx-{tag}"
-    prefix.mkdir()
+    prefix = Path(tempfile.mkdtemp(prefix=f"nginx-{tag}-", dir=workdir))  # one per run
     upstream = " ".join(f"server 127.0.0.1:{p};" for p in backends)
     (prefix / "nginx.conf").write_text(f"""
 worker_processes 1;
@@ -781,7 +780,9 @@ def run_ours_warm(scenario: Scenario, slide: Path, workdir: Path, workers: int,
     ``warm-audit`` runs with the audit log on and, once the server has stopped (and flushed),
     checks that the log has one line per request: pre-warm + wrk's + the size sample's.
     """
-    audit_path = workdir / f"audit-{scenario.key}" / "tiles.jsonl"
+    # a fresh folder per run: rounds (--repeat) must not count each other's lines
+    audit_path = Path(tempfile.mkdtemp(prefix=f"audit-{scenario.key}-", dir=workdir),
+                      "tiles.jsonl")
     audited = scenario.key == "warm-audit"
     extra = {"Audit": {"Enabled": True, "Path": str(audit_path)}} if audited else None
     server, cache = ours(slide, workdir, workers, scenario.key, extra)
