@@ -67,6 +67,12 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCH_DIR = ROOT / "bench"
 DATA_DIR = BENCH_DIR / "data"
 RESULTS = BENCH_DIR / "results" / "latest.json"
+DELETED_AT = BENCH_DIR / "results" / ".caches-deleted-at"
+"""When the last run deleted its tile caches (seconds since the epoch)."""
+INODE_REUSE_SECONDS = 65
+"""ext4 without a journal reuses no inode freed less than 60 s ago once its inode table block
+is written back, 300 s while it is dirty (``RECENTCY_MIN``, ``RECENTCY_DIRTY`` in Linux
+fs/ext4/ialloc.c, ``recently_deleted``); 5 s of margin."""
 LUA = BENCH_DIR / "tiles.lua"
 BIN = Path(sys.executable).parent
 
@@ -645,7 +651,7 @@ def retire(cache: Path) -> None:
 
     Deleting a scenario's ~10,000 tile files right away made the next scenario's file creation
     10x dearer on this VM (ext4 without a journal: inode allocation skips, one by one, every
-    inode freed in the last 5 minutes; ``recently_deleted()`` in Linux's fs/ext4/ialloc.c,
+    inode freed in the last 1-5 minutes; ``recently_deleted()`` in Linux's fs/ext4/ialloc.c,
     which ``perf`` showed at the top of the server's kernel time), a cost of the benchmark's
     own clean-up, not of the server under test.
     """
@@ -653,18 +659,66 @@ def retire(cache: Path) -> None:
 
 
 def delete_spent_caches() -> None:
-    """Delete every retired tile cache (end of the run)."""
+    """Delete every retired tile cache (end of the run), and note when, for the next run
+    (:func:`wait_for_inode_reuse`)."""
+    deleted = bool(SPENT_CACHES)
     while SPENT_CACHES:
-        shutil.rmtree(SPENT_CACHES.pop(), ignore_errors=True)
+        folder = SPENT_CACHES.pop()
+        shutil.rmtree(folder, ignore_errors=True)
+    if deleted:
+        os.sync()  # the freed inodes' table blocks written back: 60 s before reuse, not 300
+        DELETED_AT.parent.mkdir(parents=True, exist_ok=True)
+        DELETED_AT.write_text(f"{time.time():.0f}\n")
+
+
+def ext4_without_journal(path: Path) -> bool:
+    """Whether ``path`` is on an ext4 file system mounted without a journal, where inode
+    allocation skips, one by one, every inode freed in the last minutes (Linux
+    fs/ext4/ialloc.c, ``find_inode_bit`` and ``recently_deleted``; with a journal it does
+    not). Reads ``/proc/self/mountinfo`` and ``/sys/fs/ext4/<device>/journal_task``."""
+    try:
+        dev = os.stat(path).st_dev
+        wanted = f"{os.major(dev)}:{os.minor(dev)}"
+        with open("/proc/self/mountinfo") as mounts:
+            for line in mounts:
+                fields = line.split()
+                rest = fields[fields.index("-") + 1:]
+                if fields[2] == wanted and rest[0] == "ext4":
+                    task = Path("/sys/fs/ext4", os.path.basename(rest[1]), "journal_task")
+                    return task.read_text().strip() == "<none>"
+    except (OSError, ValueError, IndexError):
+        pass
+    return False
+
+
+def wait_for_inode_reuse(parent: Path) -> None:
+    """Before a run: write the page cache back, and when the last run's clean-up deleted its
+    tile caches less than :data:`INODE_REUSE_SECONDS` ago on an ext4 without a journal, wait
+    for the rest of that window. Otherwise every file the cold scenarios create pays for
+    scanning past the ~100,000 inodes that clean-up freed (perf: ``recently_deleted`` and
+    ``find_get_block_common`` at the top of the server's kernel time; 1,360-1,575 cold JPEG
+    tiles/s right after a run against 1,750-2,340 later)."""
+    os.sync()  # freed inodes whose table blocks are written back wait 60 s, dirty ones 300 s
+    try:
+        deleted_at = float(DELETED_AT.read_text())
+    except (OSError, ValueError):
+        return
+    left = deleted_at + INODE_REUSE_SECONDS - time.time()
+    if left > 0 and ext4_without_journal(parent):
+        console.print(f"[yellow]the last run deleted its tile caches "
+                      f"{INODE_REUSE_SECONDS - left:.0f} s ago on an ext4 without a journal, "
+                      f"which reuses no freed inode for {INODE_REUSE_SECONDS} s and makes "
+                      f"every file creation scan past them: waiting {left:.0f} s[/]")
+        time.sleep(left)
 
 
 def file_create_probe(parent: Path, count: int = PROBE_FILES) -> float:
-    """Microseconds (wall) to create one tile-sized file as the cache does (temporary file +
-    ``os.replace``), over ``count`` files in a fresh folder of ``parent``.
+    """Microseconds (wall) to create one tile-sized file as the cache does
+    (:func:`app.cache.write_atomic`), over ``count`` files in a fresh folder of ``parent``.
 
     The cold scenarios create one file per tile; this says what that costs on the file system
     at the start of the scenario (6-60 µs on a quiet disk here, up to 700 µs on this VM's ext4
-    in the 5 minutes after many files were deleted: :func:`retire`). The files stay until the
+    in the minutes after many files were deleted: :func:`retire`). The files stay until the
     run is over.
     """
     folder = Path(tempfile.mkdtemp(prefix="create-probe-", dir=parent))
@@ -744,7 +798,7 @@ def run_ours_cold(scenario: Scenario, slide: Path, workdir: Path, workers: int,
                 result.notes.append(
                     f"creating a file cost {create_us:.0f} µs at the start (a quiet disk here: "
                     f"6-60 µs); on ext4 without a journal this follows deleting many files in "
-                    f"the last 5 minutes (make test, an earlier run): rerun later")
+                    f"the last 1-5 minutes (make test, an earlier run): rerun later")
             sample = size_sample(server, result, spread(paths))
             lossless = sorted({str(r.headers.get("x-tile-lossless")) for r in sample})
             result.extra["x_tile_lossless"] = lossless
@@ -1183,6 +1237,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.duration is not None and args.duration < 1:
             raise BenchError("--duration must be at least 1 (wrk takes whole seconds)")
         slide = ensure_slide(args.width, args.height)
+        wait_for_inode_reuse(CACHE_PARENT or Path(tempfile.gettempdir()))
         facts = machine_facts()
         git_before = git_state()
         results: dict[str, Result] = {}
