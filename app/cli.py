@@ -93,9 +93,11 @@ def serve(args: argparse.Namespace) -> int:
 
     check_round_trips(FormatPolicy(settings.TileFormat).lossless_encodings())
     os.environ[SETTINGS_ENV] = settings.model_dump_json()
+    from app.http import HTTP_PROTOCOL
+
     uvicorn.run("app.main:create_app_from_env", factory=True, host=args.host, port=args.port,
                 workers=args.workers, log_level=args.log_level, access_log=False,
-                timeout_graceful_shutdown=5)
+                timeout_graceful_shutdown=5, http=HTTP_PROTOCOL)
     return 0
 
 
