@@ -69,10 +69,12 @@ DATA_DIR = BENCH_DIR / "data"
 RESULTS = BENCH_DIR / "results" / "latest.json"
 DELETED_AT = BENCH_DIR / "results" / ".caches-deleted-at"
 """When the last run deleted its tile caches (seconds since the epoch)."""
-INODE_REUSE_SECONDS = 65
-"""ext4 without a journal reuses no inode freed less than 60 s ago once its inode table block
-is written back, 300 s while it is dirty (``RECENTCY_MIN``, ``RECENTCY_DIRTY`` in Linux
-fs/ext4/ialloc.c, ``recently_deleted``); 5 s of margin."""
+INODE_REUSE_SECONDS = 305
+"""ext4 without a journal reuses no inode freed less than 60 s ago whose inode table block is
+written back, 300 s while the block is dirty (``RECENTCY_MIN``, ``RECENTCY_DIRTY`` in Linux
+fs/ext4/ialloc.c, ``recently_deleted``); new files land in the same blocks and dirty them
+again, so in practice 300 s (measured: still 490 µs per file 70 s after a ``sync``); 5 s of
+margin."""
 LUA = BENCH_DIR / "tiles.lua"
 BIN = Path(sys.executable).parent
 
@@ -666,7 +668,6 @@ def delete_spent_caches() -> None:
         folder = SPENT_CACHES.pop()
         shutil.rmtree(folder, ignore_errors=True)
     if deleted:
-        os.sync()  # the freed inodes' table blocks written back: 60 s before reuse, not 300
         DELETED_AT.parent.mkdir(parents=True, exist_ok=True)
         DELETED_AT.write_text(f"{time.time():.0f}\n")
 
@@ -698,7 +699,7 @@ def wait_for_inode_reuse(parent: Path) -> None:
     scanning past the ~100,000 inodes that clean-up freed (perf: ``recently_deleted`` and
     ``find_get_block_common`` at the top of the server's kernel time; 1,360-1,575 cold JPEG
     tiles/s right after a run against 1,750-2,340 later)."""
-    os.sync()  # freed inodes whose table blocks are written back wait 60 s, dirty ones 300 s
+    os.sync()
     try:
         deleted_at = float(DELETED_AT.read_text())
     except (OSError, ValueError):
