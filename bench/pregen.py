@@ -27,7 +27,6 @@ import argparse
 import json
 import os
 import random
-import shutil
 import statistics
 import subprocess
 import sys
@@ -41,7 +40,16 @@ from typing import Any
 import httpx
 import psutil
 
-from bench.tiles import ROOT, SLIDE_SIZE, ensure_slide, free_port, git_state, machine_facts
+from bench.tiles import (
+    ROOT,
+    SLIDE_SIZE,
+    ensure_slide,
+    free_port,
+    git_state,
+    machine_facts,
+    note_deletion,
+    wait_for_inode_reuse,
+)
 
 RESULTS = ROOT / "bench" / "results" / "pregen.json"
 DOCS = ROOT / "docs" / "benchmarks.md"
@@ -265,10 +273,12 @@ def main(argv: list[str] | None = None) -> int:
     slide = ensure_slide(*SLIDE_SIZE)
     facts = {**machine_facts(), **git_state()}
     runs: dict[str, Run] = {}
+    wait_for_inode_reuse(ROOT / "bench")
     with tempfile.TemporaryDirectory(prefix="bench-pregen-", dir=ROOT / "bench") as tmp:
         work = Path(tmp)
         for key in wanted:
             print(f"running {key} ...", flush=True)
+            os.sync()  # the last run's tiles are written back before this one starts
             if key == "ours-jpeg":
                 run = ours(key, "tileserver pregenerate, all levels JPEG", slide, work,
                            ["TileFormat:LosslessLevelCount=0"])
@@ -286,7 +296,9 @@ def main(argv: list[str] | None = None) -> int:
             runs[key] = run
             print(f"  {run.tiles} tiles in {run.seconds:.1f} s = {run.tiles_per_s:,.0f} tiles/s, "
                   f"peak RSS {run.peak_rss / 2**20:,.0f} MiB {run.extra or ''}", flush=True)
-            shutil.rmtree(work / key, ignore_errors=True)
+            # every run's tiles stay until the end: deleting them here made the next tool's
+            # file creation scan past them on ext4 without a journal (bench.tiles.retire)
+    note_deletion()
     text = table(runs)
     print(text)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)

@@ -668,8 +668,13 @@ def delete_spent_caches() -> None:
         folder = SPENT_CACHES.pop()
         shutil.rmtree(folder, ignore_errors=True)
     if deleted:
-        DELETED_AT.parent.mkdir(parents=True, exist_ok=True)
-        DELETED_AT.write_text(f"{time.time():.0f}\n")
+        note_deletion()
+
+
+def note_deletion() -> None:
+    """Note that a benchmark deleted its tile files now (:func:`wait_for_inode_reuse`)."""
+    DELETED_AT.parent.mkdir(parents=True, exist_ok=True)
+    DELETED_AT.write_text(f"{time.time():.0f}\n")
 
 
 def ext4_without_journal(path: Path) -> bool:
