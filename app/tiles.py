@@ -2,8 +2,8 @@
 
 Order of work for one request: resolve the slide (404 before any I/O), check the address, let the
 :class:`~app.formats.FormatPolicy` pick the encoding (pure), then memory LRU, disk cache, and on a
-miss one worker thread that renders with OpenSlide and encodes with Pillow, shared by concurrent
-requests for the same tile (single-flight). The result is written to the disk cache atomically
+miss one render thread that renders with OpenSlide and encodes, shared by concurrent requests for
+the same tile (single-flight). The result is written to the disk cache atomically
 before it is returned; a tile that failed is never cached.
 """
 
@@ -132,8 +132,8 @@ class TileService:
         # Tile loads hop to these threads with run_in_executor: 18 µs of CPU per hop under
         # 16 concurrent requests, against 60 µs through anyio.to_thread (its limiter and
         # worker bookkeeping), on a path that costs about 1 ms per cold tile.
-        self._render_threads = ThreadPoolExecutor(max_workers=int(render_limiter.total_tokens),
-                                          thread_name_prefix="render")
+        self._render_threads = ThreadPoolExecutor(
+            max_workers=int(render_limiter.total_tokens), thread_name_prefix="render")
 
     async def close(self) -> None:
         """Let the tile loads in flight finish (their cache writes included), then stop the
