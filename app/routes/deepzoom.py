@@ -5,6 +5,7 @@ Routes stay thin: parse the address, call :meth:`TileService.get_tile`, build th
 
 from __future__ import annotations
 
+import functools
 import re
 import time
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ from fastapi import APIRouter, Request, Response
 from app.audit import AuditLog, TileRequestRecord
 from app.dependencies import AppSettings, Registry, Tiles
 from app.errors import BadTileRequest, TileServerError, status_for
+from app.formats import TileFormat
 from app.slides import SINGLE_SLIDE_NAME
 from app.tiles import EMPTY_DIGEST, Tile, TileService
 
@@ -38,16 +40,22 @@ def parse_address(level: str, tile: str) -> tuple[int, int, int, str | None]:
     col, row, ext = match.groups()
     if ext == "":
         raise BadTileRequest(f"tile {tile!r}: empty extension; use .jpeg, .png or .webp")
-    numbers = []
-    for what, text in (("level", level), ("col", col), ("row", row)):
-        if not re.fullmatch(r"-?\d+", text):
-            raise BadTileRequest(f"{what} {text!r} is not an integer")
-        if text.startswith("-"):
-            raise BadTileRequest(f"{what} {text} is negative")
-        if len(text) > _MAX_DIGITS:
-            raise BadTileRequest(f"{what} {text} is too large")
-        numbers.append(int(text))
-    return numbers[0], numbers[1], numbers[2], ext
+    return _number("level", level), _number("col", col), _number("row", row), ext
+
+
+def _number(what: str, text: str) -> int:
+    if text.isascii() and text.isdigit() and len(text) <= _MAX_DIGITS:
+        return int(text)  # every well-formed address: no regular expression
+    if not _INTEGER.fullmatch(text):
+        raise BadTileRequest(f"{what} {text!r} is not an integer")
+    if text.startswith("-"):
+        raise BadTileRequest(f"{what} {text} is negative")
+    if len(text) > _MAX_DIGITS:
+        raise BadTileRequest(f"{what} {text} is too large")
+    return int(text)
+
+
+_INTEGER = re.compile(r"-?\d+")
 
 
 HEAD_SCOPE_KEY = "tileserver.head"
@@ -65,27 +73,38 @@ def tile_headers(tile: Tile, cache_control: str, allow_origin: str,
     representation); ``Content-Digest`` is that of the message content, so the same on a GET
     and the digest of empty content on a HEAD, which has none (RFC 9530 Appendix B.2).
     """
-    encoding = tile.encoding
     digest = tile.digest
     headers = [
-        (b"content-type", encoding.format.media_type.encode()),
+        *_fixed_headers(tile.encoding.format, tile.lossless, tile.color_transform, tile.cache,
+                        tile.source, cache_control, allow_origin),
         (b"etag", digest.etag.encode()),
         (b"content-digest", (EMPTY_DIGEST if head else digest).content_digest.encode()),
         (b"repr-digest", digest.content_digest.encode()),
-        (b"cache-control", cache_control.encode()),
-        (b"x-tile-format", encoding.format.value.encode()),
-        (b"x-tile-lossless", b"true" if tile.lossless else b"false"),
-        (b"x-tile-color-transform", tile.color_transform.encode()),
-        (b"x-tile-cache", tile.cache.encode()),
-        (b"x-tile-source", tile.source.encode()),
-        (b"access-control-allow-origin", allow_origin.encode()),
-        (b"access-control-expose-headers", _EXPOSED),
     ]
     if tile.vary_accept:
         headers.append((b"vary", b"Accept"))
     if tile.override_refused:
         headers.append((b"x-tile-override", b"refused"))
     return headers
+
+
+@functools.lru_cache(maxsize=256)
+def _fixed_headers(tile_format: TileFormat, lossless: bool, color_transform: str, cache: str,
+                   source: str, cache_control: str, allow_origin: str
+                   ) -> tuple[tuple[bytes, bytes], ...]:
+    """The headers of a tile that do not depend on its bytes, encoded once per combination
+    (a handful per server) rather than on every response."""
+    return (
+        (b"content-type", tile_format.media_type.encode()),
+        (b"cache-control", cache_control.encode()),
+        (b"x-tile-format", tile_format.value.encode()),
+        (b"x-tile-lossless", b"true" if lossless else b"false"),
+        (b"x-tile-color-transform", color_transform.encode()),
+        (b"x-tile-cache", cache.encode()),
+        (b"x-tile-source", source.encode()),
+        (b"access-control-allow-origin", allow_origin.encode()),
+        (b"access-control-expose-headers", _EXPOSED),
+    )
 
 
 NOT_MODIFIED_DROPS = frozenset({b"content-type", b"content-digest", b"repr-digest"})
