@@ -4,8 +4,8 @@ uvicorn writes the status line and headers of a response as soon as the app send
 ``http.response.start``, and the body when it sends ``http.response.body``: two ``send``
 syscalls and, with ``TCP_NODELAY``, two TCP segments for every tile. On this project's
 benchmark (2 cores, loopback) those two writes were 23% of the time a worker held the GIL on
-cold tiles (py-spy ``--gil``), and one write instead of two served 16,540 warm tiles/s
-against 15,093 (``make bench --scenarios warm``, median of 3 each).
+cold tiles (py-spy ``--gil``); with one write instead of two, ``python -m bench.tiles
+--scenarios warm`` (median of 3) served 16,016-16,540 warm tiles/s against 14,783-15,093.
 
 :class:`TileHttpProtocol` is ``HttpToolsProtocol`` with the transport of each request's
 response wrapped in a :class:`HeadHoldingTransport`, which holds the head of a response with
