@@ -2,8 +2,8 @@
 
 ``tileserver serve [--host] [--port] [--workers] [--config] [Section:Key=value ...]`` serves;
 ``tileserver verify [NAME ...] [--url URL] [--levels A-B] [--sample N] [--json FILE] ...`` proves
-that served tiles are the slide's pixels (see :mod:`app.verify`); ``tileserver pregenerate`` and
-``tileserver export`` fill the cache and write static pyramids (see :mod:`app.pregenerate_cli`).
+that served tiles are the slide's pixels (see :mod:`app.tools.verify`); ``tileserver pregenerate``
+and ``tileserver export`` fill the cache and write static pyramids (see :mod:`app.batch.cli`).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import os
 import sys
 from pathlib import Path
 
-from app.errors import ConfigError
+from app.core.errors import ConfigError
 from app.settings import Settings, load_settings
 
 log = logging.getLogger("tileserver")
@@ -59,7 +59,7 @@ def _parser() -> argparse.ArgumentParser:
     verify.add_argument("--json", metavar="FILE", help="write the JSON report (- for stdout)")
     verify.add_argument("--config", metavar="FILE", help="JSON settings, as for serve")
 
-    from app.pregenerate_cli import add_commands
+    from app.batch.cli import add_commands
 
     add_commands(commands)
     return parser
@@ -73,7 +73,7 @@ def prepare_settings(config: str | None, overrides: list[str]) -> Settings:
     """
     settings = load_settings(config_file=config, overrides=overrides)
     if not settings.configured_slide_paths() and not settings.SlideDirectory:
-        from app.demo import ensure_demo_slide
+        from app.tools.demo import ensure_demo_slide
 
         log.info("no slide configured: serving the generated demo slide")
         path = ensure_demo_slide(Path(settings.DemoDirectory))
@@ -85,31 +85,31 @@ def serve(args: argparse.Namespace) -> int:
     """Run uvicorn on the app factory with the validated settings."""
     import uvicorn
 
-    from app.main import SETTINGS_ENV
+    from app.server.app import SETTINGS_ENV
 
     settings = prepare_settings(args.config, args.overrides)
-    from app.formats import FormatPolicy
-    from app.lossless import check_round_trips
+    from app.core.formats import FormatPolicy
+    from app.core.lossless import check_round_trips
 
     check_round_trips(FormatPolicy(settings.TileFormat).lossless_encodings())
     os.environ[SETTINGS_ENV] = settings.model_dump_json()
-    from app.http import HTTP_PROTOCOL
+    from app.server.http import HTTP_PROTOCOL
 
-    uvicorn.run("app.main:create_app_from_env", factory=True, host=args.host, port=args.port,
+    uvicorn.run("app.server.app:create_app_from_env", factory=True, host=args.host, port=args.port,
                 workers=args.workers, log_level=args.log_level, access_log=False,
                 timeout_graceful_shutdown=5, http=HTTP_PROTOCOL)
     return 0
 
 
 def verify(args: argparse.Namespace) -> int:
-    """Run :func:`app.verify.run_verify`; print the summary, write the JSON report.
+    """Run :func:`app.tools.verify.run_verify`; print the summary, write the JSON report.
 
     Returns:
         0 all tiles verified, 1 a tile or slide failed, 2 verify could not run.
     """
     import anyio
 
-    from app.verify import VerifyError, print_summary, run_verify, write_json
+    from app.tools.verify import VerifyError, print_summary, run_verify, write_json
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per tile otherwise
     names = [item for item in args.items if "=" not in item]
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "verify":
             return verify(args)
         if args.command in ("pregenerate", "export"):
-            from app.pregenerate_cli import run_command
+            from app.batch.cli import run_command
 
             return run_command(args)
     except ConfigError as exc:

@@ -33,9 +33,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from app import colour
-from app.errors import ConfigError
-from app.formats import AVIF_LOSSLESS_MEASUREMENT, TileFormat
+from app.core import colour
+from app.core.errors import ConfigError
+from app.core.formats import AVIF_LOSSLESS_MEASUREMENT, TileFormat
 
 ENVIRONMENT_VARIABLE = "TILESERVER_ENVIRONMENT"
 
@@ -97,7 +97,7 @@ class DeepZoomSettings(Section):
                     "so stored JPEG tiles can be served as they are (TileFormat.Passthrough).")
 
     ColorMode: colour.ColorMode = Field(
-        colour.ColorMode.EMBED, description="ICC handling (app.colour): embed, default, "
+        colour.ColorMode.EMBED, description="ICC handling (app.core.colour): embed, default, "
         "absolute-colorimetric, perceptual, relative-colorimetric, saturation, ignore.")
 
     @field_validator("ColorMode", mode="before")
@@ -112,7 +112,7 @@ class DeepZoomSettings(Section):
 
 
 class TileFormatSettings(Section):
-    """``TileFormat``: the per-level format policy and encoder options (see app.formats)."""
+    """``TileFormat``: the per-level format policy and encoder options (see app.core.formats)."""
 
     Default: TileFormat = TileFormat.JPEG
     LosslessFormat: TileFormat = TileFormat.PNG
@@ -188,7 +188,8 @@ class ServerSettings(Section):
     MaxOpenSlides: int = Field(16, ge=1, le=4096)
     OpenSlideCacheBytes: int = Field(256 * 1024 * 1024, ge=0,
                                      description="Decoded slide tiles kept, per process.")
-    NativeReader: bool = Field(True, description="Decode TIFF JPEG tiles natively (app.native).")
+    NativeReader: bool = Field(True,
+                               description="Decode TIFF JPEG tiles natively (app.core.native).")
     MemoryCacheBytes: int = Field(64 * 1024 * 1024, ge=0)
     RevalidateSeconds: float = Field(2.0, ge=0, description="How often a slide file is re-stat'ed.")
 
@@ -211,7 +212,7 @@ class PrivacySettings(Section):
 
 
 class AuditSettings(Section):
-    """``Audit``: the JSON-lines audit log of tile requests (see app.audit)."""
+    """``Audit``: the JSON-lines audit log of tile requests (see app.server.audit)."""
 
     Enabled: bool = False
     Path: str = Field("./audit/tiles.jsonl", min_length=1,
@@ -222,7 +223,8 @@ class AuditSettings(Section):
 
 
 class PregenerationSettings(Section):
-    """``Pregeneration``: background jobs and ``tileserver pregenerate`` (see app.pregenerate)."""
+    """``Pregeneration``: background jobs and ``tileserver pregenerate``
+    (see app.batch.pregenerate)."""
 
     Workers: int = Field(0, ge=0, le=256, description="Worker processes; 0: one per CPU core.")
     Nice: int = Field(10, ge=0, le=19,

@@ -61,7 +61,7 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
-from app.cache import write_atomic
+from app.cache.disk import write_atomic
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH_DIR = ROOT / "bench"
@@ -720,7 +720,7 @@ def wait_for_inode_reuse(parent: Path) -> None:
 
 def file_create_probe(parent: Path, count: int = PROBE_FILES) -> float:
     """Microseconds (wall) to create one tile-sized file as the cache does
-    (:func:`app.cache.write_atomic`), over ``count`` files in a fresh folder of ``parent``.
+    (:func:`app.cache.disk.write_atomic`), over ``count`` files in a fresh folder of ``parent``.
 
     The cold scenarios create one file per tile; this says what that costs on the file system
     at the start of the scenario (6-60 µs on a quiet disk here, up to 700 µs on this VM's ext4
@@ -891,7 +891,7 @@ def check_audit_log(result: Result, path: Path, prewarm: int, sample: int) -> No
     may lack a request: ``answered <= wrk lines <= issued``, and the gap is at most the number
     of connections.
     """
-    from app.audit import audit_files
+    from app.server.audit import audit_files
 
     lines = 0
     statuses: dict[int, int] = {}
@@ -1178,7 +1178,7 @@ def ensure_slide(width: int, height: int) -> Path:
     """``bench/data/bench-{W}x{H}.svs``, generated once (Aperio-style SVS, seed 1)."""
     path = DATA_DIR / f"bench-{width}x{height}.svs"
     if not path.exists():
-        from app.demo import write_aperio_svs
+        from app.tools.demo import write_aperio_svs
 
         DATA_DIR.mkdir(parents=True, exist_ok=True)
         console.print(f"generating {path.relative_to(ROOT)} (once) ...")

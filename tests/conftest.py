@@ -19,7 +19,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from app.main import create_app
+from app.server.app import create_app
 from app.settings import settings_from
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,7 +37,7 @@ def fixtures() -> Path:
 @pytest.fixture(scope="session")
 def generated_svs(tmp_path_factory) -> Path:
     """A generated Aperio SVS: 3 levels, 240 px JPEG tiles sharing JPEGTables, YCbCr."""
-    from app.demo import write_aperio_svs
+    from app.tools.demo import write_aperio_svs
 
     path = tmp_path_factory.mktemp("slides") / "generated.svs"
     return write_aperio_svs(path, 5000, 3800, seed=3)

@@ -10,8 +10,8 @@ import tifffile
 from openslide.deepzoom import DeepZoomGenerator
 from PIL import Image
 
-from app import icc
-from app.colour import ColorMode, expected_profile, reference_pixels
+from app.core import icc
+from app.core.colour import ColorMode, expected_profile, reference_pixels
 from tests.conftest import decode
 
 WIDE = icc.rgb_matrix_profile("wide-gamut scanner (test)",
@@ -22,7 +22,7 @@ FORMATS = ["png", "webp", "jpeg"]  # lossless, lossless on the top level, lossy
 @pytest.fixture(scope="module")
 def wide_svs(tmp_path_factory):
     """A generated Aperio SVS whose level 0 carries a wide-gamut ICC profile (native path)."""
-    from app.demo import write_aperio_svs
+    from app.tools.demo import write_aperio_svs
 
     path = tmp_path_factory.mktemp("icc") / "wide.svs"
     return write_aperio_svs(path, 1500, 1100, seed=5, icc_profile=WIDE)

@@ -20,9 +20,9 @@ import tifffile
 from openslide.deepzoom import DeepZoomGenerator
 from PIL import Image
 
-from app.demo import write_aperio_svs, write_generic_tiff
-from app.icc import rgb_matrix_profile
-from app.native import ADOBE_RGB, JFIF, complete_jpeg
+from app.core.icc import rgb_matrix_profile
+from app.core.native import ADOBE_RGB, JFIF, complete_jpeg
+from app.tools.demo import write_aperio_svs, write_generic_tiff
 from tests.conftest import decode
 
 SLIDES = {

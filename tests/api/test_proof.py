@@ -10,9 +10,9 @@ import pytest
 from fastapi.testclient import TestClient
 from openslide.deepzoom import DeepZoomGenerator
 
-from app.audit import FIELDS, audit_files
-from app.errors import ConfigError
-from app.main import create_app
+from app.core.errors import ConfigError
+from app.server.app import create_app
+from app.server.audit import FIELDS, audit_files
 from app.settings import settings_from
 from tests.conftest import decode
 
@@ -94,7 +94,7 @@ def test_avif_tiles(client_for, generated_svs, top):
 
 def test_start_fails_when_a_lossless_encoder_is_not_exact(generated_svs, tmp_path, monkeypatch):
     """A broken lossless encoder (simulated: libwebp that drops the low bit) stops start-up."""
-    from app.formats import Encoding, TileFormat
+    from app.core.formats import Encoding, TileFormat
 
     real = Encoding.encode
 
@@ -194,41 +194,42 @@ def test_audit_log_rotates_without_losing_lines(generated_svs, tmp_path):
     assert not list(tmp_path.glob("tiles.jsonl.lock.*"))
 
 
-def test_fastapi_routes_and_fast_path_answer_and_audit_alike(generated_svs, tmp_path, top):
-    """The documented FastAPI tile routes (reached when the fast path is not installed) give
-    the same headers, bodies and audit lines as the fast path: both go through answer_tile."""
-    from app.middleware import TileFastPath
+def test_one_route_answers_every_tile_family_and_audits_it(generated_svs, tmp_path, top):
+    """Slide tiles, associated-image tiles, HEAD, 304s and errors are all answered by the one
+    tile route (no FastAPI route matches a tile URL), and each becomes one audit line."""
+    from starlette.routing import Match
+
+    from app.server.tiles import TileRoute
 
     tile = f"/storage/g_files/{top}/0_1.jpeg"
     urls = [("GET", tile), ("HEAD", tile),
             ("GET", f"/storage/g_files/{top - 1}/0_0.png?format=jpeg"),
-            ("GET", "/storage/g_files/0/9_9.jpeg"), ("GET", "/storage/nosuch_files/0/0_0.jpeg")]
-    answers, logs = {}, {}
-    for variant in ("fast", "routes"):
-        log_path = tmp_path / variant / "audit.jsonl"
-        app = create_app(settings_from({
-            "Images": [{"Name": "g", "Path": str(generated_svs)}],
-            "TileCachePath": str(tmp_path / variant / "cache"),
-            "Audit": {"Enabled": True, "Path": str(log_path)}}))
-        if variant == "routes":
-            app.user_middleware = [m for m in app.user_middleware if m.cls is not TileFastPath]
-        with TestClient(app) as client:
-            answers[variant] = [client.request(method, url) for method, url in urls]
-        logs[variant] = read_audit(log_path)
-    for fast, route in zip(answers["fast"], answers["routes"], strict=True):
-        assert fast.status_code == route.status_code
-        skip = {"date", "server"}
-        if fast.status_code >= 400:  # the same JSON, spaced differently
-            assert fast.json() == route.json()
-            skip.add("content-length")
-        else:
-            assert fast.content == route.content
-        assert {k: v for k, v in fast.headers.items() if k not in skip} == {
-            k: v for k, v in route.headers.items() if k not in skip}
-    volatile = {"time", "pid", "duration_ms"}
-    assert len(logs["fast"]) == len(logs["routes"]) == len(urls)
-    for fast, route in zip(logs["fast"], logs["routes"], strict=True):
-        assert {k: v for k, v in fast.items() if k not in volatile} == {
-            k: v for k, v in route.items() if k not in volatile}
-    assert [line["status"] for line in logs["routes"]] == [200, 200, 200, 404, 404]
-    assert logs["routes"][1]["method"] == "HEAD"
+            ("GET", "/storage/g_files/0/9_9.jpeg"), ("GET", "/storage/nosuch_files/0/0_0.jpeg"),
+            ("GET", "/storage/g/associated/label_files/0/0_0.jpeg")]
+    log_path = tmp_path / "audit.jsonl"
+    app = create_app(settings_from({
+        "Images": [{"Name": "g", "Path": str(generated_svs)}],
+        "TileCachePath": str(tmp_path / "cache"),
+        "Audit": {"Enabled": True, "Path": str(log_path)}}))
+    assert isinstance(app.router.routes[0], TileRoute)
+    for _method, url in urls:
+        scope = {"type": "http", "method": "GET", "path": url.split("?")[0]}
+        matching = [r for r in app.router.routes if r.matches(scope)[0] is Match.FULL]
+        assert [type(r) for r in matching] == [TileRoute], url
+    with TestClient(app) as client:
+        answers = [client.request(method, url) for method, url in urls]
+        etag = answers[0].headers["etag"]
+        again = client.get(tile, headers={"If-None-Match": etag})
+        paths = client.get("/openapi.json").json()["paths"]
+    assert [a.status_code for a in answers] == [200, 200, 200, 404, 404, 200]
+    assert again.status_code == 304 and again.content == b""
+    assert answers[1].content == b"" and answers[1].headers["etag"] == etag
+    assert decode(answers[5].content).shape[2] == 3
+    assert answers[3].json()["error"] == "tile_not_found"
+    lines = read_audit(log_path)
+    assert [line["status"] for line in lines] == [200, 200, 200, 404, 404, 200, 304]
+    assert lines[1]["method"] == "HEAD"
+    for path in ("/storage/{name}_files/{level}/{tile}", "/image_files/{level}/{tile}",
+                 "/storage/{name}/associated/{associated}_files/{level}/{tile}",
+                 "/image/associated/{associated}_files/{level}/{tile}"):
+        assert "get" in paths[path], path

@@ -182,7 +182,7 @@ def test_replaced_slide_and_changed_quality_never_serve_stale(client_for, tmp_pa
 
 
 def test_concurrent_requests_render_once(client_for, generated_svs, monkeypatch):
-    from app.deepzoom import SlidePyramid
+    from app.core.pyramid import SlidePyramid
 
     calls = []
     lock = threading.Lock()

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from app.cli import main
-from app.verify import VerifyError, parse_levels, sample_addresses
+from app.tools.verify import VerifyError, parse_levels, sample_addresses
 
 OPENABLE = ["boxes.tiff", "small.svs", "boxes_0.dcm", "boxes.png", "boxes-no-icc.png"]
 
@@ -151,8 +151,8 @@ def test_sample_addresses():
 def test_verify_original_tiles_and_a_converting_colour_mode(tmp_path, capsys, monkeypatch):
     """Aligned geometry: verify checks that original tiles are the stored tiles and decode to
     exactly get_tile; a converting colour mode is compared with the same LittleCMS transform."""
-    from app.demo import write_aperio_svs
-    from app.icc import D65_XY, rgb_matrix_profile
+    from app.core.icc import D65_XY, rgb_matrix_profile
+    from app.tools.demo import write_aperio_svs
 
     monkeypatch.chdir(tmp_path)
     bare = write_aperio_svs(tmp_path / "bare.svs", 1500, 1100, photometric="rgb", app14=False,
@@ -185,8 +185,8 @@ def test_verify_original_tiles_and_a_converting_colour_mode(tmp_path, capsys, mo
 def test_compare_flags_an_original_tile_that_is_not_the_stored_one():
     import httpx
 
-    from app.tiles import digest_of
-    from app.verify import TileResult, compare
+    from app.cache.tiles import digest_of
+    from app.tools.verify import TileResult, compare
 
     pixels = np.full((8, 8, 3), 200, np.uint8)
     buf = io.BytesIO()

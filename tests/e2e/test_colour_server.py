@@ -8,7 +8,7 @@ from openslide import ImageSlide
 from openslide.deepzoom import DeepZoomGenerator
 from PIL import Image
 
-from app.colour import expected_profile, reference_pixels, stored_profile
+from app.core.colour import expected_profile, reference_pixels, stored_profile
 from tests.conftest import decode, start_server, stop_server
 
 

@@ -17,8 +17,8 @@ import openslide
 import pytest
 from playwright.sync_api import Page, sync_playwright
 
-from app.demo import write_aperio_svs, write_generic_tiff
-from app.native import ADOBE_RGB
+from app.core.native import ADOBE_RGB
+from app.tools.demo import write_aperio_svs, write_generic_tiff
 from tests.conftest import LiveServer, start_server, stop_server
 from tests.e2e.test_browser import CHROMIUM_ARGS, _chromium_path
 

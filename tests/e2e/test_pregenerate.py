@@ -230,7 +230,7 @@ def test_aligned_geometry_pregenerate_skips_and_export_writes_original_tiles(tmp
     """With passthrough, original tiles come from the slide: pregeneration leaves them out of
     the cache (the server never reads it for them), export writes the same bytes the server
     sends, and every other tile is byte-identical to an on-demand render."""
-    from app.demo import write_aperio_svs
+    from app.tools.demo import write_aperio_svs
 
     slide = write_aperio_svs(tmp_path / "a.svs", 1500, 1100, photometric="rgb", app14=False,
                              seed=9)

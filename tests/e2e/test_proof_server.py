@@ -13,8 +13,8 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from app.audit import FIELDS, audit_files
 from app.cli import main
+from app.server.audit import FIELDS, audit_files
 from tests.conftest import ROOT, start_server, stop_server
 
 

@@ -4,7 +4,7 @@ import json
 import multiprocessing
 import time
 
-from app.audit import FIELDS, AuditLog, TileRequestRecord, audit_files
+from app.server.audit import FIELDS, AuditLog, TileRequestRecord, audit_files
 from app.settings import AuditSettings
 
 LINES_PER_PROCESS = 3000

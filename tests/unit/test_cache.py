@@ -6,15 +6,11 @@ import os
 
 import pytest
 
-from app import cache as cache_module
-from app.cache import (
-    DiskTileCache,
-    MemoryTileCache,
-    SingleFlight,
-    TileKey,
-    variant_of,
-    write_atomic,
-)
+from app.cache import disk as cache_module
+from app.cache.disk import DiskTileCache, write_atomic
+from app.cache.flight import SingleFlight
+from app.cache.memory import MemoryTileCache
+from app.core.keys import TileKey, variant_of
 
 BASE = dict(slide_identity="quickhash-1:abc", tile_size=254, overlap=1, limit_bounds=True,
             encoding_key="jpeg-q90")

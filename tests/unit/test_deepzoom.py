@@ -4,8 +4,8 @@ import openslide
 import pytest
 from openslide.deepzoom import DeepZoomGenerator
 
-from app.deepzoom import SlidePyramid
-from app.demo import write_aperio_svs
+from app.core.pyramid import SlidePyramid
+from app.tools.demo import write_aperio_svs
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Tests of the synthetic Aperio SVS generator (app.demo)."""
+"""Tests of the synthetic Aperio SVS generator (app.tools.demo)."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ import pytest
 import tifffile
 from PIL import Image
 
-from app import demo
+from app.tools import demo
 
 W, H = 3000, 2000  # small, but still 2 levels and ~100 tiles
-CENTRE = (W // 2 - 200, H // 2 - 150, 400, 300)  # always tissue (see app.demo docstring)
+CENTRE = (W // 2 - 200, H // 2 - 150, 400, 300)  # always tissue (see app.tools.demo docstring)
 
 
 @pytest.fixture(scope="module")

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from app.errors import BadTileRequest
-from app.formats import Encoding, FormatPolicy, TileFormat, accepts_webp
+from app.core.errors import BadTileRequest
+from app.core.formats import Encoding, FormatPolicy, TileFormat, accepts_webp
 from app.settings import TileFormatSettings
 from tests.conftest import decode
 
@@ -147,7 +147,7 @@ def test_lossy_encodings_are_close_but_not_exact(encoding, he_tile):
 @pytest.mark.parametrize("level", [0, 1, 6, 12])
 @pytest.mark.parametrize("shape", [(254, 256), (1, 1), (3, 200), (257, 1)])
 def test_png_writer_round_trips_exactly(level, shape):
-    from app import png
+    from app.core import png
     rng = np.random.default_rng(level)
     pixels = rng.integers(0, 256, (*shape, 3), dtype=np.uint8)
     data = png.encode_rgb(pixels, level)
@@ -157,7 +157,7 @@ def test_png_writer_round_trips_exactly(level, shape):
 
 
 def test_png_writer_rejects_other_shapes():
-    from app import png
+    from app.core import png
     with pytest.raises(ValueError, match="expected"):
         png.encode_rgb(np.zeros((4, 4, 4), np.uint8))
 
@@ -228,7 +228,7 @@ def test_avif_default_falls_back_to_jpeg_without_accept():
 
 
 def test_avif_as_lossless_format_is_a_configuration_error():
-    from app.errors import ConfigError
+    from app.core.errors import ConfigError
     from app.settings import settings_from
 
     with pytest.raises(ConfigError) as info:

@@ -4,7 +4,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from app.http import HTTP_PROTOCOL, HeadHoldingTransport
+from app.server.http import HTTP_PROTOCOL, HeadHoldingTransport
 
 
 class Recording:
@@ -88,4 +88,4 @@ def test_close_writes_a_held_head_first():
 def test_serve_uses_this_protocol_with_the_pinned_uvicorn():
     """If a uvicorn upgrade renamed what the wrapper reads, serve falls back to plain
     httptools (and logs it); this makes that fallback visible here."""
-    assert HTTP_PROTOCOL == "app.http:TileHttpProtocol"
+    assert HTTP_PROTOCOL == "app.server.http:TileHttpProtocol"

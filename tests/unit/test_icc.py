@@ -8,12 +8,12 @@ from openslide import ImageSlide
 from openslide.deepzoom import DeepZoomGenerator
 from PIL import Image, ImageCms
 
-from app import icc, png
-from app.colour import ColorMode, ColorTransform, conversion_intent
-from app.deepzoom import single_tile_level
-from app.errors import ConfigError
-from app.formats import Encoding, TileFormat
-from app.privacy import Privacy
+from app.core import icc, png
+from app.core.colour import ColorMode, ColorTransform, conversion_intent
+from app.core.errors import ConfigError
+from app.core.formats import Encoding, TileFormat
+from app.core.privacy import Privacy
+from app.core.pyramid import single_tile_level
 from app.settings import PrivacySettings, settings_from
 from tests.conftest import decode
 

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from app.errors import ConfigError
-from app.formats import Encoding, FormatPolicy, TileFormat
-from app.lossless import check_round_trips, round_trips, sample_images
+from app.core.errors import ConfigError
+from app.core.formats import Encoding, FormatPolicy, TileFormat
+from app.core.lossless import check_round_trips, round_trips, sample_images
 from app.settings import TileFormatSettings
 
 

@@ -8,9 +8,9 @@ import pytest
 import tifffile
 from openslide.deepzoom import DeepZoomGenerator
 
-from app.deepzoom import SlidePyramid
-from app.demo import write_aperio_svs
-from app.native import DecodedTileCache, NativeReader
+from app.core.native import DecodedTileCache, NativeReader
+from app.core.pyramid import SlidePyramid
+from app.tools.demo import write_aperio_svs
 
 
 @pytest.fixture(scope="module", params=[("ycbcr", 2400, 1800), ("rgb", 2400, 1800),

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from app.errors import ConfigError
-from app.formats import TileFormat
+from app.core.errors import ConfigError
+from app.core.formats import TileFormat
 from app.settings import load_settings
 
 

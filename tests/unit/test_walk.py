@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from openslide.deepzoom import DeepZoomGenerator
 
-from app.walk import parse_levels, plan, select_levels, split_contiguous
+from app.batch.walk import parse_levels, plan_batches, select_levels, split_contiguous
 
 
 class OneLevelSlide:
@@ -30,7 +30,7 @@ def pyramid(width: int, height: int, tile_size: int = 254, overlap: int = 1):
 @pytest.mark.parametrize("block", [2, 16])
 def test_every_tile_once(size, block):
     level_tiles = pyramid(*size)
-    batches = plan(level_tiles, range(len(level_tiles)), block)
+    batches = plan_batches(level_tiles, range(len(level_tiles)), block)
     tiles = [tile for batch in batches for tile in batch.tiles()]
     expected = {(level, col, row) for level, (cols, rows) in enumerate(level_tiles)
                 for row in range(rows) for col in range(cols)}
@@ -44,7 +44,7 @@ def test_every_tile_once(size, block):
 def test_a_block_covers_the_same_slide_area_on_every_level():
     level_tiles = pyramid(32000, 24000)
     top = len(level_tiles) - 1
-    for batch in plan(level_tiles, range(len(level_tiles)), 16):
+    for batch in plan_batches(level_tiles, range(len(level_tiles)), 16):
         bx, by = batch.block
         for run in batch.runs:
             shift = top - run.level
@@ -56,7 +56,7 @@ def test_a_block_covers_the_same_slide_area_on_every_level():
 
 def test_selected_levels_only():
     level_tiles = pyramid(5000, 3800)
-    batches = plan(level_tiles, [10, 12], 16)
+    batches = plan_batches(level_tiles, [10, 12], 16)
     assert {level for b in batches for level, _c, _r in b.tiles()} == {10, 12}
 
 

@@ -1,0 +1,25 @@
+"""Static assets shared by the server's pages and static exports: HTML templates, the viewer's
+script and style, and where ``npm ci`` put OpenSeadragon."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+
+OPENSEADRAGON_PARTS = ("node_modules", "openseadragon", "build", "openseadragon")
+
+
+@lru_cache(maxsize=16)
+def template(name: str) -> str:
+    """A file of ``app/assets`` as text (read once)."""
+    return (resources.files(__name__) / name).read_text(encoding="utf-8")
+
+
+def openseadragon_dir() -> Path | None:
+    """Where ``npm ci`` put OpenSeadragon's build: the working directory or the project root."""
+    for base in (Path.cwd(), Path(__file__).resolve().parents[2]):
+        candidate = base.joinpath(*OPENSEADRAGON_PARTS)
+        if (candidate / "openseadragon.min.js").is_file():
+            return candidate
+    return None

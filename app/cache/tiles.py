@@ -1,0 +1,200 @@
+"""TileService.get_tile(): a planned tile's bytes, from the caches or made once.
+
+Order of work for one request: resolve the slide (404 before any I/O), let the planner
+(:class:`app.core.planner.TilePlanner`) decide the encoding, the cache key and whether the tile
+is the slide's stored JPEG tile (pure), then the memory LRU, the disk cache, and on a miss one
+render thread that renders with OpenSlide and encodes, shared by concurrent requests for the
+same tile (single-flight). The result is written to the disk cache atomically before it is
+returned; a tile that failed is never cached.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import anyio
+from anyio import CapacityLimiter
+
+from app.cache.disk import DiskTileCache
+from app.cache.flight import SingleFlight
+from app.cache.memory import MemoryTileCache
+from app.core.digest import TileDigest, digest_of
+from app.core.errors import SlideReadError
+from app.core.planner import TilePlan, TilePlanner, TileRequest
+from app.core.pyramid import ImageSource
+from app.core.render import original_tile, render_tile
+from app.core.slides import OpenSlide, SlideRegistry
+from app.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Tile:
+    """An encoded tile and the facts its response headers state.
+
+    Attributes:
+        data: the complete image file bytes.
+        plan: how it was planned (encoding, colour transform, Vary, refused override).
+        cache: ``hit`` (memory or disk) or ``miss`` (rendered or read for this request).
+        digest: SHA-256 of ``data`` with the ETag and Content-Digest made from it.
+        source: ``original`` (the slide's stored JPEG tile, not decoded or re-encoded) or
+            ``rendered`` (read, scaled where needed, and encoded by this server).
+        identity: the slide's identity (``quickhash-1:<hex>``, else ``stat:<size>:<mtime>``).
+    """
+
+    data: bytes
+    plan: TilePlan
+    cache: str
+    digest: TileDigest
+    source: str
+    identity: str
+
+    @property
+    def etag(self) -> str:
+        """Strong ETag, quoted: the first 32 hex digits of the bytes' SHA-256."""
+        return self.digest.etag
+
+    @property
+    def lossless(self) -> bool:
+        """``X-Tile-Lossless``: the tile decodes to exactly the slide's pixels."""
+        return self.plan.lossless
+
+
+class TileService:
+    """Tiles of every configured slide.
+
+    Args:
+        registry: the slide catalogue and open-slide LRU.
+        planner: decides every tile's encoding, key and source.
+        settings: ``TileCachePath``, ``EnableDiskCache``, ``Server.MemoryCacheBytes``.
+        render_limiter: bounds the other blocking work of tiles in worker threads (original
+            tiles' reads that would wait for the disk); its total is also the number of render
+            threads, which load tiles (cache read, render, encode, cache write).
+        io_limiter: bounds concurrent cache statistics and deletions (worker threads).
+
+    Call :meth:`close` when done (it waits for the render threads).
+    """
+
+    def __init__(self, registry: SlideRegistry, planner: TilePlanner, settings: Settings,
+                 render_limiter: CapacityLimiter, io_limiter: CapacityLimiter):
+        self.registry = registry
+        self.planner = planner
+        self.disk = DiskTileCache(settings.TileCachePath, settings.EnableDiskCache)
+        self.memory = MemoryTileCache(settings.Server.MemoryCacheBytes)
+        self.render_limiter = render_limiter
+        self.io_limiter = io_limiter
+        self._flight = SingleFlight()
+        # Tile loads hop to these threads with run_in_executor rather than anyio.to_thread,
+        # whose limiter and worker bookkeeping cost three times as much per hop
+        # (docs/benchmarks.md, "Where the time goes").
+        self._render_threads = ThreadPoolExecutor(
+            max_workers=int(render_limiter.total_tokens), thread_name_prefix="render")
+
+    async def close(self) -> None:
+        """Let the tile loads in flight finish (their cache writes included), then stop the
+        render threads."""
+        await anyio.to_thread.run_sync(self._render_threads.shutdown, limiter=self.io_limiter)
+
+    async def get_tile(self, name: str, level: int, col: int, row: int,
+                       request: TileRequest | None = None,
+                       associated: str | None = None) -> Tile:
+        """The encoded tile at a DZI address of a slide, or of one of its associated images.
+
+        Args:
+            name: slide name (catalogue key).
+            level, col, row: DZI level (0 = 1x1 px) and tile address in that level.
+            request: what the request asked for (extension, ``?format=``, ``Accept``).
+            associated: an associated image's name (``label``, ``macro``, ...), or None for
+                the slide itself.
+
+        Raises:
+            SlideNotFound, TileNotFound, BadTileRequest: 404/400 cases, before any pixel read.
+            AssociatedImageNotFound: no such associated image, or ``Privacy`` withholds it.
+            SlideOpenError, SlideReadError: OpenSlide failed (its message is kept).
+        """
+        handle = await self.registry.get(name)
+        source = (handle.source if associated is None
+                  else await self.registry.associated(handle, associated))
+        plan = self.planner.plan(handle, source, level, col, row, request)
+        cached = self.memory.get(plan.key)
+        if cached is not None:
+            return Tile(cached[0], plan, "hit", cached[1][0], cached[1][1], handle.identity)
+        if plan.original:
+            data = await self._original(handle, source, plan)
+            if data is not None:
+                digest = digest_of(data)
+                self.memory.put(plan.key, data, (digest, "original"))
+                return Tile(data, plan, "miss", digest, "original", handle.identity)
+            # a damaged stored tile: render it, and let OpenSlide report what it finds
+        data, digest, status = await self._flight.run(
+            plan.key, lambda: self._load(handle, source, plan))
+        return Tile(data, plan, status, digest, "rendered", handle.identity)
+
+    async def _original(self, handle: OpenSlide, source: ImageSource,
+                        plan: TilePlan) -> bytes | None:
+        """The slide's stored JPEG bytes of an ``original`` tile: no decode, no encode.
+
+        The read is tried on the event loop first with ``RWF_NOWAIT``, which answers only
+        from the page cache and never waits for the disk; when it would wait, one worker
+        thread reads. Original tiles join the memory LRU but not the disk cache, where they
+        would only copy the slide (docs/benchmarks.md, "Precompressed tiles").
+        """
+        try:
+            try:
+                return original_tile(source, plan, nowait=True)
+            except BlockingIOError:
+                return await anyio.to_thread.run_sync(
+                    original_tile, source, plan, limiter=self.render_limiter)
+        except OSError as exc:
+            self.registry.discard(handle.name, handle)
+            raise SlideReadError(f"cannot read {handle.entry.path.name}: {exc.strerror}",
+                                 slide=handle.name) from None
+
+    async def _load(self, handle: OpenSlide, source: ImageSource,
+                    plan: TilePlan) -> tuple[bytes, TileDigest, str]:
+        """Disk cache, else render + encode + store, in ONE worker-thread hop; the result
+        joins the memory LRU.
+
+        Returns:
+            ``(bytes, digest, hit|miss)``.
+        """
+        loop = asyncio.get_running_loop()
+        try:
+            data, digest, status = await loop.run_in_executor(
+                self._render_threads, self._load_blocking, handle, source, plan)
+        except SlideReadError:
+            self.registry.discard(handle.name, handle)
+            raise
+        self.memory.put(plan.key, data, (digest, "rendered"))
+        return data, digest, status
+
+    def _load_blocking(self, handle: OpenSlide, source: ImageSource,
+                       plan: TilePlan) -> tuple[bytes, TileDigest, str]:
+        data = self.disk.read(plan.key)
+        status = "hit"
+        if data is None:
+            data = render_tile(handle, source, plan)
+            self.disk.write(plan.key, data)
+            status = "miss"
+        return data, digest_of(data), status
+
+    async def clear(self, name: str | None = None) -> None:
+        """Delete cached tiles of one slide or all (disk and this process's memory)."""
+        self.memory.discard(name)
+        await anyio.to_thread.run_sync(self.disk.clear, name, limiter=self.io_limiter)
+
+    async def stats(self, name: str | None = None) -> tuple[int, int]:
+        """``(cached tile files, bytes)`` on disk for one slide or all."""
+        return await anyio.to_thread.run_sync(self.disk.stats, name, limiter=self.io_limiter)
+
+
+def default_render_threads() -> int:
+    """Two render threads per CPU core: decoding and encoding release the GIL, and while one
+    thread writes the cache another renders (docs/benchmarks.md: more cold tiles per second
+    than one thread per core)."""
+    return 2 * (os.cpu_count() or 1)

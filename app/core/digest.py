@@ -1,0 +1,36 @@
+"""The SHA-256 of a tile's bytes, and what is made of it: ETag and RFC 9530 digest fields."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class TileDigest:
+    """What one SHA-256 of a tile's bytes gives; computed once per tile (when it is rendered,
+    read from disk or from the slide) and kept beside the bytes in the memory cache.
+
+    Attributes:
+        sha256: 64 hex digits (the audit log's ``sha256``; ``sha256sum`` prints the same).
+        etag: strong ETag, quoted: the first 32 of those hex digits.
+        content_digest: the RFC 9530 field value ``sha-256=:<base64 of the 32 bytes>:``.
+    """
+
+    sha256: str
+    etag: str
+    content_digest: str
+
+
+def digest_of(data: bytes) -> TileDigest:
+    """SHA-256 of tile bytes as hex, ETag and RFC 9530 ``Content-Digest`` value."""
+    digest = hashlib.sha256(data).digest()
+    hexdigest = digest.hex()
+    return TileDigest(hexdigest, '"' + hexdigest[:32] + '"',
+                      "sha-256=:" + base64.b64encode(digest).decode("ascii") + ":")
+
+
+EMPTY_DIGEST = digest_of(b"")
+"""The digest of empty content: RFC 9530's ``Content-Digest`` of a HEAD response (its Appendix
+B.2), whose message has no content."""

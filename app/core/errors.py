@@ -1,0 +1,97 @@
+"""Domain exceptions: what goes wrong, with a stable ``code``, and no HTTP.
+
+Every layer raises these; only the server layer knows HTTP: :mod:`app.server.errors` maps each
+class to a status code in one table and renders the JSON ``{"error", "detail", "slide"}`` body.
+"""
+
+from __future__ import annotations
+
+
+class TileServerError(Exception):
+    """Base of every error the server reports to a client; ``code`` is a stable identifier."""
+
+    code = "internal_error"
+
+    def __init__(self, detail: str, *, slide: str | None = None, **extra: str):
+        super().__init__(detail)
+        self.detail = detail
+        self.slide = slide
+        self.extra = extra  # more fields of the JSON body, e.g. ``job`` of a 409
+
+
+class ConfigError(TileServerError):
+    """The configuration is invalid; the message names the key and the value."""
+
+    code = "invalid_configuration"
+
+
+class BadTileRequest(TileServerError):
+    """A malformed request: non-integer level/col/row, unknown extension, bad ``?format=``."""
+
+    code = "bad_request"
+
+
+class SlideNotFound(TileServerError):
+    """No slide of that name is configured (path-like names are never looked up on disk)."""
+
+    code = "slide_not_found"
+
+
+class TileNotFound(TileServerError):
+    """The level or the col/row address lies outside the slide's DZI pyramid."""
+
+    code = "tile_not_found"
+
+
+class AssociatedImageNotFound(TileServerError):
+    """The slide has no associated image of that name."""
+
+    code = "associated_image_not_found"
+
+
+class SlideOpenError(TileServerError):
+    """OpenSlide could not open the slide; ``detail`` carries OpenSlide's message."""
+
+    code = "slide_unopenable"
+
+
+class SlideReadError(TileServerError):
+    """OpenSlide opened the slide but failed to read pixels; ``detail`` is OpenSlide's message."""
+
+    code = "slide_unreadable"
+
+
+class BadJobRequest(TileServerError):
+    """A malformed pregeneration request, e.g. ``?levels=`` that is not ``A-B`` or a list."""
+
+    code = "bad_request"
+
+
+class JobNotFound(TileServerError):
+    """No pregeneration job of that id is known to the process that answers."""
+
+    code = "job_not_found"
+
+
+class JobConflict(TileServerError):
+    """A job already runs (or waits) for that slide; ``extra["job"]`` is its id."""
+
+    code = "job_conflict"
+
+
+class JobFinished(TileServerError):
+    """The job has already finished, so it cannot be cancelled."""
+
+    code = "job_finished"
+
+
+class DiskCacheDisabled(TileServerError):
+    """Pregeneration fills the disk cache, and ``EnableDiskCache`` is false."""
+
+    code = "disk_cache_disabled"
+
+
+class CacheWriteError(TileServerError):
+    """Pregeneration could not write a tile (read-only or full disk); ``detail`` says why."""
+
+    code = "cache_not_writable"

@@ -1,0 +1,295 @@
+"""SlideRegistry: the name -> file catalogue and a bounded LRU of open slides.
+
+Names come only from the configuration (``Image.Path`` as ``image``, ``Images``, the files of
+``SlideDirectory`` under their stem); a request's name is looked up in that catalogue and never
+joined to a path, so ``..``, ``%2e%2e`` or absolute paths cannot reach any other file.
+
+Open slides are shared by threads (OpenSlide handles are thread-safe) and share one
+``OpenSlideCache`` of decoded slide tiles. A slide is opened once under concurrent requests
+(per-name lock), re-stat'ed at most every ``Server.RevalidateSeconds`` so that a replaced file is
+reopened with its new identity, and dropped after any read error (OpenSlide errors latch: the
+handle is dead after one).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+import openslide
+from anyio import CapacityLimiter
+
+from app.core.colour import ColorTransform
+from app.core.errors import (
+    AssociatedImageNotFound,
+    SlideNotFound,
+    SlideOpenError,
+    SlideReadError,
+)
+from app.core.native import DecodedTileCache, NativeReader
+from app.core.privacy import Privacy
+from app.core.pyramid import ImageSource, SlidePyramid, open_associated, pyramid_geometry
+from app.settings import Settings
+
+log = logging.getLogger(__name__)
+
+SINGLE_SLIDE_NAME = "image"
+SLIDE_SUFFIXES = frozenset({
+    ".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".mrxs", ".scn", ".svslide", ".bif",
+    ".dcm", ".czi",
+})
+
+
+@dataclass(frozen=True, slots=True)
+class SlideEntry:
+    """A configured slide: its URL name and its file."""
+
+    name: str
+    path: Path
+
+
+@dataclass(eq=False)
+class OpenSlide:
+    """An open slide with its DZI pyramid and identity.
+
+    Attributes:
+        entry: the configured name and file.
+        slide: OpenSlide's handle (thread-safe; dead after its first error).
+        source: the slide's pyramid and colour transform (what its tiles are cut from).
+        identity: ``quickhash-1:<hex>`` when OpenSlide gives one, else ``stat:<size>:<mtime_ns>``.
+        signature: ``(size, mtime_ns, inode)`` of the file when opened.
+        checked_at: ``time.monotonic()`` of the last stat that found the file unchanged.
+        variants: cache variants memoised by the planner, ``(Encoding, scope) -> hex``.
+        associated: associated images' sources, opened on first use.
+    """
+
+    entry: SlideEntry
+    slide: openslide.AbstractSlide
+    source: ImageSource
+    identity: str
+    signature: tuple[int, int, int]
+    checked_at: float = field(default_factory=time.monotonic)
+    variants: dict[tuple[Any, str], str] = field(default_factory=dict)
+    associated: dict[str, ImageSource] = field(default_factory=dict)
+
+    @property
+    def pyramid(self) -> SlidePyramid:
+        """The slide's DZI pyramid."""
+        return self.source.pyramid
+
+    @property
+    def color(self) -> ColorTransform:
+        """The slide's colour transform under ``DeepZoom.ColorMode``."""
+        return self.source.color
+
+    @property
+    def name(self) -> str:
+        """The slide's URL name."""
+        return self.entry.name
+
+    @property
+    def properties(self) -> dict[str, str]:
+        """OpenSlide's properties of the slide."""
+        return dict(self.slide.properties)
+
+    def mpp(self) -> tuple[float, float] | None:
+        """Microns per pixel at slide level 0, ``(x, y)``, or None when the slide lacks it."""
+        props = self.slide.properties
+        try:
+            return (float(props[openslide.PROPERTY_NAME_MPP_X]),
+                    float(props[openslide.PROPERTY_NAME_MPP_Y]))
+        except (KeyError, ValueError):
+            return None
+
+
+def _signature(path: Path) -> tuple[int, int, int]:
+    st = os.stat(path)
+    return (st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+def build_catalogue(settings: Settings) -> dict[str, SlideEntry]:
+    """Every configured slide by name. Blocking (lists ``SlideDirectory``).
+
+    ``Image.Path`` is served as ``image`` (the single-slide routes); ``Images`` keep their names;
+    ``SlideDirectory`` adds its slide files under their stem unless the name is taken.
+    """
+    entries: dict[str, SlideEntry] = {}
+    if settings.Image.Path:
+        entries[SINGLE_SLIDE_NAME] = SlideEntry(SINGLE_SLIDE_NAME, Path(settings.Image.Path))
+    for item in settings.Images:
+        entries[item.Name] = SlideEntry(item.Name, Path(item.Path))
+    if settings.SlideDirectory:
+        folder = Path(settings.SlideDirectory)
+        for path in sorted(folder.iterdir()):
+            if path.is_file() and path.suffix.lower() in SLIDE_SUFFIXES:
+                entries.setdefault(path.stem, SlideEntry(path.stem, path))
+    return entries
+
+
+class SlideRegistry:
+    """Configured slides by name, and an LRU of the open ones.
+
+    Args:
+        catalogue: name -> entry, from :func:`build_catalogue`.
+        settings: for the DZI geometry, the ``Server`` bounds and ``Privacy``.
+        limiter: the thread limiter for opening slides and associated images.
+    """
+
+    def __init__(self, catalogue: dict[str, SlideEntry], settings: Settings,
+                 limiter: CapacityLimiter | None = None):
+        self.catalogue = catalogue
+        self.settings = settings
+        self.privacy = Privacy(settings.Privacy)
+        self._open: OrderedDict[str, OpenSlide] = OrderedDict()
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._limiter = limiter
+        server = settings.Server
+        self._cache = (openslide.OpenSlideCache(server.OpenSlideCacheBytes)
+                       if server.OpenSlideCacheBytes else None)
+        self._decoded = DecodedTileCache(server.OpenSlideCacheBytes)
+
+    @property
+    def names(self) -> list[str]:
+        """Slide names in catalogue order."""
+        return list(self.catalogue)
+
+    def entry(self, name: str) -> SlideEntry:
+        """The configured slide of that name.
+
+        Raises:
+            SlideNotFound: no slide has that name.
+        """
+        entry = self.catalogue.get(name)
+        if entry is None:
+            raise SlideNotFound(f"no slide named {name!r}", slide=None)
+        return entry
+
+    def cached(self, name: str) -> OpenSlide | None:
+        """The open slide if it is open and was validated recently; no I/O (hot path)."""
+        handle = self._open.get(name)
+        if handle is not None and (time.monotonic() - handle.checked_at
+                                   < self.settings.Server.RevalidateSeconds):
+            return handle
+        return None
+
+    def peek(self, name: str) -> OpenSlide | None:
+        """The open slide of that name if any, without revalidating it; no I/O."""
+        return self._open.get(name)
+
+    async def get(self, name: str) -> OpenSlide:
+        """The open slide, opening or revalidating it in a worker thread when needed.
+
+        Raises:
+            SlideNotFound: unknown name.
+            SlideOpenError: OpenSlide cannot open the file (its message is the detail).
+        """
+        handle = self.cached(name)
+        if handle is not None:
+            self._open.move_to_end(name)
+            return handle
+        entry = self.entry(name)
+        lock = self._locks.setdefault(name, asyncio.Lock())
+        async with lock:
+            handle = self.cached(name)
+            if handle is not None:
+                return handle
+            handle = self._open.get(name)
+            handle = await anyio.to_thread.run_sync(self._open_or_revalidate, entry, handle,
+                                                    limiter=self._limiter)
+            self._open[name] = handle
+            self._open.move_to_end(name)
+            while len(self._open) > self.settings.Server.MaxOpenSlides:
+                self._open.popitem(last=False)  # closed by OpenSlide when unreferenced
+            return handle
+
+    async def associated(self, handle: OpenSlide, name: str) -> ImageSource:
+        """An associated image of an open slide as a DZI source, opened once per handle (in a
+        worker thread).
+
+        Raises:
+            AssociatedImageNotFound: the slide has no such image, or ``Privacy`` withholds it
+                (the same answer, so a hidden label's existence is not revealed).
+            SlideReadError: OpenSlide cannot read it.
+        """
+        source = handle.associated.get(name)
+        if source is not None:
+            return source
+        if name not in self.privacy.associated_names(handle.slide.associated_images):
+            raise AssociatedImageNotFound(
+                f"slide {handle.name!r} has no associated image {name!r}", slide=handle.name)
+        dz = self.settings.DeepZoom
+
+        def load() -> ImageSource:
+            try:
+                return open_associated(handle.slide, name, dz.TileSize, dz.Overlap,
+                                       dz.LimitBounds, dz.ColorMode)
+            except (openslide.OpenSlideError, OSError) as exc:
+                raise SlideReadError(f"OpenSlide cannot read the {name} image of "
+                                     f"{handle.entry.path.name}: {exc}",
+                                     slide=handle.name) from None
+
+        source = await anyio.to_thread.run_sync(load, limiter=self._limiter)
+        return handle.associated.setdefault(name, source)
+
+    def open_blocking(self, name: str) -> OpenSlide:
+        """The open slide, opened or revalidated in the calling thread.
+
+        For processes without an event loop (pregeneration workers, the CLI); do not mix
+        with :meth:`get` on one registry.
+
+        Raises:
+            SlideNotFound: unknown name.
+            SlideOpenError: OpenSlide cannot open the file (its message is the detail).
+        """
+        handle = self._open_or_revalidate(self.entry(name), self._open.get(name))
+        self._open[name] = handle
+        self._open.move_to_end(name)
+        while len(self._open) > self.settings.Server.MaxOpenSlides:
+            self._open.popitem(last=False)
+        return handle
+
+    def discard(self, name: str, handle: OpenSlide | None = None) -> None:
+        """Drop an open slide (after a read error, the handle is dead); reopened on next use."""
+        if handle is None or self._open.get(name) is handle:
+            self._open.pop(name, None)
+
+    def _open_or_revalidate(self, entry: SlideEntry, handle: OpenSlide | None) -> OpenSlide:
+        try:
+            signature = _signature(entry.path)
+        except OSError as exc:
+            raise SlideOpenError(f"cannot open {entry.path.name}: {exc.strerror}",
+                                 slide=entry.name) from None
+        if handle is not None and handle.signature == signature:
+            handle.checked_at = time.monotonic()
+            return handle
+        if handle is not None:
+            log.info("slide %s changed on disk; reopening", entry.name)
+        return self._open_blocking(entry, signature)
+
+    def _open_blocking(self, entry: SlideEntry, signature: tuple[int, int, int]) -> OpenSlide:
+        try:
+            slide = openslide.open_slide(entry.path)
+            native = (NativeReader.open(slide, entry.path, self._decoded)
+                      if self.settings.Server.NativeReader else None)
+            deepzoom = self.settings.DeepZoom
+            geometry = pyramid_geometry(slide, deepzoom.TileSize, deepzoom.Overlap,
+                                        deepzoom.LimitBounds, deepzoom.Geometry)
+            pyramid = SlidePyramid(slide, *geometry, native)
+            color = ColorTransform.for_slide(slide, deepzoom.ColorMode)  # LittleCMS: OSError
+        except (openslide.OpenSlideError, OSError, ValueError) as exc:
+            message = str(exc) or type(exc).__name__
+            raise SlideOpenError(f"OpenSlide cannot open {entry.path.name}: {message}",
+                                 slide=entry.name) from None
+        if self._cache is not None:
+            slide.set_cache(self._cache)
+        quickhash = slide.properties.get(openslide.PROPERTY_NAME_QUICKHASH1)
+        identity = (f"quickhash-1:{quickhash}" if quickhash
+                    else f"stat:{signature[0]}:{signature[1]}")
+        return OpenSlide(entry, slide, ImageSource(pyramid, color), identity, signature)

@@ -1,1 +1,0 @@
-"""HTTP routes: DZI and tiles, the JSON API, and the viewer pages."""

@@ -1,0 +1,112 @@
+"""The application factory: ``create_app(settings)`` builds the FastAPI app and its services.
+
+Services live on ``app.state.services`` (:class:`app.server.dependencies.Services`); nothing is
+created at import time, so tests build apps from ``Settings`` objects. ``create_app_from_env`` is
+the factory uvicorn workers call: the CLI passes them its validated settings as JSON in
+``TILESERVER_SETTINGS_JSON``.
+
+The router's first route is :class:`app.server.tiles.TileRoute`, the one entry path of every
+tile URL; the FastAPI routes (DZI descriptors, JSON API, jobs, pages) follow.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+from anyio import CapacityLimiter
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+from fastapi.staticfiles import StaticFiles
+
+from app import __version__
+from app.assets import openseadragon_dir
+from app.batch.jobs import JobManager
+from app.cache.tiles import TileService, default_render_threads
+from app.core.lossless import check_round_trips
+from app.core.planner import TilePlanner
+from app.core.slides import SlideRegistry, build_catalogue
+from app.server import tiles
+from app.server.audit import AuditLog
+from app.server.dependencies import Services
+from app.server.errors import install_handlers
+from app.server.middleware import HeadAsGet
+from app.server.routes import api, dzi, jobs, pages
+from app.settings import Settings, settings_from
+
+log = logging.getLogger(__name__)
+
+SETTINGS_ENV = "TILESERVER_SETTINGS_JSON"
+IO_THREADS = 16
+
+
+def create_app(settings: Settings) -> FastAPI:
+    """Build the app for validated settings.
+
+    The slide catalogue is built at start-up (``SlideDirectory`` is listed once); slides are
+    opened on first use, so one unopenable slide never stops the others. Start-up also proves
+    every encoding the policy calls lossless bit-exact (:mod:`app.core.lossless`; a failure
+    stops it with :class:`~app.core.errors.ConfigError`) and opens the audit log when
+    ``Audit.Enabled``; shutdown flushes the audit log.
+    """
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        catalogue = await anyio.to_thread.run_sync(build_catalogue, settings)
+        render = CapacityLimiter(settings.Server.RenderThreads or default_render_threads())
+        registry = SlideRegistry(catalogue, settings, limiter=render)
+        planner = TilePlanner(settings)
+        await anyio.to_thread.run_sync(check_round_trips, planner.policy.lossless_encodings())
+        audit = None
+        if settings.Audit.Enabled:
+            audit = AuditLog(settings.Audit)
+            await anyio.to_thread.run_sync(audit.open)
+            log.info("audit log: %s", audit.path)
+        services = Services(
+            settings, registry, planner,
+            TileService(registry, planner, settings, render, CapacityLimiter(IO_THREADS)),
+            JobManager(registry, settings), audit)
+        app.state.services = services
+        services.jobs.start()
+        log.info("serving %d slide(s): %s", len(catalogue), ", ".join(catalogue))
+        try:
+            yield
+        finally:
+            await services.jobs.close()
+            await services.tiles.close()
+            if audit is not None:
+                await anyio.to_thread.run_sync(audit.close)
+
+    app = FastAPI(title="WSI tile server", version=__version__, lifespan=lifespan,
+                  description="DeepZoom tiles of whole-slide images read with OpenSlide.")
+    install_handlers(app)
+    app.router.routes.insert(0, tiles.TileRoute())  # first: tile requests match at once
+    for module in (dzi, api, jobs, pages):
+        app.include_router(module.router)
+    osd = openseadragon_dir()
+    if osd is not None:
+        app.mount("/static/openseadragon", StaticFiles(directory=osd), name="openseadragon")
+    else:
+        log.warning("OpenSeadragon not found (run `npm ci`); the viewer pages will not load")
+    app.add_middleware(HeadAsGet)
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version,
+                                 description=app.description, routes=app.routes)
+            schema["paths"] = {**tiles.openapi_paths(), **schema["paths"]}
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    return app
+
+
+def create_app_from_env() -> FastAPI:
+    """Factory for uvicorn workers: settings from ``TILESERVER_SETTINGS_JSON``."""
+    settings = settings_from(os.environ[SETTINGS_ENV])
+    return create_app(settings)

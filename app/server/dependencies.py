@@ -1,0 +1,84 @@
+"""The server's services, and the FastAPI dependencies that hand them to routes.
+
+:func:`app.server.app.create_app`'s lifespan builds one :class:`Services` and puts it on
+``app.state.services``; FastAPI routes receive its parts through the ``Annotated`` aliases below,
+and the tile route (:class:`app.server.tiles.TileRoute`) reads the same object.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from app.batch.jobs import JobManager
+from app.cache.tiles import TileService
+from app.core.planner import TilePlanner
+from app.core.privacy import Privacy
+from app.core.slides import SlideRegistry
+from app.server.audit import AuditLog
+from app.settings import Settings
+
+
+@dataclass(frozen=True, slots=True)
+class Services:
+    """Everything a request may use, built once per process at start-up.
+
+    Attributes:
+        settings: the validated settings.
+        registry: the slide catalogue and open slides (with the ``Privacy`` filter).
+        planner: the tile planner (format policy, passthrough, cache keys).
+        tiles: tiles from the caches or rendered.
+        jobs: pregeneration jobs.
+        audit: the audit log, or None when ``Audit.Enabled`` is false.
+    """
+
+    settings: Settings
+    registry: SlideRegistry
+    planner: TilePlanner
+    tiles: TileService
+    jobs: JobManager
+    audit: AuditLog | None
+
+    @property
+    def privacy(self) -> Privacy:
+        """What clients may see of a slide (``Privacy`` settings)."""
+        return self.registry.privacy
+
+
+def services(request: Request) -> Services:
+    """The app's :class:`Services`."""
+    return request.app.state.services
+
+
+def _settings(request: Request) -> Settings:
+    return services(request).settings
+
+
+def _registry(request: Request) -> SlideRegistry:
+    return services(request).registry
+
+
+def _planner(request: Request) -> TilePlanner:
+    return services(request).planner
+
+
+def _tiles(request: Request) -> TileService:
+    return services(request).tiles
+
+
+def _jobs(request: Request) -> JobManager:
+    return services(request).jobs
+
+
+def _privacy(request: Request) -> Privacy:
+    return services(request).registry.privacy
+
+
+AppSettings = Annotated[Settings, Depends(_settings)]
+Registry = Annotated[SlideRegistry, Depends(_registry)]
+Planner = Annotated[TilePlanner, Depends(_planner)]
+Tiles = Annotated[TileService, Depends(_tiles)]
+Jobs = Annotated[JobManager, Depends(_jobs)]
+PrivacyFilter = Annotated[Privacy, Depends(_privacy)]

@@ -1,0 +1,110 @@
+"""HTTP for domain errors: the one table of status codes and the one JSON error body.
+
+Nothing below the server layer knows HTTP: services raise :mod:`app.core.errors` exceptions,
+and this module maps them (and FastAPI's validation errors and Starlette's 404/405) to JSON
+``{"error", "detail", "slide"}`` bodies with the status of :data:`STATUS`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from fastapi import FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from app.core.errors import (
+    AssociatedImageNotFound,
+    BadJobRequest,
+    BadTileRequest,
+    CacheWriteError,
+    ConfigError,
+    DiskCacheDisabled,
+    JobConflict,
+    JobFinished,
+    JobNotFound,
+    SlideNotFound,
+    SlideOpenError,
+    SlideReadError,
+    TileNotFound,
+    TileServerError,
+)
+
+log = logging.getLogger(__name__)
+
+STATUS: dict[type[TileServerError], int] = {
+    BadJobRequest: 400,
+    JobNotFound: 404,
+    JobConflict: 409,
+    JobFinished: 409,
+    DiskCacheDisabled: 409,
+    CacheWriteError: 500,
+    BadTileRequest: 400,
+    SlideNotFound: 404,
+    TileNotFound: 404,
+    AssociatedImageNotFound: 404,
+    SlideOpenError: 500,
+    SlideReadError: 500,
+    ConfigError: 500,
+    TileServerError: 500,
+}
+
+
+def status_for(exc: TileServerError) -> int:
+    """HTTP status for a domain error: the entry of its nearest class in :data:`STATUS`."""
+    for klass in type(exc).__mro__:
+        if klass in STATUS:
+            return STATUS[klass]
+    return 500
+
+
+def error_body(code: str, detail: str, slide: str | None = None,
+               extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The JSON body of every error response (``extra``: more fields, e.g. a 409's ``job``)."""
+    body = {"error": code, "detail": detail}
+    if slide is not None:
+        body["slide"] = slide
+    body.update(extra or {})
+    return body
+
+
+def error_json(status: int, code: str, detail: str, slide: str | None = None,
+               extra: dict[str, str] | None = None) -> tuple[int, bytes]:
+    """``(status, body)`` of an error response: :func:`error_body` serialised as every JSON
+    response of the app is (``JSONResponse``'s compact form)."""
+    return status, json.dumps(error_body(code, detail, slide, extra), ensure_ascii=False,
+                              separators=(",", ":")).encode()
+
+
+def error_response(status: int, code: str, detail: str, slide: str | None = None,
+                   extra: dict[str, str] | None = None,
+                   headers: dict[str, str] | None = None) -> Response:
+    """The :class:`Response` of an error, for FastAPI routes and handlers."""
+    status, body = error_json(status, code, detail, slide, extra)
+    return Response(body, status_code=status, media_type="application/json", headers=headers)
+
+
+def install_handlers(app: FastAPI) -> None:
+    """Map domain errors, validation errors and Starlette's 404/405 to JSON bodies."""
+
+    @app.exception_handler(TileServerError)
+    async def _domain(request: Request, exc: TileServerError) -> Response:
+        status = status_for(exc)
+        if status >= 500:
+            log.warning("%s %s -> %d %s", request.method, request.url.path, status, exc.detail)
+        return error_response(status, exc.code, exc.detail, exc.slide, exc.extra)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> Response:
+        parts = []
+        for err in exc.errors():
+            where = ".".join(str(p) for p in err.get("loc", ()))
+            parts.append(f"{where}: {err.get('msg')}")
+        return error_response(422, "bad_request", "; ".join(parts))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> Response:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return error_response(exc.status_code, code, str(exc.detail),
+                              headers=getattr(exc, "headers", None))

@@ -1,0 +1,198 @@
+"""The JSON API: slides, their pyramids and format policy, and the tile cache's stats."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import openslide
+from fastapi import APIRouter
+
+from app import __version__
+from app.core.errors import TileServerError
+from app.core.planner import SlidePolicy, TilePlanner, level_policies, slide_policy
+from app.core.privacy import Privacy
+from app.core.pyramid import ImageSource, single_tile_level
+from app.core.slides import OpenSlide
+from app.server.dependencies import AppSettings, Planner, PrivacyFilter, Registry, Tiles
+from app.server.urls import dzi_url, viewer_url
+from app.settings import Settings
+
+router = APIRouter(prefix="/api", tags=["api"])
+
+MB = 1024 * 1024
+
+
+def describe_levels(planner: TilePlanner, handle: OpenSlide,
+                    source: ImageSource) -> list[dict[str, Any]]:
+    """Per DZI level of a source (the slide or an associated image): the policy records of
+    :func:`app.core.planner.level_policies` (size, tiles, format, lossless, colour, slide
+    level)."""
+    return [lv.model_dump() for lv in level_policies(planner, handle, source)]
+
+
+def describe_associated(planner: TilePlanner, privacy: Privacy, settings: Settings,
+                        handle: OpenSlide) -> list[dict[str, Any]]:
+    """The associated images clients may see: name, size, DZI URL and a one-tile preview URL.
+
+    Sizes come from OpenSlide's ``openslide.associated.<name>.*`` properties: no image is read.
+    """
+    out = []
+    props = handle.slide.properties
+    tile_size = settings.DeepZoom.TileSize
+    ext = planner.declared.value
+    for name in privacy.associated_names(handle.slide.associated_images):
+        try:
+            width = int(props[f"openslide.associated.{name}.width"])
+            height = int(props[f"openslide.associated.{name}.height"])
+        except (KeyError, ValueError):
+            continue
+        dzi = dzi_url(handle.name, name)
+        level = single_tile_level(width, height, tile_size)
+        out.append({"name": name, "width": width, "height": height, "dzi_url": dzi,
+                    "preview_url": f"{dzi[:-4]}_files/{level}/0_0.{ext}",
+                    "viewer_url": viewer_url(handle.name, name)})
+    return out
+
+
+def describe_slide(planner: TilePlanner, privacy: Privacy, settings: Settings,
+                   handle: OpenSlide) -> dict[str, Any]:
+    """The ``/api/slides/{name}`` document: slide facts and, per DZI level, the policy.
+
+    Properties ``Privacy.HideProperties`` withholds are absent, and so are the facts read from
+    them (vendor, mpp, quickhash); withheld associated images are not listed.
+    """
+    pyramid = handle.pyramid
+    slide = handle.slide
+    props = privacy.properties(slide.properties)
+    mpp = handle.mpp() if all(p in props for p in (
+        openslide.PROPERTY_NAME_MPP_X, openslide.PROPERTY_NAME_MPP_Y)) else None
+    associated = describe_associated(planner, privacy, settings, handle)
+    return {
+        "name": handle.name,
+        "vendor": props.get(openslide.PROPERTY_NAME_VENDOR),
+        "dimensions": list(slide.dimensions),
+        "mpp": list(mpp) if mpp else None,
+        "slide_level_count": slide.level_count,
+        "slide_level_dimensions": [list(d) for d in slide.level_dimensions],
+        "slide_level_downsamples": list(slide.level_downsamples),
+        "associated_images": [item["name"] for item in associated],
+        "associated": associated,
+        "quickhash": props.get(openslide.PROPERTY_NAME_QUICKHASH1),
+        "dzi_url": dzi_url(handle.name),
+        "tile_size": pyramid.tile_size,
+        "overlap": pyramid.overlap,
+        "limit_bounds": pyramid.limit_bounds,
+        "geometry": settings.DeepZoom.Geometry,
+        "color": handle.color.describe(),
+        "declared_format": planner.declared.value,
+        "level_count": pyramid.level_count,
+        "tile_count": pyramid.tile_count,
+        "levels": describe_levels(planner, handle, handle.source),
+        "properties": props,
+    }
+
+
+@router.get("/images", summary="All slides with their size and cache state")
+async def images(registry: Registry, tiles: Tiles) -> list[dict[str, Any]]:
+    """Every configured slide: name, dimensions, DZI level count, cached tiles.
+
+    A slide that cannot be opened is listed with its ``error`` instead of its dimensions.
+    """
+    out = []
+    for name in registry.names:
+        count, size = await tiles.stats(name)
+        item: dict[str, Any] = {"name": name, "file": registry.entry(name).path.name,
+                                "cachedTiles": count, "cacheSizeMB": round(size / MB, 2)}
+        try:
+            handle = await registry.get(name)
+        except TileServerError as exc:
+            item["error"] = exc.detail
+        else:
+            item.update(dimensions=list(handle.slide.dimensions),
+                        level_count=handle.pyramid.level_count, dzi_url=dzi_url(name))
+        out.append(item)
+    return out
+
+
+@router.get("/slides/{name}", summary="A slide's properties, pyramid and per-level format")
+async def slide(name: str, registry: Registry, planner: Planner, privacy: PrivacyFilter,
+                settings: AppSettings) -> dict[str, Any]:
+    """Dimensions, mpp, vendor, DZI levels with dimensions, tile counts and served format."""
+    return describe_slide(planner, privacy, settings, await registry.get(name))
+
+
+@router.get("/slides/{name}/associated/{associated}",
+            summary="An associated image's pyramid and per-level format")
+async def associated_image(name: str, associated: str, registry: Registry, planner: Planner,
+                           settings: AppSettings) -> dict[str, Any]:
+    """Dimensions, colour and DZI levels of one associated image (label, macro, thumbnail);
+    404 when the slide has none of that name or ``Privacy`` withholds it."""
+    handle = await registry.get(name)
+    source = await registry.associated(handle, associated)
+    pyramid = source.pyramid
+    return {
+        "name": handle.name,
+        "associated": associated,
+        "dimensions": list(pyramid.level_dimensions[-1]),
+        "mpp": None,
+        "dzi_url": dzi_url(name, associated),
+        "tile_size": settings.DeepZoom.TileSize,
+        "overlap": settings.DeepZoom.Overlap,
+        "color": source.color.describe(),
+        "declared_format": planner.declared.value,
+        "level_count": pyramid.level_count,
+        "tile_count": pyramid.tile_count,
+        "levels": describe_levels(planner, handle, source),
+    }
+
+
+@router.get("/slides/{name}/policy", summary="A slide's per-level format policy",
+            response_model=SlidePolicy)
+async def policy(name: str, registry: Registry, planner: Planner, privacy: PrivacyFilter,
+                 settings: AppSettings) -> SlidePolicy:
+    """Per DZI level: dimensions, tile count, format, lossless, the slide level read from.
+
+    The single slide (``Image.Path``) is ``/api/slides/image/policy``.
+    """
+    return slide_policy(planner, privacy, settings, await registry.get(name))
+
+
+@router.get("/tiles/stats", summary="Disk cache totals")
+async def cache_stats(tiles: Tiles) -> dict[str, Any]:
+    """Cached tile files and bytes over all slides (the original servers' fields)."""
+    count, size = await tiles.stats()
+    return {"cachedTiles": count, "cacheSizeBytes": size, "cacheSizeMB": round(size / MB, 2)}
+
+
+@router.get("/tiles/{name}/stats", summary="Disk cache of one slide")
+async def slide_cache_stats(name: str, registry: Registry, tiles: Tiles) -> dict[str, Any]:
+    """Cached tiles of one slide against its pyramid's tile count (the original's fields)."""
+    handle = await registry.get(name)
+    count, size = await tiles.stats(name)
+    total = handle.pyramid.tile_count
+    return {
+        "imageName": name, "cachedTiles": count, "totalTiles": total,
+        "cachePercentage": round(100 * count / total, 2) if total else 0,
+        "cacheSizeBytes": size, "cacheSizeMB": round(size / MB, 2),
+    }
+
+
+@router.delete("/tiles/cache", summary="Delete the whole disk cache")
+async def clear_cache(tiles: Tiles) -> dict[str, str]:
+    """Delete every cached tile (disk, and this worker's memory cache)."""
+    await tiles.clear()
+    return {"status": "all cache cleared"}
+
+
+@router.delete("/tiles/{name}/cache", summary="Delete one slide's cached tiles")
+async def clear_slide_cache(name: str, registry: Registry, tiles: Tiles) -> dict[str, str]:
+    """Delete one slide's cached tiles."""
+    registry.entry(name)
+    await tiles.clear(name)
+    return {"status": "cache cleared", "imageName": name}
+
+
+@router.get("/version", include_in_schema=False)
+async def version() -> dict[str, str]:
+    """The server's version."""
+    return {"version": __version__}

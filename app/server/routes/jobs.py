@@ -1,0 +1,98 @@
+"""Pregeneration over HTTP: start jobs (202 + the job), list them, follow them, cancel them.
+
+The original servers' routes are kept: ``POST /api/tiles/generate`` (the single slide),
+``POST /api/tiles/{name}/generate`` and ``POST /api/tiles/generate-all``; they answer
+``202 Accepted`` with the job document and a ``Location`` header instead of blocking.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from app.batch.jobs import Job
+from app.batch.walk import parse_levels
+from app.core.errors import BadJobRequest
+from app.core.slides import SINGLE_SLIDE_NAME
+from app.server.dependencies import Jobs, Registry
+
+router = APIRouter(prefix="/api", tags=["pregeneration"])
+
+
+Overwrite = Annotated[bool, Query(description="render tiles that are already cached")]
+Levels = Annotated[list[str] | None, Query(
+    description="DZI levels: a range 10-17, a list 3,5,8-9, or the parameter repeated")]
+
+
+def _levels(values: list[str] | None) -> tuple[int, ...] | None:
+    try:
+        return parse_levels(",".join(values)) if values else None
+    except ValueError as exc:
+        raise BadJobRequest(str(exc)) from None
+
+
+def _accepted(job: Job) -> JSONResponse:
+    return JSONResponse(job.document(), status_code=202,
+                        headers={"Location": f"/api/jobs/{job.id}"})
+
+
+@router.post("/tiles/generate", status_code=202, summary="Pregenerate the single slide")
+async def generate_single(jobs: Jobs, overwrite: Overwrite = False,
+                          levels: Levels = None) -> JSONResponse:
+    """Queue a job for the ``Image.Path`` slide (SingleSlideServer's route); 409 if one runs."""
+    return _accepted(jobs.submit([SINGLE_SLIDE_NAME], _levels(levels), overwrite))
+
+
+@router.post("/tiles/generate-all", status_code=202, summary="Pregenerate every slide")
+async def generate_all(jobs: Jobs, registry: Registry, overwrite: Overwrite = False,
+                       levels: Levels = None) -> JSONResponse:
+    """Queue one job covering every configured slide; 409 if any of them is in a job."""
+    return _accepted(jobs.submit(registry.names, _levels(levels), overwrite))
+
+
+@router.post("/tiles/{name}/generate", status_code=202, summary="Pregenerate one slide")
+async def generate(name: str, jobs: Jobs, overwrite: Overwrite = False,
+                   levels: Levels = None) -> JSONResponse:
+    """Queue a job for slide ``name``; 404 for an unknown slide, 409 if one runs for it."""
+    return _accepted(jobs.submit([name], _levels(levels), overwrite))
+
+
+@router.get("/jobs", summary="Pregeneration jobs of this server process")
+async def list_jobs(jobs: Jobs) -> list[dict[str, Any]]:
+    """Every job this process knows, newest first (the last 100 finished ones are kept)."""
+    return [job.document() for job in jobs.all()]
+
+
+@router.get("/jobs/{job_id}", summary="One job: state, progress, rate, ETA, error")
+async def get_job(job_id: str, jobs: Jobs) -> dict[str, Any]:
+    """The job's document; 404 for an unknown id."""
+    return jobs.get(job_id).document()
+
+
+@router.get("/jobs/{job_id}/events", summary="Server-sent events with the job's progress")
+async def job_events(job_id: str, jobs: Jobs) -> StreamingResponse:
+    """``text/event-stream``: an ``event: progress`` with the job document whenever it
+    changes (at most 4 per second), then one ``event: end`` with the finished document."""
+    job = jobs.get(job_id)
+
+    async def stream() -> AsyncIterator[str]:
+        async for doc in job.watch():
+            if doc is None:
+                yield ": keepalive\n\n"
+                continue
+            kind = "end" if job.state.finished and doc["state"] == job.state.value else "progress"
+            yield f"event: {kind}\ndata: {json.dumps(doc)}\n\n"
+
+    return StreamingResponse(stream(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+@router.delete("/jobs/{job_id}", status_code=202, summary="Cancel a job")
+async def cancel_job(job_id: str, jobs: Jobs) -> JSONResponse:
+    """Cancel a queued or running job; 409 if it has already finished. The tiles it wrote
+    stay (they are whole); a new job resumes where it stopped."""
+    return JSONResponse(jobs.cancel(job_id).document(), status_code=202)

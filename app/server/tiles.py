@@ -1,0 +1,367 @@
+"""The one tile entry path: a single ASGI route answers every tile family.
+
+:class:`TileRoute` is registered first in the app's router. It recognises the tile URLs of every
+family (:data:`FAMILIES`), parses the address, asks :class:`app.cache.tiles.TileService` for the
+tile, and builds the response: headers (:func:`tile_headers`), ETag and ``304 Not Modified``,
+``HEAD``, JSON errors through :mod:`app.server.errors`' one table, and one audit line per request
+(:mod:`app.server.audit`). No other route answers a tile URL, so a rule added here applies to
+every tile.
+
+Families (``{tile}`` is ``{col}_{row}.{ext}``; ``level`` is a DZI level, 0 = 1x1 px):
+
+=========================  ==========================================================
+slide tile                 ``/storage/{name}_files/{level}/{tile}``
+single-slide tile          ``/image_files/{level}/{tile}`` (the slide ``image``)
+associated-image tile      ``/storage/{name}/associated/{associated}_files/{level}/{tile}``
+single-slide associated    ``/image/associated/{associated}_files/{level}/{tile}``
+=========================  ==========================================================
+
+FastAPI never sees these requests (its per-request machinery costs several times a memory-cache
+hit), so the OpenAPI document gets their description from :func:`openapi_paths`.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import re
+import time
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qs
+
+from starlette.routing import BaseRoute, Match
+from starlette.types import Receive, Scope, Send
+
+from app.cache.tiles import Tile
+from app.core.digest import EMPTY_DIGEST
+from app.core.errors import BadTileRequest, TileServerError
+from app.core.formats import TileFormat
+from app.core.planner import TileRequest
+from app.core.slides import SINGLE_SLIDE_NAME
+from app.server.audit import AuditLog, TileRequestRecord
+from app.server.errors import error_json, status_for
+
+log = logging.getLogger(__name__)
+
+HEAD_SCOPE_KEY = "tileserver.head"
+"""ASGI scope key :class:`app.server.middleware.HeadAsGet` sets on a HEAD request it passes on
+as GET."""
+ADDRESS_SCOPE_KEY = "tileserver.tile"
+"""ASGI scope key under which :meth:`TileRoute.matches` hands the parsed URL to ``handle``."""
+
+_MAX_DIGITS = 9
+
+
+@dataclass(frozen=True, slots=True)
+class TilePath:
+    """A tile URL, split but not yet checked: the slide, an associated image or None, and the
+    level and ``{col}_{row}.{ext}`` segments as text."""
+
+    slide: str
+    associated: str | None
+    level: str
+    tile: str
+
+
+def match_tile_path(path: str) -> TilePath | None:
+    """The :class:`TilePath` of a URL path of any tile family, or None (see the module
+    docstring). Only the shape is checked here; :func:`parse_address` checks the numbers."""
+    parts = path.split("/")
+    n = len(parts)
+    if n == 5 and parts[1] == "storage" and parts[2].endswith("_files") and len(parts[2]) > 6:
+        return TilePath(parts[2][:-6], None, parts[3], parts[4])
+    if n == 4 and parts[1] == "image_files":
+        return TilePath(SINGLE_SLIDE_NAME, None, parts[2], parts[3])
+    if (n == 7 and parts[1] == "storage" and parts[3] == "associated"
+            and parts[4].endswith("_files") and len(parts[4]) > 6):
+        return TilePath(parts[2], parts[4][:-6], parts[5], parts[6])
+    if (n == 6 and parts[1] == "image" and parts[2] == "associated"
+            and parts[3].endswith("_files") and len(parts[3]) > 6):
+        return TilePath(SINGLE_SLIDE_NAME, parts[3][:-6], parts[4], parts[5])
+    return None
+
+
+_TILE = re.compile(r"(-?\d+)_(-?\d+)(?:\.([^./]*))?")
+_INTEGER = re.compile(r"-?\d+")
+
+
+def parse_address(level: str, tile: str) -> tuple[int, int, int, str | None]:
+    """Parse ``{level}`` and ``{col}_{row}.{ext}`` of a tile URL.
+
+    Returns:
+        ``(level, col, row, extension or None)``; numbers are DZI level and tile address.
+
+    Raises:
+        BadTileRequest: not integers, negative, or longer than 9 digits.
+    """
+    match = _TILE.fullmatch(tile)
+    if match is None:
+        raise BadTileRequest(f"tile {tile!r}: expected {{col}}_{{row}}.{{ext}}, e.g. 0_0.jpeg")
+    col, row, ext = match.groups()
+    if ext == "":
+        raise BadTileRequest(f"tile {tile!r}: empty extension; use .jpeg, .png or .webp")
+    return _number("level", level), _number("col", col), _number("row", row), ext
+
+
+def _number(what: str, text: str) -> int:
+    if text.isascii() and text.isdigit() and len(text) <= _MAX_DIGITS:
+        return int(text)  # every well-formed address: no regular expression
+    if not _INTEGER.fullmatch(text):
+        raise BadTileRequest(f"{what} {text!r} is not an integer")
+    if text.startswith("-"):
+        raise BadTileRequest(f"{what} {text} is negative")
+    if len(text) > _MAX_DIGITS:
+        raise BadTileRequest(f"{what} {text} is too large")
+    return int(text)
+
+
+_EXPOSED = (b"ETag, Content-Digest, Repr-Digest, X-Tile-Format, X-Tile-Lossless, "
+            b"X-Tile-Color-Transform, X-Tile-Cache, X-Tile-Source, X-Tile-Override")
+
+
+def tile_headers(tile: Tile, cache_control: str, allow_origin: str,
+                 head: bool = False) -> list[tuple[bytes, bytes]]:
+    """The response headers of a tile, as raw ASGI pairs (docs/api.md lists them).
+
+    Integrity fields (RFC 9530): ``Repr-Digest`` is the SHA-256 of the tile (the selected
+    representation); ``Content-Digest`` is that of the message content, so the same on a GET
+    and the digest of empty content on a HEAD, which has none (RFC 9530 Appendix B.2).
+    """
+    digest, plan = tile.digest, tile.plan
+    headers = [
+        *_fixed_headers(plan.encoding.format, tile.lossless, plan.color_transform, tile.cache,
+                        tile.source, cache_control, allow_origin),
+        (b"etag", digest.etag.encode()),
+        (b"content-digest", (EMPTY_DIGEST if head else digest).content_digest.encode()),
+        (b"repr-digest", digest.content_digest.encode()),
+    ]
+    if plan.vary_accept:
+        headers.append((b"vary", b"Accept"))
+    if plan.override_refused:
+        headers.append((b"x-tile-override", b"refused"))
+    return headers
+
+
+@functools.lru_cache(maxsize=256)
+def _fixed_headers(tile_format: TileFormat, lossless: bool, color_transform: str, cache: str,
+                   source: str, cache_control: str, allow_origin: str
+                   ) -> tuple[tuple[bytes, bytes], ...]:
+    """The headers of a tile that do not depend on its bytes, encoded once per combination
+    (a handful per server) rather than on every response."""
+    return (
+        (b"content-type", tile_format.media_type.encode()),
+        (b"cache-control", cache_control.encode()),
+        (b"x-tile-format", tile_format.value.encode()),
+        (b"x-tile-lossless", b"true" if lossless else b"false"),
+        (b"x-tile-color-transform", color_transform.encode()),
+        (b"x-tile-cache", cache.encode()),
+        (b"x-tile-source", source.encode()),
+        (b"access-control-allow-origin", allow_origin.encode()),
+        (b"access-control-expose-headers", _EXPOSED),
+    )
+
+
+NOT_MODIFIED_DROPS = frozenset({b"content-type", b"content-digest", b"repr-digest"})
+"""Fields a 304 leaves out: RFC 9110 section 15.4.5 keeps ETag, Cache-Control, Vary and drops
+other representation metadata; a 304 has no content to digest."""
+
+
+def etag_matches(if_none_match: str | None, etag: str) -> bool:
+    """RFC 9110 weak comparison of an ``If-None-Match`` list against a strong ETag."""
+    if not if_none_match:
+        return False
+    if if_none_match.strip() == "*":
+        return True
+    bare = etag.strip('"')
+    for candidate in if_none_match.split(","):
+        candidate = candidate.strip()
+        if candidate.startswith("W/"):
+            candidate = candidate[2:]
+        if candidate.strip('"') == bare:
+            return True
+    return False
+
+
+class TileRoute(BaseRoute):
+    """The ASGI route of every tile URL (see the module docstring).
+
+    ``GET`` and ``HEAD`` are answered; any other method on a tile URL gets a JSON 405.
+    Services come from ``app.state.services`` (:class:`app.server.dependencies.Services`),
+    the same object the FastAPI routes receive as dependencies.
+    """
+
+    def matches(self, scope: Scope) -> tuple[Match, Scope]:
+        """FULL for a GET/HEAD of a tile URL, PARTIAL for another method, else NONE."""
+        if scope["type"] != "http":
+            return Match.NONE, {}
+        path = match_tile_path(scope["path"])
+        if path is None:
+            return Match.NONE, {}
+        match = Match.FULL if scope["method"] in ("GET", "HEAD") else Match.PARTIAL
+        return match, {ADDRESS_SCOPE_KEY: path}
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Answer the tile request whose URL :meth:`matches` parsed."""
+        if scope["method"] not in ("GET", "HEAD"):
+            status, body = error_json(405, "method_not_allowed", "Method Not Allowed")
+            await _send(send, status, [(b"allow", b"GET, HEAD"), *_json_headers(body)], body,
+                        False)
+            return
+        head = scope["method"] == "HEAD" or scope.get(HEAD_SCOPE_KEY, False)
+        services = scope["app"].state.services
+        path: TilePath = scope[ADDRESS_SCOPE_KEY]
+        accept = if_none_match = None
+        for name, value in scope["headers"]:
+            if name == b"accept":
+                accept = value.decode("latin-1")
+            elif name == b"if-none-match":
+                if_none_match = value.decode("latin-1")
+        query = scope["query_string"].decode("latin-1")
+        query_format = None
+        if query:
+            values = parse_qs(query, keep_blank_values=True).get("format")
+            query_format = values[-1] if values else None
+        audit = _AuditedRequest.start(services.audit, scope, query)
+        address = None
+        try:
+            address = parse_address(path.level, path.tile)
+            level, col, row, ext = address
+            tile = await services.tiles.get_tile(
+                path.slide, level, col, row, TileRequest(ext, query_format, accept),
+                path.associated)
+        except Exception as exc:
+            if not isinstance(exc, TileServerError):  # a bug: answer 500, keep serving
+                log.exception("GET %s failed", scope["path"])
+                exc = TileServerError("internal error", slide=path.slide)
+            status, body = error_json(status_for(exc), exc.code, exc.detail, exc.slide,
+                                      exc.extra)
+            if status >= 500:
+                log.warning("GET %s -> %d %s", scope["path"], status, exc.detail)
+            if audit is not None:
+                handle = services.registry.peek(path.slide)
+                audit.record(path.slide, address, query_format, accept, if_none_match, head,
+                             None, handle.identity if handle else None, status, None,
+                             exc.code)
+            await _send(send, status, _json_headers(body), body, head)
+            return
+        server = services.settings.Server
+        headers = tile_headers(tile, server.CacheControl, server.AccessControlAllowOrigin, head)
+        if etag_matches(if_none_match, tile.etag):
+            status, body = 304, b""
+            headers = [h for h in headers if h[0] not in NOT_MODIFIED_DROPS]
+        else:
+            status, body = 200, tile.data
+            headers.append((b"content-length", str(len(body)).encode()))
+        if audit is not None:
+            audit.record(path.slide, address, query_format, accept, if_none_match, head, tile,
+                         tile.identity, status, 0 if head else len(body), None)
+        await _send(send, status, headers, body, head)
+
+
+def _json_headers(body: bytes) -> list[tuple[bytes, bytes]]:
+    return [(b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode())]
+
+
+async def _send(send: Send, status: int, headers: list[tuple[bytes, bytes]], body: bytes,
+                head: bool) -> None:
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": b"" if head else body})
+
+
+@dataclass(frozen=True, slots=True)
+class _AuditedRequest:
+    """What the audit log needs of a request beyond its tile: arrival and client."""
+
+    log: AuditLog
+    client: str | None
+    path: str
+    started: float
+    arrived: float
+
+    @classmethod
+    def start(cls, log: AuditLog | None, scope: Scope, query: str) -> _AuditedRequest | None:
+        """The record of a request arriving now, or None when the audit log is off."""
+        if log is None:
+            return None
+        client = scope.get("client")
+        path = scope["path"]
+        return cls(log, client[0] if client else None, f"{path}?{query}" if query else path,
+                   time.perf_counter(), time.time())
+
+    def record(self, slide: str, address: tuple | None, query_format: str | None,
+               accept: str | None, if_none_match: str | None, head: bool, tile: Tile | None,
+               identity: str | None, status: int, body_bytes: int | None,
+               error: str | None) -> None:
+        """Queue the request's audit line (200, 304, HEAD and errors alike)."""
+        level, col, row, ext = address if address is not None else (None, None, None, None)
+        plan = tile.plan if tile is not None else None
+        self.log.record(TileRequestRecord(
+            self.arrived, self.client, "HEAD" if head else "GET", self.path, slide, identity,
+            level, col, row, ext, query_format, accept, if_none_match,
+            plan.encoding.format.value if plan else None,
+            tile.lossless if tile is not None else None,
+            "refused" if plan is not None and plan.override_refused else None,
+            tile.cache if tile is not None else None, status, body_bytes,
+            tile.digest.sha256 if tile is not None else None,
+            time.perf_counter() - self.started, error))
+
+
+# ------------------------------------------------------------------------------ OpenAPI
+
+_TILE_HEADERS = {
+    name: {"description": text, "schema": {"type": "string"}} for name, text in (
+        ("ETag", "strong ETag: the first 32 hex digits of the tile's SHA-256"),
+        ("Content-Digest", "RFC 9530 sha-256 of the content (of nothing on HEAD)"),
+        ("Repr-Digest", "RFC 9530 sha-256 of the tile"),
+        ("X-Tile-Format", "jpeg, png, webp or avif"),
+        ("X-Tile-Lossless", "true when the tile decodes to exactly the slide's pixels"),
+        ("X-Tile-Color-Transform", "none, or srgb-<intent> where the colour mode converts"),
+        ("X-Tile-Cache", "hit or miss"),
+        ("X-Tile-Source", "original (the slide's stored JPEG tile) or rendered"),
+        ("X-Tile-Override", "refused when EnforceLossless refused a lossy ?format="),
+    )}
+
+
+def _parameter(name: str, where: str, description: str, example: str | None = None
+               ) -> dict[str, Any]:
+    out: dict[str, Any] = {"name": name, "in": where, "required": where == "path",
+                           "description": description, "schema": {"type": "string"}}
+    if example is not None:
+        out["example"] = example
+    return out
+
+
+def openapi_paths() -> dict[str, dict[str, Any]]:
+    """The OpenAPI path items of the tile families (GET; HEAD answers the same)."""
+    level = _parameter("level", "path", "DZI level, 0 = 1x1 px", "12")
+    tile = _parameter("tile", "path", "{col}_{row}.{ext}, ext jpeg, png, webp or avif",
+                      "3_4.jpeg")
+    name = _parameter("name", "path", "slide name", "CMU-1")
+    associated = _parameter("associated", "path", "associated image name", "label")
+    fmt = _parameter("format", "query", "format override: jpeg, png, webp or avif "
+                     "(TileFormat:AllowFormatOverride)")
+    responses = {
+        "200": {"description": "the tile", "headers": _TILE_HEADERS, "content": {
+            media: {"schema": {"type": "string", "format": "binary"}}
+            for media in ("image/jpeg", "image/png", "image/webp", "image/avif")}},
+        "304": {"description": "If-None-Match matched the ETag"},
+        "400": {"description": "malformed address or format (JSON error)"},
+        "404": {"description": "unknown slide, image, level or tile (JSON error)"},
+        "500": {"description": "the slide cannot be read (JSON error)"},
+    }
+
+    def item(summary: str, *parameters: dict[str, Any]) -> dict[str, Any]:
+        return {"get": {"tags": ["tiles"], "summary": summary,
+                        "parameters": [*parameters, level, tile, fmt],
+                        "responses": responses}}
+
+    return {
+        "/storage/{name}_files/{level}/{tile}": item("Tile of a slide", name),
+        "/image_files/{level}/{tile}": item("Tile of the single slide"),
+        "/storage/{name}/associated/{associated}_files/{level}/{tile}": item(
+            "Tile of an associated image of a slide", name, associated),
+        "/image/associated/{associated}_files/{level}/{tile}": item(
+            "Tile of an associated image of the single slide", associated),
+    }
