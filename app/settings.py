@@ -36,6 +36,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from app.core import colour
 from app.core.errors import ConfigError
 from app.core.formats import AVIF_LOSSLESS_MEASUREMENT, TileFormat
+from app.core.names import name_problem
 
 ENVIRONMENT_VARIABLE = "TILESERVER_ENVIRONMENT"
 
@@ -174,8 +175,9 @@ class ImageEntry(Section):
     @field_validator("Name")
     @classmethod
     def _safe_name(cls, value: str) -> str:
-        if "/" in value or "\\" in value or value in {".", ".."} or value.startswith("."):
-            raise ValueError(f"{value!r} is not a valid slide name (no '/', '\\', leading '.')")
+        problem = name_problem(value)
+        if problem is not None:
+            raise ValueError(f"{value!r} is not a valid slide name: {problem}")
         return value
 
 
@@ -244,6 +246,9 @@ class Settings(BaseSettings):
     Image: ImageSettings = Field(default_factory=ImageSettings)
     Images: list[ImageEntry] = Field(default_factory=list)
     SlideDirectory: str | None = None
+    SlideDirectoryFollowSymlinks: bool = Field(
+        False, description="Serve symbolic links in SlideDirectory that point outside it "
+        "(skipped with a warning otherwise).")
     TileCachePath: str = "./tile_cache"
     EnableDiskCache: bool = True
     DeepZoom: DeepZoomSettings = Field(default_factory=DeepZoomSettings)

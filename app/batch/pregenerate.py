@@ -47,7 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from app.batch.walk import Batch, plan_batches, select_levels, split_contiguous
-from app.cache.disk import DiskTileCache, sweep_temporary_files, write_atomic
+from app.cache.disk import DiskTileCache, seal, sweep_temporary_files, write_atomic
 from app.core.errors import (
     CacheWriteError,
     SlideNotFound,
@@ -214,13 +214,14 @@ def render_batch(task: BatchTask) -> BatchResult:
 
 
 def _write(path: Path, data: bytes, output: str | None) -> None:
-    """Write one tile atomically (writer thread).
+    """Write one tile atomically (writer thread): sealed in the tile cache
+    (:func:`app.cache.disk.seal`), as plain image bytes in an export folder.
 
     Raises:
         CacheWriteError: the disk refused (read-only, full, ...).
     """
     try:
-        write_atomic(path, data)
+        write_atomic(path, data if output is not None else seal(data))
     except OSError as exc:
         raise CacheWriteError(_write_error(path, output, exc)) from None
 

@@ -1,30 +1,99 @@
 """The disk cache of encoded tiles, shared by every process that serves or pregenerates.
 
-Disk layout: ``{TileCachePath}/{slide}/{variant}/{level}/{col}_{row}.{ext}``. ``variant`` is a
-short hash of everything that changes a tile's bytes (see :func:`app.core.keys.variant_of`), so
-a replaced slide file or a changed quality lands in a new folder and is never confused with old
-tiles. Writes are atomic (:func:`write_atomic`: an unnamed file linked into place, or a temporary
-file renamed): a reader sees either no file or a whole one, whatever happens to the writer
-(kill -9 included).
+Layout under ``TileCachePath``, and nothing else is ever created or deleted there::
+
+    .tileserver-cache                        the marker: this folder is a tile cache
+    {slide}/{variant}/{level}/{col}_{row}.{ext}
+
+``slide`` is a valid slide name (:mod:`app.core.names`), ``variant`` 16 hex digits of SHA-256 over
+everything that changes a tile's bytes (:func:`app.core.keys.variant_of`: a replaced slide file
+or a changed quality lands in a new folder), ``level``/``col``/``row`` decimal DZI numbers and
+``ext`` a format's extension. Every path is built from those validated parts and checked to lie
+inside the root.
+
+Each file is *sealed*: the tile's bytes followed by a :data:`TRAILER_SIZE`-byte trailer, the
+magic ``WSITILE1``, the tile's length (8 bytes, little-endian) and its SHA-256 (32 bytes). A
+read recomputes the SHA-256 (which the server needs anyway for ``Content-Digest`` and the ETag)
+and compares: a truncated, zeroed or altered file is never served (:meth:`DiskTileCache.read`
+reports it as corrupt; the caller renders the tile again and replaces the file). This works on
+every file system, extended attributes or not, and the seal is written in the same atomic step
+as the bytes.
+
+Writes are atomic (:func:`write_atomic`: an unnamed file linked into place, or a temporary file
+renamed): a reader sees either no file or a whole one, whatever happens to the writer (kill -9
+included). Clearing (:meth:`DiskTileCache.clear`) removes only files of this layout, never
+follows a symbolic link and never touches anything above the root.
 """
 
 from __future__ import annotations
 
 import errno
+import hashlib
 import itertools
+import json
 import logging
 import os
-import shutil
+import re
+import stat
+import struct
 import threading
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
+from app.core.errors import ConfigError
 from app.core.keys import TileKey
+from app.core.names import is_valid_name
+from app.core.slides import SlideEntry
+from app.settings import Settings
 
 log = logging.getLogger(__name__)
 
 TEMP_PREFIX = ".tmp-"
+MARKER = ".tileserver-cache"
+"""The file that marks a folder as a tile cache this server wrote."""
+MAGIC = b"WSITILE1"
+_TRAILER = struct.Struct("<8sQ32s")
+TRAILER_SIZE = _TRAILER.size
+"""Bytes after each cached tile: magic (8), length (8, little-endian), SHA-256 (32)."""
 _SERIAL = itertools.count()
+_VARIANT = re.compile(r"[0-9a-f]{16}")
+_LEVEL = re.compile(r"0|[1-9][0-9]{0,8}")
+_TILE_FILE = re.compile(r"(?:0|[1-9][0-9]{0,8})_(?:0|[1-9][0-9]{0,8})\.(?:jpeg|png|webp|avif)")
+
+
+def seal(data: bytes, sha256: bytes | None = None) -> bytes:
+    """A tile's bytes with the trailer a cache file carries (see the module docstring).
+
+    Args:
+        data: the tile's image file bytes.
+        sha256: their SHA-256 digest (32 bytes) if already computed.
+    """
+    return data + _TRAILER.pack(MAGIC, len(data), sha256 or hashlib.sha256(data).digest())
+
+
+def unseal(stored: bytes) -> tuple[bytes, bytes] | None:
+    """``(tile bytes, their SHA-256)`` of a cache file's content, or None when the trailer is
+    missing or does not match the bytes (truncated, zeroed, altered)."""
+    if len(stored) <= TRAILER_SIZE:
+        return None
+    magic, length, digest = _TRAILER.unpack_from(stored, len(stored) - TRAILER_SIZE)
+    data = stored[:-TRAILER_SIZE]
+    if magic != MAGIC or length != len(data):
+        return None
+    actual = hashlib.sha256(data).digest()
+    return (data, actual) if actual == digest else None
+
+
+@dataclass(frozen=True, slots=True)
+class CachedTile:
+    """A disk-cache read: the tile's bytes and their SHA-256 (32 bytes), or ``corrupt`` when
+    a file was there whose seal does not match (nothing of it may be served)."""
+
+    data: bytes = b""
+    sha256: bytes = b""
+    corrupt: bool = False
 
 
 class DiskTileCache:
@@ -32,31 +101,107 @@ class DiskTileCache:
 
     A cache that cannot be written (read-only, disk full) keeps serving: :meth:`write` logs a
     warning and returns False, and the tile is simply not cached.
+
+    Args:
+        root: ``TileCachePath``.
+        enabled: ``EnableDiskCache``; when false nothing is read or written.
     """
 
     def __init__(self, root: str | Path, enabled: bool = True):
         self.root = Path(root)
-        self._root = os.fspath(root)  # str paths on the tile path: cheaper than Path
+        self._root = os.path.normpath(os.path.abspath(root))
         self.enabled = enabled
         self._warned: set[int] = set()
 
-    def path_for(self, key: TileKey) -> Path:
-        """The file a tile lives in (whether or not it exists)."""
-        return self.root / key.relative_path()
+    def prepare(self) -> None:
+        """Make the root a tile cache: create it and its marker, or check that it is one.
 
-    def read(self, key: TileKey) -> bytes | None:
-        """The cached bytes, or None when absent, empty, or disabled."""
+        A missing or empty folder gets the marker. A folder with the marker is used as it is.
+        A folder without it is adopted only when everything in it already has the cache's
+        layout (a cache written before markers existed); anything else is refused, so the
+        server never writes into, nor deletes from, a folder it does not own.
+
+        A folder that cannot be created (read-only or full disk) is logged; tiles are then
+        served uncached.
+
+        Raises:
+            ConfigError: the folder holds files that are not a tile cache's.
+        """
+        if not self.enabled:
+            return
+        marker = os.path.join(self._root, MARKER)
+        if os.path.isfile(marker):
+            return
+        try:
+            os.makedirs(self._root, exist_ok=True)
+            foreign = [name for name in os.listdir(self._root)
+                       if not self._is_slide_folder(name)]
+        except OSError as exc:  # a read-only or full disk: serve uncached, as write() does
+            log.warning("tile cache %s cannot be created (%s); serving uncached", self.root,
+                        exc.strerror)
+            return
+        if foreign:
+            raise ConfigError(
+                f"TileCachePath = {os.fspath(self.root)!r} is not empty and is not a tile cache "
+                f"(no {MARKER}; it holds {foreign[0]!r}): choose an empty or new folder")
+        description = {"layout": "{slide}/{variant}/{level}/{col}_{row}.{ext}",
+                       "trailer": "WSITILE1 + uint64le length + sha256", "version": 1}
+        try:
+            write_atomic(marker, (json.dumps(description) + "\n").encode())
+        except OSError as exc:
+            log.warning("tile cache %s: cannot write its marker (%s)", self.root,
+                        exc.strerror)
+
+    def _is_slide_folder(self, name: str) -> bool:
+        """Whether ``name`` in the root is a slide folder of the cache's layout (not a link)."""
+        if not is_valid_name(name):
+            return False
+        try:
+            mode = os.lstat(os.path.join(self._root, name)).st_mode
+        except OSError:
+            return False
+        return stat.S_ISDIR(mode)
+
+    def path_for(self, key: TileKey) -> Path:
+        """The file a tile lives in (whether or not it exists).
+
+        Raises:
+            ValueError: the key's slide name is not valid (a bug: names are validated when
+                the catalogue is built).
+        """
+        return Path(self._path(key))
+
+    def _path(self, key: TileKey) -> str:
+        if not is_valid_name(key.slide):
+            raise ValueError(f"not a valid slide name: {key.slide!r}")
+        return f"{self._root}/{key.relative_path()}"
+
+    def read(self, key: TileKey) -> CachedTile | None:
+        """The cached tile, checked against its seal; None when absent or disabled.
+
+        Returns:
+            A :class:`CachedTile` with the bytes and their SHA-256, or with ``corrupt`` set
+            when the file's seal does not match (logged; the caller renders and replaces it).
+        """
         if not self.enabled:
             return None
         try:
-            with open(f"{self._root}/{key.relative_path()}", "rb") as f:
-                data = f.read()
+            with open(self._path(key), "rb") as f:
+                stored = f.read()
         except OSError:
             return None
-        return data or None
+        tile = unseal(stored)
+        if tile is None:
+            log.warning("tile cache: %s is corrupt (%d bytes, seal does not match); rendering "
+                        "it again", key.relative_path(), len(stored))
+            return CachedTile(corrupt=True)
+        return CachedTile(tile[0], tile[1])
 
-    def write(self, key: TileKey, data: bytes) -> bool:
-        """Store a tile atomically (:func:`write_atomic`).
+    def write(self, key: TileKey, data: bytes, sha256: bytes | None = None) -> bool:
+        """Store a tile atomically (:func:`write_atomic`), sealed (:func:`seal`).
+
+        Args:
+            sha256: the tile's SHA-256 digest if already computed.
 
         Returns:
             True if stored; False if disabled or the disk refused (logged once per errno).
@@ -64,7 +209,7 @@ class DiskTileCache:
         if not self.enabled:
             return False
         try:
-            write_atomic(f"{self._root}/{key.relative_path()}", data)
+            write_atomic(self._path(key), seal(data, sha256))
             return True
         except OSError as exc:
             if exc.errno not in self._warned:
@@ -76,30 +221,136 @@ class DiskTileCache:
 
     def stats(self, slide: str | None = None) -> tuple[int, int]:
         """``(tile files, bytes)`` under the whole cache or one slide's folder."""
-        top = self.root / slide if slide else self.root
         count = size = 0
-        for dirpath, _dirs, files in os.walk(top):
-            for name in files:
-                if name.startswith(TEMP_PREFIX):
-                    continue
-                try:
-                    size += os.stat(os.path.join(dirpath, name)).st_size
-                except OSError:
-                    continue
-                count += 1
+        for _path, st in self._tile_files(slide):
+            count, size = count + 1, size + st.st_size
         return count, size
 
-    def clear(self, slide: str | None = None) -> None:
-        """Delete the whole cache or one slide's folder (missing folders are fine)."""
-        if slide is None:
-            if self.root.is_dir():
-                for child in self.root.iterdir():
-                    if child.is_dir():
-                        shutil.rmtree(child, ignore_errors=True)
-                    else:
-                        child.unlink(missing_ok=True)
+    def clear(self, slide: str | None = None) -> int:
+        """Delete the tiles of one slide, or of every slide, and the folders left empty.
+
+        Only files of the cache's layout are removed (tile files and writers' temporary files
+        in ``{slide}/{variant}/{level}/``); symbolic links are never followed nor removed;
+        nothing outside the root, nor the root itself, is touched.
+
+        Returns:
+            How many files were deleted.
+        """
+        removed = 0
+        for path, _st in self._tile_files(slide, temporary=True):
+            try:
+                os.unlink(path)
+                removed += 1
+            except OSError:
+                continue
+        for folder in self._layout_folders(slide):
+            try:
+                os.rmdir(folder)  # only when empty
+            except OSError:
+                continue
+        return removed
+
+    def _slide_folders(self, slide: str | None) -> list[str]:
+        if slide is not None:
+            return [slide] if self._is_slide_folder(slide) else []
+        try:
+            return sorted(n for n in os.listdir(self._root) if self._is_slide_folder(n))
+        except OSError:
+            return []
+
+    def _layout_folders(self, slide: str | None) -> list[str]:
+        """Level, variant and slide folders of the layout, deepest first (for removal)."""
+        levels, variants, slides = [], [], []
+        for name in self._slide_folders(slide):
+            top = os.path.join(self._root, name)
+            slides.append(top)
+            for variant in _subfolders(top, _VARIANT):
+                variants.append(variant)
+                levels.extend(_subfolders(variant, _LEVEL))
+        return [*levels, *variants, *slides]
+
+    def _tile_files(self, slide: str | None, temporary: bool = False):
+        """``(path, lstat)`` of every regular file of the layout under one slide or all."""
+        for name in self._slide_folders(slide):
+            for variant in _subfolders(os.path.join(self._root, name), _VARIANT):
+                for level in _subfolders(variant, _LEVEL):
+                    try:
+                        entries = list(os.scandir(level))
+                    except OSError:
+                        continue
+                    for entry in entries:
+                        is_tile = _TILE_FILE.fullmatch(entry.name) is not None
+                        if not (is_tile or (temporary and entry.name.startswith(TEMP_PREFIX))):
+                            continue
+                        try:
+                            st = entry.stat(follow_symlinks=False)
+                        except OSError:
+                            continue
+                        if stat.S_ISREG(st.st_mode):
+                            yield entry.path, st
+
+
+def open_disk_cache(settings: Settings, catalogue: Mapping[str, SlideEntry]) -> DiskTileCache:
+    """The disk cache of ``settings``, checked and prepared for use. Blocking.
+
+    Checks that ``TileCachePath`` is a folder of its own (:func:`check_location` against every
+    slide file's folder, ``SlideDirectory``, ``DemoDirectory`` and the audit log's folder) and
+    makes it a tile cache (:meth:`DiskTileCache.prepare`). Nothing is checked when
+    ``EnableDiskCache`` is false.
+
+    Raises:
+        ConfigError: the cache location is refused.
+    """
+    cache = DiskTileCache(settings.TileCachePath, settings.EnableDiskCache)
+    if not settings.EnableDiskCache:
+        return cache
+    protected: dict[str, str | Path] = {}
+    for name, entry in catalogue.items():
+        protected.setdefault(str(entry.path.parent), f"the folder of slide {name!r}")
+    if settings.SlideDirectory:
+        protected[settings.SlideDirectory] = "SlideDirectory"
+    protected[settings.DemoDirectory] = "DemoDirectory"
+    protected[os.path.dirname(os.path.abspath(settings.Audit.Path))] = "the folder of Audit:Path"
+    check_location(settings.TileCachePath, {what: folder for folder, what in protected.items()})
+    cache.prepare()
+    return cache
+
+
+def check_location(root: str | Path, protected: dict[str, str | Path]) -> None:
+    """Refuse a cache root that equals, contains or lies inside a folder the server must never
+    write into or delete from (slide folders, ``SlideDirectory``, ``DemoDirectory``, the audit
+    folder). Paths are compared after resolving symbolic links. Blocking.
+
+    Args:
+        root: ``TileCachePath``.
+        protected: ``{setting that names it: folder}``.
+
+    Raises:
+        ConfigError: one line naming both settings.
+    """
+    cache = Path(os.path.realpath(root))
+    for what, folder in protected.items():
+        other = Path(os.path.realpath(folder))
+        if cache == other:
+            relation = "is"
+        elif cache.is_relative_to(other):
+            relation = "lies inside"
+        elif other.is_relative_to(cache):
+            relation = "contains"
         else:
-            shutil.rmtree(self.root / slide, ignore_errors=True)
+            continue
+        raise ConfigError(f"TileCachePath = {os.fspath(root)!r} {relation} {what} "
+                          f"({os.fspath(folder)!r}): the cache must be a folder of its own")
+
+
+def _subfolders(folder: str, pattern: re.Pattern[str]) -> list[str]:
+    """Subfolders of ``folder`` whose name matches ``pattern``; symbolic links excluded."""
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return []
+    return [e.path for e in entries
+            if pattern.fullmatch(e.name) and e.is_dir(follow_symlinks=False)]
 
 
 def write_atomic(path: str | Path, data: bytes) -> None:

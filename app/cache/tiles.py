@@ -11,6 +11,7 @@ returned; a tile that failed is never cached.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -22,8 +23,8 @@ from anyio import CapacityLimiter
 from app.cache.disk import DiskTileCache
 from app.cache.flight import SingleFlight
 from app.cache.memory import MemoryTileCache
-from app.core.digest import TileDigest, digest_of
-from app.core.errors import SlideReadError
+from app.core.digest import TileDigest, digest_from_sha256, digest_of
+from app.core.errors import SlideGone, SlideReadError
 from app.core.planner import TilePlan, TilePlanner, TileRequest
 from app.core.pyramid import ImageSource
 from app.core.render import original_tile, render_tile
@@ -44,7 +45,7 @@ class Tile:
         digest: SHA-256 of ``data`` with the ETag and Content-Digest made from it.
         source: ``original`` (the slide's stored JPEG tile, not decoded or re-encoded) or
             ``rendered`` (read, scaled where needed, and encoded by this server).
-        identity: the slide's identity (``quickhash-1:<hex>``, else ``stat:<size>:<mtime>``).
+        identity: the slide's identity (:func:`app.core.slides.slide_identity`).
     """
 
     data: bytes
@@ -71,7 +72,8 @@ class TileService:
     Args:
         registry: the slide catalogue and open-slide LRU.
         planner: decides every tile's encoding, key and source.
-        settings: ``TileCachePath``, ``EnableDiskCache``, ``Server.MemoryCacheBytes``.
+        disk: the disk cache (:func:`app.cache.disk.open_disk_cache`).
+        settings: ``Server.MemoryCacheBytes``.
         render_limiter: bounds the other blocking work of tiles in worker threads (original
             tiles' reads that would wait for the disk); its total is also the number of render
             threads, which load tiles (cache read, render, encode, cache write).
@@ -80,15 +82,20 @@ class TileService:
     Call :meth:`close` when done (it waits for the render threads).
     """
 
-    def __init__(self, registry: SlideRegistry, planner: TilePlanner, settings: Settings,
-                 render_limiter: CapacityLimiter, io_limiter: CapacityLimiter):
+    def __init__(self, registry: SlideRegistry, planner: TilePlanner, disk: DiskTileCache,
+                 settings: Settings, render_limiter: CapacityLimiter,
+                 io_limiter: CapacityLimiter):
         self.registry = registry
         self.planner = planner
-        self.disk = DiskTileCache(settings.TileCachePath, settings.EnableDiskCache)
+        self.disk = disk
         self.memory = MemoryTileCache(settings.Server.MemoryCacheBytes)
         self.render_limiter = render_limiter
         self.io_limiter = io_limiter
         self._flight = SingleFlight()
+        self._swept: set[str] = set()
+        self._tasks: set[asyncio.Task] = set()
+        self.corrupt_tiles = 0
+        """Disk-cache files this process found corrupt (never served; rendered again)."""
         # Tile loads hop to these threads with run_in_executor rather than anyio.to_thread,
         # whose limiter and worker bookkeeping cost three times as much per hop
         # (docs/benchmarks.md, "Where the time goes").
@@ -117,7 +124,13 @@ class TileService:
             AssociatedImageNotFound: no such associated image, or ``Privacy`` withholds it.
             SlideOpenError, SlideReadError: OpenSlide failed (its message is kept).
         """
-        handle = await self.registry.get(name)
+        try:
+            handle = await self.registry.get(name)
+        except SlideGone:
+            self._sweep(name)
+            raise
+        if self._swept:
+            self._swept.discard(name)  # back again: a later disappearance sweeps again
         source = (handle.source if associated is None
                   else await self.registry.associated(handle, associated))
         plan = self.planner.plan(handle, source, level, col, row, request)
@@ -134,6 +147,18 @@ class TileService:
         data, digest, status = await self._flight.run(
             plan.key, lambda: self._load(handle, source, plan))
         return Tile(data, plan, status, digest, "rendered", handle.identity)
+
+    def _sweep(self, name: str) -> None:
+        """Forget the tiles of a slide whose file is gone: this process's memory cache now,
+        the disk cache in a worker thread (once per disappearance)."""
+        if name in self._swept:
+            return
+        self._swept.add(name)
+        self.memory.discard(name)
+        log.info("slide %s is gone; deleting its cached tiles", name)
+        task = asyncio.ensure_future(self.clear(name))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _original(self, handle: OpenSlide, source: ImageSource,
                         plan: TilePlan) -> bytes | None:
@@ -165,23 +190,29 @@ class TileService:
         """
         loop = asyncio.get_running_loop()
         try:
-            data, digest, status = await loop.run_in_executor(
+            data, digest, status, corrupt = await loop.run_in_executor(
                 self._render_threads, self._load_blocking, handle, source, plan)
         except SlideReadError:
             self.registry.discard(handle.name, handle)
             raise
+        self.corrupt_tiles += corrupt
         self.memory.put(plan.key, data, (digest, "rendered"))
         return data, digest, status
 
     def _load_blocking(self, handle: OpenSlide, source: ImageSource,
-                       plan: TilePlan) -> tuple[bytes, TileDigest, str]:
-        data = self.disk.read(plan.key)
-        status = "hit"
-        if data is None:
-            data = render_tile(handle, source, plan)
-            self.disk.write(plan.key, data)
-            status = "miss"
-        return data, digest_of(data), status
+                       plan: TilePlan) -> tuple[bytes, TileDigest, str, bool]:
+        """Disk cache, else render, encode and store (worker thread).
+
+        Returns:
+            ``(bytes, digest, hit|miss, whether a corrupt cache file was replaced)``.
+        """
+        cached = self.disk.read(plan.key)
+        if cached is not None and not cached.corrupt:
+            return cached.data, digest_from_sha256(cached.sha256), "hit", False
+        data = render_tile(handle, source, plan)
+        sha256 = hashlib.sha256(data).digest()
+        self.disk.write(plan.key, data, sha256)
+        return data, digest_from_sha256(sha256), "miss", cached is not None
 
     async def clear(self, name: str | None = None) -> None:
         """Delete cached tiles of one slide or all (disk and this process's memory)."""

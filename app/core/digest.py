@@ -25,7 +25,11 @@ class TileDigest:
 
 def digest_of(data: bytes) -> TileDigest:
     """SHA-256 of tile bytes as hex, ETag and RFC 9530 ``Content-Digest`` value."""
-    digest = hashlib.sha256(data).digest()
+    return digest_from_sha256(hashlib.sha256(data).digest())
+
+
+def digest_from_sha256(digest: bytes) -> TileDigest:
+    """The :class:`TileDigest` of bytes whose SHA-256 (32 bytes) is ``digest``."""
     hexdigest = digest.hex()
     return TileDigest(hexdigest, '"' + hexdigest[:32] + '"',
                       "sha-256=:" + base64.b64encode(digest).decode("ascii") + ":")

@@ -6,6 +6,10 @@ class to a status code in one table and renders the JSON ``{"error", "detail", "
 
 from __future__ import annotations
 
+import os
+import re
+from pathlib import Path
+
 
 class TileServerError(Exception):
     """Base of every error the server reports to a client; ``code`` is a stable identifier."""
@@ -47,6 +51,10 @@ class AssociatedImageNotFound(TileServerError):
     """The slide has no associated image of that name."""
 
     code = "associated_image_not_found"
+
+
+class SlideGone(SlideNotFound):
+    """A configured slide whose file no longer exists (answered as unknown: 404)."""
 
 
 class SlideOpenError(TileServerError):
@@ -95,3 +103,25 @@ class CacheWriteError(TileServerError):
     """Pregeneration could not write a tile (read-only or full disk); ``detail`` says why."""
 
     code = "cache_not_writable"
+
+
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.~-])/(?:[^/\s'\"]+/)+(?=[^/\s'\"]*)")
+
+
+def describe_error(exc: BaseException, path: str | os.PathLike[str] | None = None) -> str:
+    """A foreign exception's message as a client may see it: no absolute server path.
+
+    OpenSlide, Pillow and the OS name files by their full path (``cannot identify image file
+    '/srv/slides/x.svs'``); the folders are dropped and the file name kept. The server's log
+    keeps the full message.
+
+    Args:
+        exc: the exception (its type name stands in for an empty message).
+        path: the slide file the exception is about, when known.
+    """
+    text = str(exc) or type(exc).__name__
+    if path is not None:
+        full = os.path.abspath(path)
+        for variant in {full, os.fspath(path), os.path.realpath(full)}:
+            text = text.replace(variant, Path(variant).name)
+    return _ABSOLUTE_PATH.sub("", text)

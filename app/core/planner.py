@@ -172,7 +172,8 @@ class SlidePolicy(BaseModel):
 
     name: str
     quickhash: str | None = Field(description="openslide.quickhash-1 of the slide")
-    identity: str = Field(description="quickhash-1:<hex>, else stat:<size>:<mtime_ns>")
+    identity: str = Field(description="quickhash-1:<hex>;size=<bytes>;mtime_ns=<ns> "
+                          "(without the quickhash part for formats that have none)")
     tile_size: int = Field(description="DZI tile size of this slide (DeepZoom.Geometry)")
     overlap: int
     limit_bounds: bool

@@ -7,13 +7,15 @@ encoding): call them from worker threads or processes.
 
 from __future__ import annotations
 
-import openslide
+import logging
 
-from app.core.errors import SlideReadError
+from app.core.errors import SlideReadError, describe_error
 from app.core.icc import jpeg_with_profile
 from app.core.planner import TilePlan
 from app.core.pyramid import ImageSource
 from app.core.slides import OpenSlide
+
+log = logging.getLogger(__name__)
 
 
 def render_tile(handle: OpenSlide, source: ImageSource, plan: TilePlan) -> bytes:
@@ -33,8 +35,11 @@ def render_tile(handle: OpenSlide, source: ImageSource, plan: TilePlan) -> bytes
     key = plan.key
     try:
         image = source.pyramid.render(key.level, key.col, key.row)
-    except openslide.OpenSlideError as exc:
-        raise SlideReadError(f"OpenSlide cannot read {handle.entry.path.name}: {exc}",
+    except Exception as exc:  # OpenSlide, Pillow (ImageSlide), the native reader, the OS
+        log.warning("slide %s (%s): tile %s cannot be read: %s: %s", handle.name,
+                    handle.entry.path, key.relative_path(), type(exc).__name__, exc)
+        raise SlideReadError(f"OpenSlide cannot read {handle.entry.path.name}: "
+                             f"{describe_error(exc, handle.entry.path)}",
                              slide=handle.name) from None
     color = source.color
     return plan.encoding.encode(color.apply(image), color.embed_profile)

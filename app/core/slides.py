@@ -29,10 +29,13 @@ from anyio import CapacityLimiter
 from app.core.colour import ColorTransform
 from app.core.errors import (
     AssociatedImageNotFound,
+    SlideGone,
     SlideNotFound,
     SlideOpenError,
     SlideReadError,
+    describe_error,
 )
+from app.core.names import name_problem
 from app.core.native import DecodedTileCache, NativeReader
 from app.core.privacy import Privacy
 from app.core.pyramid import ImageSource, SlidePyramid, open_associated, pyramid_geometry
@@ -63,7 +66,8 @@ class OpenSlide:
         entry: the configured name and file.
         slide: OpenSlide's handle (thread-safe; dead after its first error).
         source: the slide's pyramid and colour transform (what its tiles are cut from).
-        identity: ``quickhash-1:<hex>`` when OpenSlide gives one, else ``stat:<size>:<mtime_ns>``.
+        identity: what the cache key, ETags' variants and audit lines name the file by; it
+            changes whenever the file can have changed (:func:`slide_identity`).
         signature: ``(size, mtime_ns, inode)`` of the file when opened.
         checked_at: ``time.monotonic()`` of the last stat that found the file unchanged.
         variants: cache variants memoised by the planner, ``(Encoding, scope) -> hex``.
@@ -83,6 +87,11 @@ class OpenSlide:
     def pyramid(self) -> SlidePyramid:
         """The slide's DZI pyramid."""
         return self.source.pyramid
+
+    @property
+    def quickhash(self) -> str | None:
+        """``openslide.quickhash-1`` of the slide (a hash of part of the file), or None."""
+        return self.slide.properties.get(openslide.PROPERTY_NAME_QUICKHASH1)
 
     @property
     def color(self) -> ColorTransform:
@@ -114,11 +123,27 @@ def _signature(path: Path) -> tuple[int, int, int]:
     return (st.st_size, st.st_mtime_ns, st.st_ino)
 
 
+def slide_identity(quickhash: str | None, size: int, mtime_ns: int) -> str:
+    """The identity of a slide file: ``quickhash-1:<hex>;size=<bytes>;mtime_ns=<ns>``, or
+    ``size=<bytes>;mtime_ns=<ns>`` for formats without a quickhash.
+
+    OpenSlide's quickhash covers only part of a file (its header and the lowest-resolution
+    level), so a slide whose full-resolution tiles were rewritten keeps it; the file's size and
+    modification time in nanoseconds change with any rewrite, so together they make a new
+    identity, and with it new cache keys, whenever the pixels can have changed.
+    """
+    stat_part = f"size={size};mtime_ns={mtime_ns}"
+    return f"quickhash-1:{quickhash};{stat_part}" if quickhash else stat_part
+
+
 def build_catalogue(settings: Settings) -> dict[str, SlideEntry]:
     """Every configured slide by name. Blocking (lists ``SlideDirectory``).
 
-    ``Image.Path`` is served as ``image`` (the single-slide routes); ``Images`` keep their names;
-    ``SlideDirectory`` adds its slide files under their stem unless the name is taken.
+    ``Image.Path`` is served as ``image`` (the single-slide routes); ``Images`` keep their names
+    (validated with the settings); ``SlideDirectory`` adds its slide files under their stem
+    unless the name is taken. A file of ``SlideDirectory`` is skipped, with a warning, when its
+    stem is not a valid slide name (:mod:`app.core.names`) or when it is a symbolic link to a
+    file outside ``SlideDirectory`` and ``SlideDirectoryFollowSymlinks`` is false.
     """
     entries: dict[str, SlideEntry] = {}
     if settings.Image.Path:
@@ -126,11 +151,30 @@ def build_catalogue(settings: Settings) -> dict[str, SlideEntry]:
     for item in settings.Images:
         entries[item.Name] = SlideEntry(item.Name, Path(item.Path))
     if settings.SlideDirectory:
-        folder = Path(settings.SlideDirectory)
-        for path in sorted(folder.iterdir()):
-            if path.is_file() and path.suffix.lower() in SLIDE_SUFFIXES:
-                entries.setdefault(path.stem, SlideEntry(path.stem, path))
+        for entry in _directory_slides(Path(settings.SlideDirectory),
+                                       settings.SlideDirectoryFollowSymlinks):
+            entries.setdefault(entry.name, entry)
     return entries
+
+
+def _directory_slides(folder: Path, follow_symlinks: bool) -> list[SlideEntry]:
+    root = folder.resolve()
+    out = []
+    for path in sorted(folder.iterdir()):
+        if path.suffix.lower() not in SLIDE_SUFFIXES:
+            continue
+        problem = name_problem(path.stem)
+        if problem is not None:
+            log.warning("SlideDirectory: skipping %r: %s is not a valid slide name (%s)",
+                        path.name, repr(path.stem), problem)
+            continue
+        if path.is_symlink() and not follow_symlinks and not path.resolve().is_relative_to(root):
+            log.warning("SlideDirectory: skipping %r: a symbolic link to a file outside the "
+                        "folder (SlideDirectoryFollowSymlinks is false)", path.name)
+            continue
+        if path.is_file():
+            out.append(SlideEntry(path.stem, path))
+    return out
 
 
 class SlideRegistry:
@@ -188,6 +232,7 @@ class SlideRegistry:
 
         Raises:
             SlideNotFound: unknown name.
+            SlideGone: the slide's file no longer exists (a 404 too).
             SlideOpenError: OpenSlide cannot open the file (its message is the detail).
         """
         handle = self.cached(name)
@@ -201,8 +246,12 @@ class SlideRegistry:
             if handle is not None:
                 return handle
             handle = self._open.get(name)
-            handle = await anyio.to_thread.run_sync(self._open_or_revalidate, entry, handle,
-                                                    limiter=self._limiter)
+            try:
+                handle = await anyio.to_thread.run_sync(self._open_or_revalidate, entry,
+                                                        handle, limiter=self._limiter)
+            except SlideGone:
+                self._open.pop(name, None)
+                raise
             self._open[name] = handle
             self._open.move_to_end(name)
             while len(self._open) > self.settings.Server.MaxOpenSlides:
@@ -230,9 +279,12 @@ class SlideRegistry:
             try:
                 return open_associated(handle.slide, name, dz.TileSize, dz.Overlap,
                                        dz.LimitBounds, dz.ColorMode)
-            except (openslide.OpenSlideError, OSError) as exc:
+            except Exception as exc:
+                log.warning("slide %s (%s): the %s image cannot be read: %s", handle.name,
+                            handle.entry.path, name, exc)
                 raise SlideReadError(f"OpenSlide cannot read the {name} image of "
-                                     f"{handle.entry.path.name}: {exc}",
+                                     f"{handle.entry.path.name}: "
+                                     f"{describe_error(exc, handle.entry.path)}",
                                      slide=handle.name) from None
 
         source = await anyio.to_thread.run_sync(load, limiter=self._limiter)
@@ -263,6 +315,9 @@ class SlideRegistry:
     def _open_or_revalidate(self, entry: SlideEntry, handle: OpenSlide | None) -> OpenSlide:
         try:
             signature = _signature(entry.path)
+        except FileNotFoundError:
+            raise SlideGone(f"no slide named {entry.name!r}: its file is gone",
+                            slide=entry.name) from None
         except OSError as exc:
             raise SlideOpenError(f"cannot open {entry.path.name}: {exc.strerror}",
                                  slide=entry.name) from None
@@ -283,13 +338,13 @@ class SlideRegistry:
                                         deepzoom.LimitBounds, deepzoom.Geometry)
             pyramid = SlidePyramid(slide, *geometry, native)
             color = ColorTransform.for_slide(slide, deepzoom.ColorMode)  # LittleCMS: OSError
-        except (openslide.OpenSlideError, OSError, ValueError) as exc:
-            message = str(exc) or type(exc).__name__
-            raise SlideOpenError(f"OpenSlide cannot open {entry.path.name}: {message}",
-                                 slide=entry.name) from None
+        except Exception as exc:  # OpenSlide, Pillow (bombs included), tifffile, LittleCMS, OS
+            log.warning("slide %s (%s) cannot be opened: %s: %s", entry.name, entry.path,
+                        type(exc).__name__, exc)
+            raise SlideOpenError(f"OpenSlide cannot open {entry.path.name}: "
+                                 f"{describe_error(exc, entry.path)}", slide=entry.name) from None
         if self._cache is not None:
             slide.set_cache(self._cache)
-        quickhash = slide.properties.get(openslide.PROPERTY_NAME_QUICKHASH1)
-        identity = (f"quickhash-1:{quickhash}" if quickhash
-                    else f"stat:{signature[0]}:{signature[1]}")
+        identity = slide_identity(slide.properties.get(openslide.PROPERTY_NAME_QUICKHASH1),
+                                  signature[0], signature[1])
         return OpenSlide(entry, slide, ImageSource(pyramid, color), identity, signature)

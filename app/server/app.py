@@ -26,6 +26,7 @@ from fastapi.staticfiles import StaticFiles
 from app import __version__
 from app.assets import openseadragon_dir
 from app.batch.jobs import JobManager
+from app.cache.disk import open_disk_cache
 from app.cache.tiles import TileService, default_render_threads
 from app.core.lossless import check_round_trips
 from app.core.planner import TilePlanner
@@ -57,6 +58,7 @@ def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         catalogue = await anyio.to_thread.run_sync(build_catalogue, settings)
+        disk = await anyio.to_thread.run_sync(open_disk_cache, settings, catalogue)
         render = CapacityLimiter(settings.Server.RenderThreads or default_render_threads())
         registry = SlideRegistry(catalogue, settings, limiter=render)
         planner = TilePlanner(settings)
@@ -68,7 +70,7 @@ def create_app(settings: Settings) -> FastAPI:
             log.info("audit log: %s", audit.path)
         services = Services(
             settings, registry, planner,
-            TileService(registry, planner, settings, render, CapacityLimiter(IO_THREADS)),
+            TileService(registry, planner, disk, settings, render, CapacityLimiter(IO_THREADS)),
             JobManager(registry, settings), audit)
         app.state.services = services
         services.jobs.start()

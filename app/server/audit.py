@@ -6,7 +6,8 @@ line::
 
     {"time": "2026-01-02T03:04:05.678901Z", "pid": 4242, "client": "10.0.0.7",
      "method": "GET", "path": "/storage/CMU-1_files/17/40_30.jpeg", "slide": "CMU-1",
-     "quickhash": "5b7f...", "identity": "quickhash-1:5b7f...", "level": 17, "col": 40,
+     "quickhash": "5b7f...", "identity": "quickhash-1:5b7f...;size=..;mtime_ns=..",
+     "level": 17, "col": 40,
      "row": 30, "requested": {"extension": "jpeg", "format": null, "accept": "image/webp,*/*",
      "if_none_match": null}, "served": {"format": "png", "lossless": true,
      "override": null}, "cache": "hit", "status": 200, "bytes": 48213,
@@ -72,7 +73,7 @@ class TileRequestRecord(NamedTuple):
         method: ``GET`` or ``HEAD``.
         path: the URL path and query string.
         slide: the slide name of the URL.
-        identity: the slide identity (``quickhash-1:<hex>`` or ``stat:<size>:<mtime>``), or
+        identity: the slide identity (:func:`app.core.slides.slide_identity`), or
             None when the slide was not opened (unknown name, open error).
         level, col, row: the DZI address, or None where the URL did not parse.
         extension, query_format, accept, if_none_match: what was requested.
@@ -116,8 +117,8 @@ class TileRequestRecord(NamedTuple):
         ``json.dumps`` of a dict (2.1 against 9.4 us), which matters at 10,000 lines/s.
         """
         identity = self.identity
-        quickhash = (identity[12:] if identity and identity.startswith("quickhash-1:")
-                     else None)
+        quickhash = (identity.split(";", 1)[0][12:]
+                     if identity and identity.startswith("quickhash-1:") else None)
         served = ("null" if self.served_format is None else
                   f'{{"format":{_s(self.served_format)},"lossless":{_b(self.lossless)},'
                   f'"override":{_s(self.override)}}}')

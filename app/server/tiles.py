@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import re
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -35,7 +34,7 @@ from starlette.types import Receive, Scope, Send
 
 from app.cache.tiles import Tile
 from app.core.digest import EMPTY_DIGEST
-from app.core.errors import BadTileRequest, TileServerError
+from app.core.errors import BadTileRequest, TileNotFound, TileServerError
 from app.core.formats import TileFormat
 from app.core.planner import TileRequest
 from app.core.slides import SINGLE_SLIDE_NAME
@@ -82,38 +81,36 @@ def match_tile_path(path: str) -> TilePath | None:
     return None
 
 
-_TILE = re.compile(r"(-?\d+)_(-?\d+)(?:\.([^./]*))?")
-_INTEGER = re.compile(r"-?\d+")
-
-
 def parse_address(level: str, tile: str) -> tuple[int, int, int, str | None]:
     """Parse ``{level}`` and ``{col}_{row}.{ext}`` of a tile URL.
+
+    Numbers are canonical: ASCII digits without leading zeros (``0`` itself aside), at most
+    :data:`_MAX_DIGITS` of them, so each tile has exactly one URL (one CDN cache entry, one
+    audit trail).
 
     Returns:
         ``(level, col, row, extension or None)``; numbers are DZI level and tile address.
 
     Raises:
-        BadTileRequest: not integers, negative, or longer than 9 digits.
+        TileNotFound: the segments do not name a tile (``-1``, ``01``, ``１``, ``x``, no ``_``).
+        BadTileRequest: an empty extension (``0_0.``).
     """
-    match = _TILE.fullmatch(tile)
-    if match is None:
-        raise BadTileRequest(f"tile {tile!r}: expected {{col}}_{{row}}.{{ext}}, e.g. 0_0.jpeg")
-    col, row, ext = match.groups()
-    if ext == "":
+    col, sep, rest = tile.partition("_")
+    row, dot, ext = rest.partition(".")
+    if not sep:
+        raise TileNotFound(f"tile {tile!r}: expected {{col}}_{{row}}.{{ext}}, e.g. 0_0.jpeg")
+    if dot and not ext:
         raise BadTileRequest(f"tile {tile!r}: empty extension; use .jpeg, .png or .webp")
-    return _number("level", level), _number("col", col), _number("row", row), ext
+    return (_number("level", level), _number("col", col), _number("row", row),
+            ext if dot else None)
 
 
 def _number(what: str, text: str) -> int:
-    if text.isascii() and text.isdigit() and len(text) <= _MAX_DIGITS:
-        return int(text)  # every well-formed address: no regular expression
-    if not _INTEGER.fullmatch(text):
-        raise BadTileRequest(f"{what} {text!r} is not an integer")
-    if text.startswith("-"):
-        raise BadTileRequest(f"{what} {text} is negative")
-    if len(text) > _MAX_DIGITS:
-        raise BadTileRequest(f"{what} {text} is too large")
-    return int(text)
+    if (text.isascii() and text.isdigit() and len(text) <= _MAX_DIGITS
+            and (text[0] != "0" or text == "0")):
+        return int(text)
+    raise TileNotFound(f"{what} {text!r} is not a tile address: ASCII digits without leading "
+                       "zeros expected")
 
 
 _EXPOSED = (b"ETag, Content-Digest, Repr-Digest, X-Tile-Format, X-Tile-Lossless, "

@@ -477,9 +477,11 @@ class Verifier:
                     f"on the server, {reference.quickhash} here")
             return
         size = str(reference.path.stat().st_size)
-        if policy["identity"].startswith("stat:"):
+        fields = dict(part.split("=", 1) for part in policy["identity"].split(";")
+                      if "=" in part)
+        if "size" in fields:
             report.identity_check = "file size (no quickhash for this format)"
-            if policy["identity"].split(":")[1] != size:
+            if fields["size"] != size:
                 report.problems.append(f"the server's slide is not this file: "
                                        f"{policy['identity']} on the server, size {size} here")
 

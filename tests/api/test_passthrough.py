@@ -203,7 +203,8 @@ def test_fixtures_fall_back(client_for, fixtures):
 def test_original_from_disk_and_from_page_cache_are_equal(client_for, tmp_path):
     """A slide file out of the page cache is read by a worker thread (the event loop's
     ``RWF_NOWAIT`` read refuses); the bytes are the same as from the page cache."""
-    path = write_aperio_svs(tmp_path / "cold.svs", 2000, 1500, seed=6)
+    (tmp_path / "slides").mkdir()
+    path = write_aperio_svs(tmp_path / "slides" / "cold.svs", 2000, 1500, seed=6)
     url = "/storage/s_files/11/2_2.jpeg?format=jpeg"  # level 11: the slide's level 0
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -229,7 +230,9 @@ def test_colour_modes_and_original_tiles(client_for, tmp_path):
     the stored one; a converting mode changes pixels, so its tiles are rendered."""
     profile = rgb_matrix_profile("wide-gamut scanner (passthrough test)",
                                  ((0.70, 0.29), (0.17, 0.79), (0.13, 0.05)), (0.3127, 0.3290), 2.2)
-    path = write_aperio_svs(tmp_path / "icc.svs", 2000, 1500, seed=7, icc_profile=profile)
+    (tmp_path / "slides").mkdir()
+    path = write_aperio_svs(tmp_path / "slides" / "icc.svs", 2000, 1500, seed=7,
+                            icc_profile=profile)
     url = "/storage/s_files/11/2_1.jpeg?format=jpeg"
     stored = _stored_tile(path, (2000, 1500), 1 * 9 + 2)
     embed = client_for(Images=[{"Name": "s", "Path": str(path)}], DeepZoom=ALIGNED)

@@ -146,12 +146,13 @@ def test_audit_log_records_every_tile_request(generated_svs, fixtures, tmp_path,
     assert len(lines) == len(responses)
     assert all(list(line) == list(FIELDS) for line in lines)
     assert [line["status"] for line in lines] == [r.status_code for r in responses] == [
-        200, 200, 200, 304, 200, 200, 404, 400, 404, 500]
+        200, 200, 200, 304, 200, 200, 404, 404, 404, 500]
     first = lines[0]
     assert first["time"].endswith("Z") and first["client"] == "testclient"
     assert first["path"] == base + ".jpeg" and first["method"] == "GET"
+    size, mtime = generated_svs.stat().st_size, generated_svs.stat().st_mtime_ns
     assert (first["slide"], first["quickhash"], first["identity"]) == (
-        "g", quickhash, f"quickhash-1:{quickhash}")
+        "g", quickhash, f"quickhash-1:{quickhash};size={size};mtime_ns={mtime}")
     assert (first["level"], first["col"], first["row"]) == (top, 1, 1)
     assert first["requested"] == {"extension": "jpeg", "format": None, "accept": "image/webp",
                                   "if_none_match": None}
@@ -167,17 +168,17 @@ def test_audit_log_records_every_tile_request(generated_svs, fixtures, tmp_path,
     assert lines[4]["served"] == {"format": "png", "lossless": True, "override": "refused"}
     assert lines[5]["served"] == {"format": "webp", "lossless": False, "override": None}
     assert lines[5]["sha256"] == hashlib.sha256(lossy.content).hexdigest()
-    for line, code in zip(lines[6:], ["slide_not_found", "bad_request", "tile_not_found",
+    for line, code in zip(lines[6:], ["slide_not_found", "tile_not_found", "tile_not_found",
                                       "slide_unreadable"], strict=True):
         assert line["error"] == code
         assert line["served"] is None and line["sha256"] is None and line["bytes"] is None
     assert lines[6]["identity"] is None and lines[7]["level"] is None
-    assert lines[8]["identity"] == f"quickhash-1:{quickhash}" and lines[8]["level"] == top + 1
+    assert lines[8]["identity"] == first["identity"] and lines[8]["level"] == top + 1
     assert lines[9]["slide"] == "unreadable"
 
 
 def test_audit_log_rotates_without_losing_lines(generated_svs, tmp_path):
-    log_path = tmp_path / "tiles.jsonl"
+    log_path = tmp_path / "audit" / "tiles.jsonl"
     settings = settings_from({
         "Images": [{"Name": "g", "Path": str(generated_svs)}],
         "TileCachePath": str(tmp_path / "cache"),
@@ -191,7 +192,7 @@ def test_audit_log_rotates_without_losing_lines(generated_svs, tmp_path):
     assert len(files) > 5
     lines = read_audit(log_path)
     assert [line["path"] for line in lines] == urls  # oldest file first, none lost
-    assert not list(tmp_path.glob("tiles.jsonl.lock.*"))
+    assert not list(log_path.parent.glob("tiles.jsonl.lock.*"))
 
 
 def test_one_route_answers_every_tile_family_and_audits_it(generated_svs, tmp_path, top):
@@ -206,7 +207,7 @@ def test_one_route_answers_every_tile_family_and_audits_it(generated_svs, tmp_pa
             ("GET", f"/storage/g_files/{top - 1}/0_0.png?format=jpeg"),
             ("GET", "/storage/g_files/0/9_9.jpeg"), ("GET", "/storage/nosuch_files/0/0_0.jpeg"),
             ("GET", "/storage/g/associated/label_files/0/0_0.jpeg")]
-    log_path = tmp_path / "audit.jsonl"
+    log_path = tmp_path / "audit" / "audit.jsonl"
     app = create_app(settings_from({
         "Images": [{"Name": "g", "Path": str(generated_svs)}],
         "TileCachePath": str(tmp_path / "cache"),

@@ -159,7 +159,8 @@ def test_single_slide_routes(client_for, generated_svs):
 
 def test_replaced_slide_and_changed_quality_never_serve_stale(client_for, tmp_path, fixtures,
                                                               generated_svs):
-    slide = tmp_path / "slide.tiff"
+    slide = tmp_path / "slides" / "slide.tiff"
+    slide.parent.mkdir()
     shutil.copy(fixtures / "boxes.tiff", slide)
     cache = tmp_path / "cache"
     client = client_for(Images=[{"Name": "s", "Path": str(slide)}], TileCachePath=str(cache),

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from app.cache.disk import seal, unseal
 from app.cli import main
 from app.tools.verify import VerifyError, parse_levels, sample_addresses
 
@@ -77,7 +78,9 @@ def test_verify_every_level_as_png_and_every_tile(generated_svs, tmp_path, capsy
 
 def test_verify_fails_on_a_corrupted_disk_cache(generated_svs, tmp_path, capsys,
                                                 monkeypatch):
-    """A cached PNG overwritten with other valid pixels is caught and named."""
+    """A cached PNG overwritten with other valid pixels, and sealed again as the cache seals
+    its files (what a tool that knows the format could do), is served by the server, whose
+    seal check cannot see it; verify catches it and names it."""
     monkeypatch.chdir(tmp_path)
     cache = tmp_path / "cache"
     args = ["Images:0:Name=g", f"Images:0:Path={generated_svs}", f"TileCachePath={cache}",
@@ -87,12 +90,12 @@ def test_verify_fails_on_a_corrupted_disk_cache(generated_svs, tmp_path, capsys,
     top = report["slides"][0]["levels"][-1]["level"]
     victim = next((cache / "g").rglob(f"{top}/1_2.png"))
     other = next((cache / "g").rglob(f"{top}/2_1.png"))
-    with Image.open(io.BytesIO(other.read_bytes())) as im:  # valid pixels of another tile,
-        pixels = np.asarray(im.convert("RGB"))[: Image.open(victim).size[1],
-                                                : Image.open(victim).size[0]]
+    victim_size = Image.open(io.BytesIO(unseal(victim.read_bytes())[0])).size
+    with Image.open(io.BytesIO(unseal(other.read_bytes())[0])) as im:  # another tile's pixels,
+        pixels = np.asarray(im.convert("RGB"))[: victim_size[1], : victim_size[0]]
     buf = io.BytesIO()
     Image.fromarray(np.ascontiguousarray(pixels)).save(buf, "PNG")
-    victim.write_bytes(buf.getvalue())  # ... cut to the victim's size: a plausible tile
+    victim.write_bytes(seal(buf.getvalue()))  # ... cut to the victim's size: a plausible tile
 
     code, report, out = run_cli(args, tmp_path, capsys)  # a new app: memory cache empty
     assert code == 1
@@ -155,8 +158,9 @@ def test_verify_original_tiles_and_a_converting_colour_mode(tmp_path, capsys, mo
     from app.tools.demo import write_aperio_svs
 
     monkeypatch.chdir(tmp_path)
-    bare = write_aperio_svs(tmp_path / "bare.svs", 1500, 1100, photometric="rgb", app14=False,
-                            seed=8)
+    (tmp_path / "slides").mkdir()
+    bare = write_aperio_svs(tmp_path / "slides" / "bare.svs", 1500, 1100, photometric="rgb",
+                            app14=False, seed=8)
     code, report, out = run_cli(
         [f"Image:Path={bare}", f"TileCachePath={tmp_path / 'c1'}", "DeepZoom:Geometry=aligned",
          "--format", "jpeg", "--levels", "10-top", "--sample", "0"], tmp_path, capsys)
@@ -169,7 +173,8 @@ def test_verify_original_tiles_and_a_converting_colour_mode(tmp_path, capsys, mo
 
     wide = rgb_matrix_profile("wide (verify test)", ((0.68, 0.32), (0.21, 0.71), (0.15, 0.06)),
                               D65_XY, 1.8)
-    icc = write_aperio_svs(tmp_path / "icc.svs", 1500, 1100, seed=8, icc_profile=wide)
+    icc = write_aperio_svs(tmp_path / "slides" / "icc.svs", 1500, 1100, seed=8,
+                           icc_profile=wide)
     code, report, out = run_cli(
         [f"Image:Path={icc}", f"TileCachePath={tmp_path / 'c2'}",
          "DeepZoom:ColorMode=perceptual", "--levels", "10-top", "--sample", "4"],

@@ -13,6 +13,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
+from app.cache.disk import seal, unseal
 from app.cli import main
 from app.server.audit import FIELDS, audit_files
 from tests.conftest import ROOT, start_server, stop_server
@@ -57,12 +58,13 @@ def test_verify_over_http_catches_a_corrupted_cache(tmp_path, generated_svs, cap
         assert main(args) == 0, capsys.readouterr().out
         top = max(int(p.name) for p in (cache / "g").glob("*/*") if p.name.isdigit())
         victim = next((cache / "g").rglob(f"{top}/3_2.png"))
-        with Image.open(victim) as im:
+        with Image.open(io.BytesIO(unseal(victim.read_bytes())[0])) as im:
             pixels = np.asarray(im.convert("RGB")).copy()
         pixels[100:140, 100:140] = pixels[100:140, 100:140] ^ 1  # a faint square of changed bits
         buf = io.BytesIO()
         Image.fromarray(pixels).save(buf, "PNG")
-        victim.write_bytes(buf.getvalue())
+        # sealed again as the cache seals its files: the server's own check cannot see it
+        victim.write_bytes(seal(buf.getvalue()))
         assert main(args) == 1
         out = capsys.readouterr().out.replace("\n", "")
         assert f"/storage/g_files/{top}/3_2.jpeg: lossless tile differs" in out

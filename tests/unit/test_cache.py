@@ -1,13 +1,24 @@
 """Cache key, atomic writes, unwritable caches, memory LRU and single-flight."""
 
 import asyncio
+import hashlib
 import logging
 import os
 
 import pytest
 
 from app.cache import disk as cache_module
-from app.cache.disk import DiskTileCache, write_atomic
+from app.cache.disk import (
+    MARKER,
+    TRAILER_SIZE,
+    CachedTile,
+    DiskTileCache,
+    check_location,
+    seal,
+    unseal,
+    write_atomic,
+)
+from app.core.errors import ConfigError
 from app.cache.flight import SingleFlight
 from app.cache.memory import MemoryTileCache
 from app.core.keys import TileKey, variant_of
@@ -31,25 +42,28 @@ def test_variant_is_stable_and_short():
 
 
 def key(**kw):
-    values = dict(slide="s", variant="v" * 16, level=12, col=3, row=4, ext="jpeg")
+    values = dict(slide="s", variant="0123456789abcdef", level=12, col=3, row=4, ext="jpeg")
     values.update(kw)
     return TileKey(**values)
 
 
 def test_path_layout(tmp_path):
     cache = DiskTileCache(tmp_path)
-    assert cache.path_for(key()) == tmp_path / "s" / ("v" * 16) / "12" / "3_4.jpeg"
+    assert cache.path_for(key()) == tmp_path / "s" / "0123456789abcdef" / "12" / "3_4.jpeg"
+    with pytest.raises(ValueError):
+        cache.path_for(key(slide=".."))
 
 
 def test_write_is_atomic_and_leaves_no_temp(tmp_path):
     cache = DiskTileCache(tmp_path)
     assert cache.write(key(), b"tile-bytes")
-    assert cache.read(key()) == b"tile-bytes"
+    assert cache.read(key()).data == b"tile-bytes"
     assert cache.write(key(), b"replaced")
-    assert cache.read(key()) == b"replaced"
+    assert cache.read(key()) == CachedTile(b"replaced", hashlib.sha256(b"replaced").digest())
     assert os.listdir(cache.path_for(key()).parent) == ["3_4.jpeg"]
-    assert cache.stats() == (1, len(b"replaced"))
-    assert cache.stats("s") == (1, len(b"replaced"))
+    size = len(b"replaced") + TRAILER_SIZE
+    assert cache.stats() == (1, size)
+    assert cache.stats("s") == (1, size)
     assert cache.stats("other") == (0, 0)
 
 
@@ -94,9 +108,10 @@ def test_clear(tmp_path):
     cache.write(key(slide="a"), b"1")
     cache.write(key(slide="b"), b"2")
     cache.clear("a")
-    assert cache.stats() == (1, 1)
+    assert cache.stats() == (1, 1 + TRAILER_SIZE)
     cache.clear()
     assert cache.stats() == (0, 0)
+    assert os.listdir(tmp_path) == []  # the layout's folders go too, nothing else was there
 
 
 def test_memory_lru_evicts_by_bytes():
@@ -182,3 +197,85 @@ def test_write_atomic_failure_leaves_nothing(tmp_path):
     with pytest.raises(OSError):
         write_atomic(tmp_path / "file" / "sub" / "0_0.jpeg", b"x")  # a folder under a file
     assert os.listdir(tmp_path) == ["file"]
+
+
+@pytest.mark.parametrize("damage", ["truncate", "zero", "flip", "empty", "no-trailer", "append"])
+def test_a_damaged_cache_file_is_reported_corrupt_never_returned(tmp_path, damage):
+    cache = DiskTileCache(tmp_path)
+    data = bytes(range(256)) * 40
+    cache.write(key(), data)
+    path = cache.path_for(key())
+    stored = path.read_bytes()
+    assert unseal(stored) == (data, hashlib.sha256(data).digest())
+    damaged = {
+        "truncate": stored[:len(stored) // 2],
+        "zero": b"\0" * len(stored),
+        "flip": stored[:100] + bytes([stored[100] ^ 1]) + stored[101:],
+        "empty": b"",
+        "no-trailer": data,
+        "append": stored + b"x",
+    }[damage]
+    path.write_bytes(damaged)
+    assert cache.read(key()) == CachedTile(corrupt=True)
+    assert cache.write(key(), data)  # replaced whole
+    assert cache.read(key()).data == data
+
+
+def test_seal_round_trip():
+    assert unseal(seal(b"abc")) == (b"abc", hashlib.sha256(b"abc").digest())
+    assert unseal(seal(b"abc")[:-1]) is None
+
+
+def test_prepare_marks_an_empty_folder_and_refuses_a_foreign_one(tmp_path):
+    cache = DiskTileCache(tmp_path / "new")
+    cache.prepare()
+    assert (tmp_path / "new" / MARKER).is_file()
+    cache.prepare()  # idempotent
+    foreign = tmp_path / "home"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="not a tile cache"):
+        DiskTileCache(foreign).prepare()
+    assert sorted(os.listdir(foreign)) == ["notes.txt"]
+    # a cache written before markers existed (only the layout's folders) is adopted
+    old = tmp_path / "old"
+    DiskTileCache(old).write(key(), b"x")
+    DiskTileCache(old).prepare()
+    assert (old / MARKER).is_file()
+
+
+def test_clear_removes_only_the_layout_and_never_follows_links(tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "0_0.jpeg").write_bytes(b"precious")
+    root = tmp_path / "cache"
+    cache = DiskTileCache(root)
+    cache.prepare()
+    cache.write(key(slide="a"), b"1")
+    level = cache.path_for(key(slide="a")).parent
+    (level / "notes.txt").write_bytes(b"not a tile")          # a foreign file in a level
+    (level / "9_9.jpeg").symlink_to(outside / "0_0.jpeg")    # a link named like a tile
+    (root / "b").symlink_to(outside)                         # a slide folder that is a link
+    (root / "a" / "0123456789abcdef" / "13").symlink_to(outside, target_is_directory=True)
+    (root / "readme").write_text("keep")
+    cache.clear()
+    cache.clear("b")
+    assert (outside / "0_0.jpeg").read_bytes() == b"precious"
+    assert (level / "notes.txt").exists() and (level / "9_9.jpeg").is_symlink()
+    assert (root / "readme").exists() and (root / MARKER).exists()
+    assert not cache.path_for(key(slide="a")).exists()
+    assert cache.clear("..") == 0 and cache.clear("/") == 0
+
+
+@pytest.mark.parametrize(("cache", "other", "relation"), [
+    ("slides", "slides", "is"), ("slides/cache", "slides", "lies inside"),
+    ("data", "data/slides", "contains"), ("cache", "slides", None),
+])
+def test_check_location(tmp_path, cache, other, relation):
+    (tmp_path / other).mkdir(parents=True, exist_ok=True)
+    run = lambda: check_location(tmp_path / cache, {"SlideDirectory": tmp_path / other})  # noqa: E731
+    if relation is None:
+        run()
+    else:
+        with pytest.raises(ConfigError, match=f"{relation} SlideDirectory"):
+            run()
