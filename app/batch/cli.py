@@ -33,6 +33,7 @@ from rich.progress import Progress as Bar
 
 from app.batch.pregenerate import Cancelled, Pregenerator, Progress, open_target
 from app.batch.walk import parse_levels
+from app.cache.disk import open_disk_cache
 from app.core.errors import ConfigError, TileServerError
 from app.core.slides import SlideEntry, SlideRegistry, build_catalogue
 from app.settings import Settings, load_settings
@@ -107,7 +108,9 @@ def _pregenerate(args: argparse.Namespace, settings: Settings, names: list[str],
                  levels: tuple[int, ...] | None, console: Console) -> int:
     if not settings.EnableDiskCache:
         raise ConfigError("EnableDiskCache = false: pregeneration fills the disk cache")
-    registry = SlideRegistry(build_catalogue(settings), settings)
+    catalogue = build_catalogue(settings)
+    open_disk_cache(settings, catalogue, index=False)  # the location checked, the cache marked
+    registry = SlideRegistry(catalogue, settings)
     if args.all:
         names = registry.names
     elif not names:

@@ -36,7 +36,6 @@ from app.core.errors import (
     JobConflict,
     JobFinished,
     JobNotFound,
-    SlideOpenError,
     TileServerError,
 )
 from app.core.slides import SlideRegistry
@@ -303,7 +302,7 @@ class JobManager:
             for name in job.slides:
                 try:
                     targets.append(await self._target(name, job.levels))
-                except SlideOpenError as exc:
+                except TileServerError as exc:  # unopenable, or its file is gone
                     if errors is None:
                         raise
                     errors.append(exc)

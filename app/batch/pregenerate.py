@@ -31,6 +31,7 @@ import dataclasses
 import logging
 import multiprocessing
 import os
+import sqlite3
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -47,7 +48,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from app.batch.walk import Batch, plan_batches, select_levels, split_contiguous
-from app.cache.disk import DiskTileCache, seal, sweep_temporary_files, write_atomic
+from app.cache.disk import DiskTileCache, sweep_temporary_files, write_atomic
+from app.cache.index import CacheIndex, VariantOrigin, geometry_fingerprint
 from app.core.errors import (
     CacheWriteError,
     SlideNotFound,
@@ -55,6 +57,7 @@ from app.core.errors import (
     SlideReadError,
     TileServerError,
 )
+from app.core.keys import TileKey
 from app.core.planner import TilePlanner
 from app.core.render import original_tile, render_tile
 from app.core.slides import SlideEntry, SlideRegistry
@@ -125,7 +128,14 @@ class _WorkerState:
             update={"OpenSlideCacheBytes": cache_bytes})})
         self.settings = settings
         self.planner = TilePlanner(settings)
-        self.disk = DiskTileCache(settings.TileCachePath, True)
+        index: CacheIndex | None = CacheIndex(settings.TileCachePath)
+        try:
+            index.open(writer=False)  # flushed at the end of every batch
+        except (sqlite3.Error, OSError) as exc:  # counts only; tile writes will report
+            log.warning("cache index of %s: %s", settings.TileCachePath, exc)
+            index = None
+        self.disk = DiskTileCache(settings.TileCachePath, True, index)
+        self.geometry = geometry_fingerprint(settings.DeepZoom.model_dump_json())
         self.registry = SlideRegistry({}, settings)
         self.lock = threading.Lock()
         self.writers = ThreadPoolExecutor(WRITER_THREADS, thread_name_prefix="tile-writer")
@@ -197,7 +207,12 @@ def render_batch(task: BatchTask) -> BatchResult:
                     continue
                 data = (plan.original and original_tile(source, plan)
                         or render_tile(handle, source, plan))
-                pending.append(state.writers.submit(_write, path, data, task.output))
+                if task.output is None:
+                    origin = VariantOrigin(handle.identity, plan.encoding.key, state.geometry)
+                    job = state.writers.submit(_store, state.disk, plan.key, data, origin)
+                else:
+                    job = state.writers.submit(_export, path, data)
+                pending.append(job)
                 while len(pending) > MAX_PENDING_WRITES or (pending and pending[0].done()):
                     pending.popleft().result()
                 done += 1
@@ -207,23 +222,48 @@ def render_batch(task: BatchTask) -> BatchResult:
     except TileServerError as exc:
         wait(pending)
         done -= len(pending)  # not counted as written: their outcome is unknown to the job
+        _flush_index(state)
         if isinstance(exc, SlideReadError | SlideOpenError):
             state.registry.discard(task.slide)  # OpenSlide errors latch: reopen next time
         return BatchResult(done, skipped, written, exc.code, exc.detail)
+    _flush_index(state)
     return BatchResult(done, skipped, written)
 
 
-def _write(path: Path, data: bytes, output: str | None) -> None:
-    """Write one tile atomically (writer thread): sealed in the tile cache
-    (:func:`app.cache.disk.seal`), as plain image bytes in an export folder.
+def _flush_index(state: _WorkerState) -> None:
+    """Write the batch's tiles into the cache index (a failure only delays the counts: the
+    index is rebuilt from the files when it misses events)."""
+    if state.disk.index is not None:
+        try:
+            state.disk.index.flush()
+        except sqlite3.Error as exc:
+            log.warning("cache index: %s", exc)
+
+
+def _store(disk: DiskTileCache, key: TileKey, data: bytes, origin: VariantOrigin) -> None:
+    """Write one tile into the tile cache, sealed (writer thread).
 
     Raises:
         CacheWriteError: the disk refused (read-only, full, ...).
     """
     try:
-        write_atomic(path, data if output is not None else seal(data))
+        disk.store(key, data, origin=origin)
     except OSError as exc:
-        raise CacheWriteError(_write_error(path, output, exc)) from None
+        log.warning("cannot write %s: %s", disk.path_for(key), exc)
+        raise CacheWriteError(f"cannot write the tile cache: {exc.strerror or exc}") from None
+
+
+def _export(path: Path, data: bytes) -> None:
+    """Write one tile into an export folder as plain image bytes (writer thread).
+
+    Raises:
+        CacheWriteError: the disk refused (read-only, full, ...).
+    """
+    try:
+        write_atomic(path, data)
+    except OSError as exc:
+        log.warning("cannot write %s: %s", path, exc)
+        raise CacheWriteError(f"cannot write the export folder: {exc.strerror or exc}") from None
 
 
 def _whole_file(path: Path) -> bool:
@@ -231,11 +271,6 @@ def _whole_file(path: Path) -> bool:
         return os.stat(path).st_size > 0
     except OSError:
         return False
-
-
-def _write_error(path: Path, output: str | None, exc: OSError) -> str:
-    where = f"export folder {output}" if output is not None else f"tile cache ({path.parent})"
-    return f"cannot write the {where}: {exc.strerror or exc}"
 
 
 _ERRORS: dict[str, type[TileServerError]] = {

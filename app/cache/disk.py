@@ -28,20 +28,23 @@ follows a symbolic link and never touches anything above the root.
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import itertools
 import json
 import logging
 import os
 import re
+import sqlite3
 import stat
 import struct
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from app.cache.index import INDEX_NAME, CacheIndex, VariantOrigin
 from app.core.errors import ConfigError
 from app.core.keys import TileKey
 from app.core.names import is_valid_name
@@ -105,12 +108,15 @@ class DiskTileCache:
     Args:
         root: ``TileCachePath``.
         enabled: ``EnableDiskCache``; when false nothing is read or written.
+        index: the cache's index (:mod:`app.cache.index`), told of every write, read and
+            corrupt file; None keeps no index (tests, tools).
     """
 
-    def __init__(self, root: str | Path, enabled: bool = True):
+    def __init__(self, root: str | Path, enabled: bool = True, index: CacheIndex | None = None):
         self.root = Path(root)
         self._root = os.path.normpath(os.path.abspath(root))
         self.enabled = enabled
+        self.index = index
         self._warned: set[int] = set()
 
     def prepare(self) -> None:
@@ -135,7 +141,7 @@ class DiskTileCache:
         try:
             os.makedirs(self._root, exist_ok=True)
             foreign = [name for name in os.listdir(self._root)
-                       if not self._is_slide_folder(name)]
+                       if not self._is_slide_folder(name) and not _own_file(name)]
         except OSError as exc:  # a read-only or full disk: serve uncached, as write() does
             log.warning("tile cache %s cannot be created (%s); serving uncached", self.root,
                         exc.strerror)
@@ -194,14 +200,16 @@ class DiskTileCache:
         if tile is None:
             log.warning("tile cache: %s is corrupt (%d bytes, seal does not match); rendering "
                         "it again", key.relative_path(), len(stored))
+            if self.index is not None:
+                self.index.corrupt()
             return CachedTile(corrupt=True)
+        if self.index is not None:
+            self.index.touched(key)
         return CachedTile(tile[0], tile[1])
 
-    def write(self, key: TileKey, data: bytes, sha256: bytes | None = None) -> bool:
-        """Store a tile atomically (:func:`write_atomic`), sealed (:func:`seal`).
-
-        Args:
-            sha256: the tile's SHA-256 digest if already computed.
+    def write(self, key: TileKey, data: bytes, sha256: bytes | None = None,
+              origin: VariantOrigin | None = None) -> bool:
+        """Store a tile (:meth:`store`), logging instead of raising when the disk refuses.
 
         Returns:
             True if stored; False if disabled or the disk refused (logged once per errno).
@@ -209,7 +217,7 @@ class DiskTileCache:
         if not self.enabled:
             return False
         try:
-            write_atomic(self._path(key), seal(data, sha256))
+            self.store(key, data, sha256, origin)
             return True
         except OSError as exc:
             if exc.errno not in self._warned:
@@ -219,12 +227,59 @@ class DiskTileCache:
                             self.root, reason, exc.strerror)
             return False
 
-    def stats(self, slide: str | None = None) -> tuple[int, int]:
-        """``(tile files, bytes)`` under the whole cache or one slide's folder."""
-        count = size = 0
-        for _path, st in self._tile_files(slide):
-            count, size = count + 1, size + st.st_size
-        return count, size
+    def store(self, key: TileKey, data: bytes, sha256: bytes | None = None,
+              origin: VariantOrigin | None = None) -> int:
+        """Store a tile atomically (:func:`write_atomic`), sealed (:func:`seal`), and tell
+        the index.
+
+        Args:
+            sha256: the tile's SHA-256 digest if already computed.
+            origin: what the tile's variant was rendered from (for the index).
+
+        Returns:
+            The bytes written (tile and seal).
+
+        Raises:
+            OSError: the disk refused (read-only, full, ...); nothing is left.
+        """
+        sealed = seal(data, sha256)
+        write_atomic(self._path(key), sealed)
+        if self.index is not None and origin is not None:
+            self.index.wrote(key, len(sealed), origin)
+        return len(sealed)
+
+    def rebuild_index(self) -> int:
+        """Fill the index from the files (one walk of the cache), unless another process is
+        already doing it. Blocking.
+
+        Returns:
+            The number of tiles indexed (0 when another process rebuilds).
+        """
+        if self.index is None:
+            return 0
+        with open(os.path.join(self._root, INDEX_NAME + ".rebuild"), "a") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return 0
+            started = time.monotonic()
+            count = self.index.rebuild(self.walk())
+            log.info("tile cache %s: indexed %d tile file(s) in %.1f s", self.root, count,
+                     time.monotonic() - started)
+            return count
+
+    def walk(self, slide: str | None = None) -> Iterator[tuple[TileKey, int, float]]:
+        """``(key, bytes, mtime)`` of every tile file of one slide or all, from the file
+        system (for :meth:`app.cache.index.CacheIndex.rebuild`; statistics use the index)."""
+        for path, st in self._tile_files(slide):
+            level_dir, name = os.path.split(path)
+            variant_dir, level = os.path.split(level_dir)
+            slide_dir, variant = os.path.split(variant_dir)
+            stem, ext = name.split(".", 1)
+            col, row = stem.split("_", 1)
+            key = TileKey(os.path.basename(slide_dir), variant, int(level), int(col), int(row),
+                          ext)
+            yield key, st.st_size, st.st_mtime
 
     def clear(self, slide: str | None = None) -> int:
         """Delete the tiles of one slide, or of every slide, and the folders left empty.
@@ -236,14 +291,32 @@ class DiskTileCache:
         Returns:
             How many files were deleted.
         """
+        removed = self._delete(slide)
+        if self.index is not None:
+            self.index.forget(slide)
+        return removed
+
+    def clear_variants(self, variants: list[tuple[str, str]]) -> int:
+        """Delete the tiles of some ``(slide, variant)`` pairs (stale variants), with the same
+        care as :meth:`clear`.
+
+        Returns:
+            How many files were deleted.
+        """
+        removed = sum(self._delete(slide, variant) for slide, variant in variants)
+        if self.index is not None:
+            self.index.forget_variants(variants)
+        return removed
+
+    def _delete(self, slide: str | None, variant: str | None = None) -> int:
         removed = 0
-        for path, _st in self._tile_files(slide, temporary=True):
+        for path, _st in self._tile_files(slide, variant, temporary=True):
             try:
                 os.unlink(path)
                 removed += 1
             except OSError:
                 continue
-        for folder in self._layout_folders(slide):
+        for folder in self._layout_folders(slide, variant):
             try:
                 os.rmdir(folder)  # only when empty
             except OSError:
@@ -258,53 +331,58 @@ class DiskTileCache:
         except OSError:
             return []
 
-    def _layout_folders(self, slide: str | None) -> list[str]:
-        """Level, variant and slide folders of the layout, deepest first (for removal)."""
-        levels, variants, slides = [], [], []
-        for name in self._slide_folders(slide):
-            top = os.path.join(self._root, name)
-            slides.append(top)
-            for variant in _subfolders(top, _VARIANT):
-                variants.append(variant)
-                levels.extend(_subfolders(variant, _LEVEL))
+    def _variant_folders(self, slide: str | None, variant: str | None) -> list[str]:
+        if variant is not None and not _VARIANT.fullmatch(variant):
+            return []
+        pattern = _VARIANT if variant is None else re.compile(re.escape(variant))
+        return [folder for name in self._slide_folders(slide)
+                for folder in _subfolders(os.path.join(self._root, name), pattern)]
+
+    def _layout_folders(self, slide: str | None, variant: str | None = None) -> list[str]:
+        """Level, variant and (for whole slides) slide folders of the layout, deepest first."""
+        variants = self._variant_folders(slide, variant)
+        levels = [level for folder in variants for level in _subfolders(folder, _LEVEL)]
+        slides = ([os.path.join(self._root, name) for name in self._slide_folders(slide)]
+                  if variant is None else [])
         return [*levels, *variants, *slides]
 
-    def _tile_files(self, slide: str | None, temporary: bool = False):
-        """``(path, lstat)`` of every regular file of the layout under one slide or all."""
-        for name in self._slide_folders(slide):
-            for variant in _subfolders(os.path.join(self._root, name), _VARIANT):
-                for level in _subfolders(variant, _LEVEL):
+    def _tile_files(self, slide: str | None, variant: str | None = None,
+                    temporary: bool = False) -> Iterator[tuple[str, os.stat_result]]:
+        """``(path, lstat)`` of every regular file of the layout under one slide or all (and
+        one variant or all); writers' temporary files too with ``temporary``."""
+        for folder in self._variant_folders(slide, variant):
+            for level in _subfolders(folder, _LEVEL):
+                for entry in _scan(level):
+                    is_tile = _TILE_FILE.fullmatch(entry.name) is not None
+                    if not (is_tile or (temporary and entry.name.startswith(TEMP_PREFIX))):
+                        continue
                     try:
-                        entries = list(os.scandir(level))
+                        st = entry.stat(follow_symlinks=False)
                     except OSError:
                         continue
-                    for entry in entries:
-                        is_tile = _TILE_FILE.fullmatch(entry.name) is not None
-                        if not (is_tile or (temporary and entry.name.startswith(TEMP_PREFIX))):
-                            continue
-                        try:
-                            st = entry.stat(follow_symlinks=False)
-                        except OSError:
-                            continue
-                        if stat.S_ISREG(st.st_mode):
-                            yield entry.path, st
+                    if stat.S_ISREG(st.st_mode):
+                        yield entry.path, st
 
 
-def open_disk_cache(settings: Settings, catalogue: Mapping[str, SlideEntry]) -> DiskTileCache:
+def open_disk_cache(settings: Settings, catalogue: Mapping[str, SlideEntry],
+                    index: bool = True) -> DiskTileCache:
     """The disk cache of ``settings``, checked and prepared for use. Blocking.
 
     Checks that ``TileCachePath`` is a folder of its own (:func:`check_location` against every
-    slide file's folder, ``SlideDirectory``, ``DemoDirectory`` and the audit log's folder) and
-    makes it a tile cache (:meth:`DiskTileCache.prepare`). Nothing is checked when
-    ``EnableDiskCache`` is false.
+    slide file's folder, ``SlideDirectory``, ``DemoDirectory`` and the audit log's folder),
+    makes it a tile cache (:meth:`DiskTileCache.prepare`) and opens its index; a new index is
+    filled from the files in a background thread (:meth:`DiskTileCache.rebuild_index`).
+    Nothing is checked or opened when ``EnableDiskCache`` is false.
+
+    Args:
+        index: open the index (False: tools that only read files).
 
     Raises:
         ConfigError: the cache location is refused.
     """
-    cache = DiskTileCache(settings.TileCachePath, settings.EnableDiskCache)
     if not settings.EnableDiskCache:
-        return cache
-    protected: dict[str, str | Path] = {}
+        return DiskTileCache(settings.TileCachePath, False)
+    protected: dict[str, str] = {}
     for name, entry in catalogue.items():
         protected.setdefault(str(entry.path.parent), f"the folder of slide {name!r}")
     if settings.SlideDirectory:
@@ -312,7 +390,20 @@ def open_disk_cache(settings: Settings, catalogue: Mapping[str, SlideEntry]) -> 
     protected[settings.DemoDirectory] = "DemoDirectory"
     protected[os.path.dirname(os.path.abspath(settings.Audit.Path))] = "the folder of Audit:Path"
     check_location(settings.TileCachePath, {what: folder for folder, what in protected.items()})
+    cache = DiskTileCache(settings.TileCachePath, True)
     cache.prepare()
+    if index and os.path.isfile(os.path.join(cache._root, MARKER)):
+        index = CacheIndex(settings.TileCachePath)
+        try:
+            fresh = index.open()
+        except (sqlite3.Error, OSError) as exc:  # a full or read-only disk: as for tiles
+            log.warning("tile cache %s: its index cannot be opened (%s); cache statistics "
+                        "are off", settings.TileCachePath, exc)
+            return cache
+        cache.index = index
+        if fresh:
+            threading.Thread(target=cache.rebuild_index, name="cache-index-rebuild",
+                             daemon=True).start()
     return cache
 
 
@@ -343,13 +434,21 @@ def check_location(root: str | Path, protected: dict[str, str | Path]) -> None:
                           f"({os.fspath(folder)!r}): the cache must be a folder of its own")
 
 
-def _subfolders(folder: str, pattern: re.Pattern[str]) -> list[str]:
-    """Subfolders of ``folder`` whose name matches ``pattern``; symbolic links excluded."""
+def _own_file(name: str) -> bool:
+    """Whether ``name`` in the root is the cache's own: its marker, index or lock files."""
+    return name == MARKER or name.startswith(INDEX_NAME) or name.startswith(TEMP_PREFIX)
+
+
+def _scan(folder: str) -> list[os.DirEntry[str]]:
     try:
-        entries = list(os.scandir(folder))
+        return list(os.scandir(folder))
     except OSError:
         return []
-    return [e.path for e in entries
+
+
+def _subfolders(folder: str, pattern: re.Pattern[str]) -> list[str]:
+    """Subfolders of ``folder`` whose name matches ``pattern``; symbolic links excluded."""
+    return [e.path for e in _scan(folder)
             if pattern.fullmatch(e.name) and e.is_dir(follow_symlinks=False)]
 
 

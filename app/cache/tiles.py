@@ -15,16 +15,17 @@ import hashlib
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import anyio
 from anyio import CapacityLimiter
 
 from app.cache.disk import DiskTileCache
 from app.cache.flight import SingleFlight
+from app.cache.index import LevelCount, VariantOrigin, geometry_fingerprint
 from app.cache.memory import MemoryTileCache
 from app.core.digest import TileDigest, digest_from_sha256, digest_of
-from app.core.errors import SlideGone, SlideReadError
+from app.core.errors import SlideGone, SlideReadError, TileServerError
 from app.core.planner import TilePlan, TilePlanner, TileRequest
 from app.core.pyramid import ImageSource
 from app.core.render import original_tile, render_tile
@@ -88,6 +89,8 @@ class TileService:
         self.registry = registry
         self.planner = planner
         self.disk = disk
+        self.geometry = geometry_fingerprint(settings.DeepZoom.model_dump_json())
+        """The fingerprint of the ``DeepZoom`` settings every variant is rendered under."""
         self.memory = MemoryTileCache(settings.Server.MemoryCacheBytes)
         self.render_limiter = render_limiter
         self.io_limiter = io_limiter
@@ -211,17 +214,114 @@ class TileService:
             return cached.data, digest_from_sha256(cached.sha256), "hit", False
         data = render_tile(handle, source, plan)
         sha256 = hashlib.sha256(data).digest()
-        self.disk.write(plan.key, data, sha256)
+        self.disk.write(plan.key, data, sha256,
+                        VariantOrigin(handle.identity, plan.encoding.key, self.geometry))
         return data, digest_from_sha256(sha256), "miss", cached is not None
 
-    async def clear(self, name: str | None = None) -> None:
-        """Delete cached tiles of one slide or all (disk and this process's memory)."""
-        self.memory.discard(name)
-        await anyio.to_thread.run_sync(self.disk.clear, name, limiter=self.io_limiter)
+    async def clear(self, name: str | None = None, stale_only: bool = False) -> int:
+        """Delete cached tiles of one slide or all (disk and this process's memory).
 
-    async def stats(self, name: str | None = None) -> tuple[int, int]:
-        """``(cached tile files, bytes)`` on disk for one slide or all."""
-        return await anyio.to_thread.run_sync(self.disk.stats, name, limiter=self.io_limiter)
+        Args:
+            stale_only: delete only stale variants (:meth:`usage`), keep the current ones.
+
+        Returns:
+            How many tile files were deleted.
+        """
+        if stale_only:
+            usage = await self.usage(name)
+            stale = [(slide, variant) for slide, u in usage.items() for variant in u.stale]
+            return await anyio.to_thread.run_sync(self.disk.clear_variants, stale,
+                                                  limiter=self.io_limiter)
+        self.memory.discard(name)
+        return await anyio.to_thread.run_sync(self.disk.clear, name, limiter=self.io_limiter)
+
+    async def usage(self, name: str | None = None) -> dict[str, SlideCacheUse]:
+        """What the disk cache holds, per slide, from the cache index's totals (no walk).
+
+        A variant is current when it was rendered from the slide file as it is now (its
+        identity), under the ``DeepZoom`` settings in force, with an encoding the format
+        policy still uses; every other variant of a slide is stale. Slides the catalogue does
+        not know (other servers' slides on a shared cache) are reported under their name
+        with every variant stale.
+
+        Args:
+            name: one slide, or None for every slide in the index.
+        """
+        index = self.disk.index
+        if index is None:
+            return {}
+        levels = await anyio.to_thread.run_sync(index.levels, name, limiter=self.io_limiter)
+        encodings = self.planner.policy.encoding_keys()
+        out = {}
+        for slide, counts in levels.items():
+            identity = await self._identity(slide)
+            use = SlideCacheUse()
+            for count in counts:
+                origin = count.origin
+                current = (origin is not None and identity is not None
+                           and origin.identity == identity and origin.geometry == self.geometry
+                           and origin.encoding in encodings)
+                use.add(count, current)
+            out[slide] = use
+        return out
+
+    async def _identity(self, name: str) -> str | None:
+        """The slide's current identity, or None when it is unknown, gone or unopenable."""
+        if name not in self.registry.catalogue:
+            return None
+        try:
+            return (await self.registry.get(name)).identity
+        except TileServerError:
+            return None
+
+    async def coverage(self, handle: OpenSlide, use: SlideCacheUse) -> int:
+        """How many tiles of the slide's pyramid need no rendering: tiles of the policy's own
+        encoding of each level in the disk cache, and tiles sent as the slide's stored
+        bytes (``original``)."""
+        source, planner = handle.source, self.planner
+        pyramid = source.pyramid
+        covered = 0
+        for level in range(pyramid.level_count):
+            encoding = planner.policy.level_encoding(level, pyramid.level_count)
+            if planner.sends_originals(encoding, source):
+                covered += pyramid.original_count(level)
+            variant = planner.key(handle, source, level, 0, 0, encoding).variant
+            covered += use.level_tiles.get((variant, level), 0)
+        return covered
+
+    def corrupt_count(self) -> int:
+        """Corrupt cache files found by every process sharing the cache (blocking)."""
+        index = self.disk.index
+        return index.counter("corrupt") if index is not None else self.corrupt_tiles
+
+
+@dataclass
+class SlideCacheUse:
+    """One slide's tiles in the disk cache: current and stale variants, in files and bytes
+    (tile bytes plus each file's seal).
+
+    Attributes:
+        level_tiles: ``{(variant, level): tiles}`` of the current variants.
+        stale: the stale variants' names.
+    """
+
+    tiles: int = 0
+    bytes: int = 0
+    stale_tiles: int = 0
+    stale_bytes: int = 0
+    level_tiles: dict[tuple[str, int], int] = field(default_factory=dict)
+    stale: set[str] = field(default_factory=set)
+
+    def add(self, count: LevelCount, current: bool) -> None:
+        """Count one ``(variant, level)`` total."""
+        if current:
+            self.tiles += count.tiles
+            self.bytes += count.bytes
+            self.level_tiles[(count.variant, count.level)] = count.tiles
+        else:
+            self.stale_tiles += count.tiles
+            self.stale_bytes += count.bytes
+            self.stale.add(count.variant)
 
 
 def default_render_threads() -> int:

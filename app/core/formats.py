@@ -187,6 +187,12 @@ class FormatPolicy:
             out.append(self._webp_lossless)
         return out
 
+    def encoding_keys(self) -> frozenset[str]:
+        """The :attr:`Encoding.key` of every encoding this policy can serve (cache variants of
+        other encodings are stale)."""
+        return frozenset(e.key for e in (self._jpeg, self._png, self._webp_lossy,
+                                         self._webp_lossless, self._avif))
+
     def is_lossless_level(self, level: int, level_count: int) -> bool:
         """True if the policy serves DZI ``level`` (of ``level_count``) in ``LosslessFormat``."""
         n = self.settings.LosslessLevelCount

@@ -36,7 +36,7 @@ def test_slide_document(client, generated_svs):
         assert lv["slide_level"] == dz.get_tile_coordinates(lv["level"], (0, 0))[1]
 
 
-def test_images_and_stats_and_clear(client):
+def test_images_and_stats_and_clear(client, tmp_path):
     images = client.get("/api/images").json()
     assert [i["name"] for i in images] == ["generated", "boxes", "small"]
     assert images[1]["dimensions"] == [300, 250] and images[1]["level_count"] == 10
@@ -51,19 +51,29 @@ def test_images_and_stats_and_clear(client):
     total_tiles = sum(lv["cols"] * lv["rows"] for lv in levels)
     assert stats["totalTiles"] == total_tiles == 11
     assert stats["cachePercentage"] == round(100 * 2 / total_tiles, 2)
-    assert stats["cacheSizeBytes"] > 0
+    assert stats["cacheSizeBytes"] == sum(  # level 9 is lossless: PNG files
+        p.stat().st_size for p in (tmp_path / "cache" / "boxes").rglob("*.png"))
+    assert stats["cacheSizeMiB"] == round(stats["cacheSizeBytes"] / 2**20, 2)
+    # a format override is a current variant too, but not the level's own format
+    assert client.get("/storage/boxes_files/9/0_0.jpeg?format=webp").status_code == 200
+    stats = client.get("/api/tiles/boxes/stats").json()
+    assert stats["cachedTiles"] == 3
+    assert stats["cachePercentage"] == round(100 * 2 / total_tiles, 2)
     total = client.get("/api/tiles/stats").json()
-    assert total["cachedTiles"] == 3 and set(total) == {"cachedTiles", "cacheSizeBytes",
-                                                        "cacheSizeMB"}
-    assert client.get("/api/images").json()[1]["cachedTiles"] == 2
+    assert total["cachedTiles"] == 4 and set(total) == {
+        "cachedTiles", "cacheSizeBytes", "cacheSizeMiB", "staleTiles", "staleSizeBytes",
+        "staleSizeMiB", "otherTiles", "otherSizeBytes", "otherSizeMiB", "corruptTiles"}
+    assert total["staleTiles"] == total["otherTiles"] == total["corruptTiles"] == 0
+    assert client.get("/api/images").json()[1]["cachedTiles"] == 3
 
     assert client.delete("/api/tiles/boxes/cache").json() == {
-        "status": "cache cleared", "imageName": "boxes"}
+        "status": "cache cleared", "imageName": "boxes", "deletedTiles": 3}
     assert client.get("/api/tiles/boxes/stats").json()["cachedTiles"] == 0
     assert client.get("/api/tiles/stats").json()["cachedTiles"] == 1
     again = client.get("/storage/boxes_files/9/0_0.jpeg")
     assert again.headers["x-tile-cache"] == "miss"  # memory cache was cleared too
-    assert client.delete("/api/tiles/cache").json() == {"status": "all cache cleared"}
+    assert client.delete("/api/tiles/cache").json() == {"status": "all cache cleared",
+                                                        "deletedTiles": 2}
     assert client.get("/api/tiles/stats").json()["cachedTiles"] == 0
     assert client.delete("/api/tiles/nosuch/cache").status_code == 404
 

@@ -40,11 +40,12 @@ PIXELS_JS = """async (url) => {
 def aligned_server(tmp_path_factory) -> Iterator[LiveServer]:
     """A live server (aligned geometry, all levels JPEG) over three generated slides."""
     tmp = tmp_path_factory.mktemp("aligned")
+    folder = tmp_path_factory.mktemp("aligned-slides")
     slides = {
-        "ycbcr": write_aperio_svs(tmp / "ycbcr.svs", 2000, 1500, seed=4),
-        "rgb": write_aperio_svs(tmp / "rgb.svs", 2000, 1500, photometric="rgb", app14=False,
+        "ycbcr": write_aperio_svs(folder / "ycbcr.svs", 2000, 1500, seed=4),
+        "rgb": write_aperio_svs(folder / "rgb.svs", 2000, 1500, photometric="rgb", app14=False,
                                 seed=4),
-        "tiff": write_generic_tiff(tmp / "generic.tiff", 2000, 1500, seed=4),
+        "tiff": write_generic_tiff(folder / "generic.tiff", 2000, 1500, seed=4),
     }
     server = start_server(tmp, {
         "TileCachePath": str(tmp / "cache"),

@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from app.cache.disk import DiskTileCache, unseal
 from tests.conftest import decode, free_port, start_server, stop_server
 
 CLI = [sys.executable, "-m", "app.cli"]
@@ -34,7 +35,9 @@ def slide_args(cache: Path, slide: Path, *extra: str) -> list[str]:
 
 
 def tiles_on_disk(root: Path) -> list[Path]:
-    return [p for p in root.rglob("*") if p.is_file() and not p.name.startswith(".tmp-")]
+    """The tile files of a cache (temporary files, the marker and the index left out)."""
+    cache = DiskTileCache(root)
+    return [cache.path_for(key) for key, _size, _mtime in cache.walk()]
 
 
 def assert_cache_equals_on_demand(client_for, cache: Path, slide: Path, **sections) -> int:
@@ -110,8 +113,9 @@ def test_kill_9_mid_pyramid_then_resume(tmp_path, generated_svs, client_for):
     total = client_for(Images=[{"Name": "g", "Path": str(generated_svs)}]).get(
         "/api/slides/g").json()["tile_count"]
     assert 40 <= len(written) < total
-    for path in written:
-        assert decode(path.read_bytes()).ndim == 3  # whole files only: raises on a truncated one
+    for path in written:  # whole files only: a truncated one fails its seal
+        stored = unseal(path.read_bytes())
+        assert stored is not None and decode(stored[0]).ndim == 3
 
     resumed = run_cli("pregenerate", *slide_args(cache, generated_svs, *slow), cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
@@ -232,8 +236,9 @@ def test_aligned_geometry_pregenerate_skips_and_export_writes_original_tiles(tmp
     sends, and every other tile is byte-identical to an on-demand render."""
     from app.tools.demo import write_aperio_svs
 
-    slide = write_aperio_svs(tmp_path / "a.svs", 1500, 1100, photometric="rgb", app14=False,
-                             seed=9)
+    (tmp_path / "slides").mkdir()
+    slide = write_aperio_svs(tmp_path / "slides" / "a.svs", 1500, 1100, photometric="rgb",
+                             app14=False, seed=9)
     aligned = ("DeepZoom:Geometry=aligned", "TileFormat:LosslessLevelCount=0")
     cache = tmp_path / "cache"
     done = run_cli("pregenerate", *slide_args(cache, slide, *aligned), cwd=tmp_path)

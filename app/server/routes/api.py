@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
+import anyio
 import openslide
-from fastapi import APIRouter
+from fastapi import APIRouter, Query
 
 from app import __version__
-from app.core.errors import TileServerError
+from app.cache.tiles import SlideCacheUse
+from app.core.errors import SlideGone, TileServerError
 from app.core.planner import SlidePolicy, TilePlanner, level_policies, slide_policy
 from app.core.privacy import Privacy
 from app.core.pyramid import ImageSource, single_tile_level
@@ -19,7 +21,7 @@ from app.settings import Settings
 
 router = APIRouter(prefix="/api", tags=["api"])
 
-MB = 1024 * 1024
+MIB = 1024 * 1024
 
 
 def describe_levels(planner: TilePlanner, handle: OpenSlide,
@@ -94,24 +96,35 @@ def describe_slide(planner: TilePlanner, privacy: Privacy, settings: Settings,
 
 @router.get("/images", summary="All slides with their size and cache state")
 async def images(registry: Registry, tiles: Tiles) -> list[dict[str, Any]]:
-    """Every configured slide: name, dimensions, DZI level count, cached tiles.
+    """Every configured slide: name, dimensions, DZI level count, cached tiles and bytes.
 
-    A slide that cannot be opened is listed with its ``error`` instead of its dimensions.
+    A slide that cannot be opened is listed with its ``error`` (and ``errorCode``) instead of
+    its dimensions; a slide whose file is gone is not listed. Cache figures come from the
+    cache index (current variants only).
     """
+    usage = await tiles.usage()
     out = []
     for name in registry.names:
-        count, size = await tiles.stats(name)
+        use = usage.get(name, SlideCacheUse())
         item: dict[str, Any] = {"name": name, "file": registry.entry(name).path.name,
-                                "cachedTiles": count, "cacheSizeMB": round(size / MB, 2)}
+                                **_sizes(use.tiles, use.bytes)}
         try:
             handle = await registry.get(name)
+        except SlideGone:
+            continue
         except TileServerError as exc:
-            item["error"] = exc.detail
+            item.update(error=exc.detail, errorCode=exc.code)
         else:
             item.update(dimensions=list(handle.slide.dimensions),
                         level_count=handle.pyramid.level_count, dzi_url=dzi_url(name))
         out.append(item)
     return out
+
+
+def _sizes(tiles: int, size: int, prefix: str = "cache") -> dict[str, Any]:
+    """Tile count and size in bytes, plus MiB (2**20 bytes) for people."""
+    return {"cachedTiles" if prefix == "cache" else f"{prefix}Tiles": tiles,
+            f"{prefix}SizeBytes": size, f"{prefix}SizeMiB": round(size / MIB, 2)}
 
 
 @router.get("/slides/{name}", summary="A slide's properties, pyramid and per-level format")
@@ -158,38 +171,67 @@ async def policy(name: str, registry: Registry, planner: Planner, privacy: Priva
 
 
 @router.get("/tiles/stats", summary="Disk cache totals")
-async def cache_stats(tiles: Tiles) -> dict[str, Any]:
-    """Cached tile files and bytes over all slides (the original servers' fields)."""
-    count, size = await tiles.stats()
-    return {"cachedTiles": count, "cacheSizeBytes": size, "cacheSizeMB": round(size / MB, 2)}
+async def cache_stats(registry: Registry, tiles: Tiles) -> dict[str, Any]:
+    """Cached tiles and bytes over all slides, from the cache index (no walk of the tree).
+
+    ``cachedTiles``/``cacheSizeBytes`` count the current variants of this server's slides;
+    ``staleTiles``/``staleSizeBytes`` their older variants (a changed slide or changed
+    settings: ``DELETE /api/tiles/cache?stale=true`` removes them); ``otherTiles`` the tiles
+    of slides this server does not serve (other servers sharing the cache);
+    ``corruptTiles`` the cache files found damaged (never served, rendered again).
+    """
+    usage = await tiles.usage()
+    mine = [u for name, u in usage.items() if name in registry.catalogue]
+    other = [u for name, u in usage.items() if name not in registry.catalogue]
+    corrupt = await anyio.to_thread.run_sync(tiles.corrupt_count, limiter=tiles.io_limiter)
+    return {
+        **_sizes(sum(u.tiles for u in mine), sum(u.bytes for u in mine)),
+        **_sizes(sum(u.stale_tiles for u in mine), sum(u.stale_bytes for u in mine), "stale"),
+        **_sizes(sum(u.tiles + u.stale_tiles for u in other),
+                 sum(u.bytes + u.stale_bytes for u in other), "other"),
+        "corruptTiles": corrupt,
+    }
 
 
 @router.get("/tiles/{name}/stats", summary="Disk cache of one slide")
 async def slide_cache_stats(name: str, registry: Registry, tiles: Tiles) -> dict[str, Any]:
-    """Cached tiles of one slide against its pyramid's tile count (the original's fields)."""
+    """One slide's cached tiles (current variants) against its pyramid's tile count.
+
+    ``cachePercentage`` is the share of the pyramid's tiles served without rendering: tiles of
+    each level's own format in the cache, and tiles sent as the slide's stored bytes.
+    """
     handle = await registry.get(name)
-    count, size = await tiles.stats(name)
+    use = (await tiles.usage(name)).get(name, SlideCacheUse())
     total = handle.pyramid.tile_count
+    covered = await tiles.coverage(handle, use)
     return {
-        "imageName": name, "cachedTiles": count, "totalTiles": total,
-        "cachePercentage": round(100 * count / total, 2) if total else 0,
-        "cacheSizeBytes": size, "cacheSizeMB": round(size / MB, 2),
+        "imageName": name, **_sizes(use.tiles, use.bytes), "totalTiles": total,
+        "cachePercentage": round(100 * covered / total, 2) if total else 0,
+        **_sizes(use.stale_tiles, use.stale_bytes, "stale"),
     }
 
 
+Stale = Annotated[bool, Query(description="delete only stale variants (older slide files "
+                                          "or settings); keep the current tiles")]
+
+
 @router.delete("/tiles/cache", summary="Delete the whole disk cache")
-async def clear_cache(tiles: Tiles) -> dict[str, str]:
-    """Delete every cached tile (disk, and this worker's memory cache)."""
-    await tiles.clear()
-    return {"status": "all cache cleared"}
+async def clear_cache(tiles: Tiles, stale: Stale = False) -> dict[str, Any]:
+    """Delete every cached tile (disk, and this worker's memory cache); with ``?stale=true``
+    only the stale variants of every slide."""
+    removed = await tiles.clear(stale_only=stale)
+    return {"status": "stale tiles deleted" if stale else "all cache cleared",
+            "deletedTiles": removed}
 
 
 @router.delete("/tiles/{name}/cache", summary="Delete one slide's cached tiles")
-async def clear_slide_cache(name: str, registry: Registry, tiles: Tiles) -> dict[str, str]:
-    """Delete one slide's cached tiles."""
+async def clear_slide_cache(name: str, registry: Registry, tiles: Tiles,
+                            stale: Stale = False) -> dict[str, Any]:
+    """Delete one slide's cached tiles; with ``?stale=true`` only its stale variants."""
     registry.entry(name)
-    await tiles.clear(name)
-    return {"status": "cache cleared", "imageName": name}
+    removed = await tiles.clear(name, stale_only=stale)
+    return {"status": "stale tiles deleted" if stale else "cache cleared", "imageName": name,
+            "deletedTiles": removed}
 
 
 @router.get("/version", include_in_schema=False)
