@@ -5,6 +5,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 5000
+# options of the benchmarks, e.g. make bench ARGS="--scenarios jpeg --repeat 1"
+ARGS ?=
 
 .PHONY: install run test bench bench-pregen lint clean
 
@@ -27,10 +29,10 @@ test: install
 	$(BIN)/python -m pytest
 
 bench: install
-	$(BIN)/python -m bench.tiles
+	$(BIN)/python -m bench.tiles $(ARGS)
 
 bench-pregen: install
-	$(BIN)/python -m bench.pregen
+	$(BIN)/python -m bench.pregen $(ARGS)
 
 lint: install
 	$(BIN)/ruff check app tests bench

@@ -9,8 +9,6 @@ microseconds per tile of each (CPU and wall). Decides whether original tiles go 
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -19,7 +17,8 @@ import openslide
 from app.cache.disk import DiskTileCache
 from app.core.keys import TileKey
 from app.core.native import DecodedTileCache, NativeReader
-from bench.tiles import SLIDE_SIZE, ensure_slide, note_deletion
+from bench.fsprobe import SpentCaches
+from bench.slide import SLIDE_SIZE, ensure_slide
 
 
 def _timed(fn, count: int) -> tuple[float, float]:
@@ -35,8 +34,8 @@ def main() -> None:
     assert reader is not None
     count = 5000
     originals = [reader.original(0, i) for i in range(count)]
-    root = Path(tempfile.mkdtemp(prefix="passthrough-read-"))
-    try:
+    with SpentCaches() as spent:  # the next benchmark waits for ext4 to reuse these inodes
+        root = spent.folder("passthrough-read-")
         cache = DiskTileCache(root, True)
         keys = [TileKey("bench", "v", 0, i, 0, "jpeg") for i in range(count)]
         write = _timed(lambda: [cache.write(k, d) for k, d in zip(keys, originals, strict=True)],
@@ -51,9 +50,6 @@ def main() -> None:
         print(f"  slide RWF_NOWAIT + splice   {nowait[0]:7.1f} / {nowait[1]:7.1f}")
         print(f"  disk cache read             {disk[0]:7.1f} / {disk[1]:7.1f}")
         print(f"  disk cache write (once)     {write[0]:7.1f} / {write[1]:7.1f}")
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
-        note_deletion()  # the next benchmark waits for ext4 to reuse these inodes
 
 
 if __name__ == "__main__":

@@ -30,7 +30,6 @@ import random
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -40,18 +39,13 @@ from typing import Any
 import httpx
 import psutil
 
-from bench.tiles import (
-    ROOT,
-    SLIDE_SIZE,
-    ensure_slide,
-    free_port,
-    git_state,
-    machine_facts,
-    note_deletion,
-    wait_for_inode_reuse,
-)
+from app.tools.launch import ServerProcess, free_port, serve_argv, server_env
+from bench import RESULTS_DIR, ROOT
+from bench.fsprobe import SpentCaches, wait_for_inode_reuse
+from bench.report import git_state, machine_facts
+from bench.slide import SLIDE_NAME, SLIDE_SIZE, ensure_slide
 
-RESULTS = ROOT / "bench" / "results" / "pregen.json"
+RESULTS = RESULTS_DIR / "pregen.json"
 DOCS = ROOT / "docs" / "benchmarks.md"
 START, END = "<!-- bench-pregen:start -->", "<!-- bench-pregen:end -->"
 WORKERS = 2
@@ -107,33 +101,36 @@ def measure(key: str, title: str, argv: list[str], out: Path, env: dict | None =
     return Run(key, title, seconds, tiles, peak)
 
 
-def _env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if "__" not in k}
-
-
 def ours(key: str, title: str, slide: Path, work: Path, policy: list[str]) -> Run:
+    """``tileserver pregenerate --workers 2`` of ``slide`` into ``work/key`` at nice 0, with
+    the ``policy`` settings overrides (``Section:Key=value``)."""
     cache = work / key
-    argv = [sys.executable, "-m", "app.cli", "pregenerate", "Images:0:Name=bench",
+    argv = [sys.executable, "-m", "app.cli", "pregenerate", f"Images:0:Name={SLIDE_NAME}",
             f"Images:0:Path={slide}", f"TileCachePath={cache}", "Pregeneration:Nice=0",
             *policy,
             "--workers", str(WORKERS)]
-    return measure(key, title, argv, cache, _env())
+    return measure(key, title, argv, cache, server_env())
 
 
 def deepzoom_tile(slide: Path, work: Path) -> Run:
+    """``bench/deepzoom_tile_baseline.py -j 2 -Q 90`` of ``slide`` into
+    ``work/deepzoom-tile``."""
     out = work / "deepzoom-tile"
     argv = [sys.executable, "-m", "bench.deepzoom_tile_baseline", str(slide), str(out),
             "-j", str(WORKERS), "-Q", "90"]
-    return measure("deepzoom-tile", "deepzoom_tile.py -j 2 (get_tile + save)", argv, out, _env())
+    return measure("deepzoom-tile", "deepzoom_tile.py -j 2 (get_tile + save)", argv, out,
+                   server_env())
 
 
 def vips(slide: Path, work: Path) -> Run:
+    """``vips dzsave`` (tile 254, overlap 1, JPEG Q90, 2 threads) of ``slide`` into
+    ``work/vips``."""
     out = work / "vips"
     out.mkdir()
     argv = ["vips", "dzsave", str(slide), str(out / "slide"), "--tile-size", "254",
             "--overlap", "1", "--suffix", ".jpeg[Q=90]"]
-    env = {**_env(), "VIPS_CONCURRENCY": str(WORKERS)}
-    return measure("vips", "vips dzsave (libvips-tools)", argv, out, env)
+    return measure("vips", "vips dzsave (libvips-tools)", argv, out,
+                   server_env({"VIPS_CONCURRENCY": str(WORKERS)}))
 
 
 def _latencies(base: str, paths: list[str], seconds: float) -> list[float]:
@@ -175,21 +172,13 @@ def interactive(slide: Path, work: Path) -> Run:
     cache = work / "server"
     config = work / "server.json"
     config.write_text(json.dumps({"TileCachePath": str(cache), "TileFormat": {
-        "LosslessLevelCount": 0}, "Images": [{"Name": "bench", "Path": str(slide)},
+        "LosslessLevelCount": 0}, "Images": [{"Name": SLIDE_NAME, "Path": str(slide)},
                                              {"Name": "view", "Path": str(slide)}]}))
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--port", str(port),
-                               "--config", str(config), "--log-level", "warning"],
-                              cwd=work, env=_env(), stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(300):
-            try:
-                if httpx.get(base + "/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
+    argv = serve_argv(port, config, "--log-level", "warning")
+    with ServerProcess(argv, port, work / "server.log", env=server_env(), cwd=work,
+                       name="tileserver serve") as server:
+        base = server.base_url
         levels = httpx.get(base + "/api/slides/view", timeout=30).json()["levels"]
         top = levels[-1]
         addresses = [(c, r) for r in range(top["rows"]) for c in range(top["cols"])]
@@ -198,7 +187,7 @@ def interactive(slide: Path, work: Path) -> Run:
         idle = _latencies(base, paths[:3000], INTERACTIVE_SECONDS)
         watched = psutil.Process(server.pid)
         started = time.monotonic()
-        job = httpx.post(base + "/api/tiles/bench/generate", timeout=30).json()
+        job = httpx.post(f"{base}/api/tiles/{SLIDE_NAME}/generate", timeout=30).json()
         during = _latencies(base, paths[3000:], INTERACTIVE_SECONDS)
         peak = 0
         while True:
@@ -217,9 +206,6 @@ def interactive(slide: Path, work: Path) -> Run:
             "job_n": len(during), "job_tiles_per_second": doc["tiles_per_second"],
         }
         return run
-    finally:
-        server.terminate()
-        server.wait(30)
 
 
 def table(runs: dict[str, Run]) -> str:
@@ -263,6 +249,7 @@ SCENARIOS = ("ours-jpeg", "ours-default", "deepzoom-tile", "vips", "interactive"
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the selected scenarios, print the table, write the JSON and docs/benchmarks.md."""
     parser = argparse.ArgumentParser(prog="python -m bench.pregen", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scenarios", default=",".join(SCENARIOS),
@@ -274,8 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     facts = {**machine_facts(), **git_state()}
     runs: dict[str, Run] = {}
     wait_for_inode_reuse(ROOT / "bench")
-    with tempfile.TemporaryDirectory(prefix="bench-pregen-", dir=ROOT / "bench") as tmp:
-        work = Path(tmp)
+    with SpentCaches() as spent:
+        work = spent.folder("bench-pregen-", ROOT / "bench")
         for key in wanted:
             print(f"running {key} ...", flush=True)
             os.sync()  # the last run's tiles are written back before this one starts
@@ -297,8 +284,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {run.tiles} tiles in {run.seconds:.1f} s = {run.tiles_per_s:,.0f} tiles/s, "
                   f"peak RSS {run.peak_rss / 2**20:,.0f} MiB {run.extra or ''}", flush=True)
             # every run's tiles stay until the end: deleting them here made the next tool's
-            # file creation scan past them on ext4 without a journal (bench.tiles.retire)
-    note_deletion()
+            # file creation scan past them on ext4 without a journal (SpentCaches.retire)
     text = table(runs)
     print(text)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)

@@ -4,11 +4,7 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import socket
 import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +17,7 @@ from PIL import Image
 
 from app.server.app import create_app
 from app.settings import settings_from
+from app.tools.launch import ServerProcess, free_port, serve_argv, server_env
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT.parent / "shared" / "fixtures" / "openslide"
@@ -66,13 +63,6 @@ def decode(data: bytes) -> np.ndarray:
         return np.asarray(im.convert("RGB"))
 
 
-def free_port() -> int:
-    """A TCP port free on the loopback interface now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @dataclass
 class LiveServer:
     """A ``tileserver serve`` process under uvicorn on a loopback port."""
@@ -82,6 +72,7 @@ class LiveServer:
     process: subprocess.Popen
     cache: Path
     log: Path
+    launched: ServerProcess
     extra: dict = field(default_factory=dict)
 
     def get(self, path: str, **kwargs) -> httpx.Response:
@@ -91,44 +82,23 @@ class LiveServer:
 
 def start_server(tmp: Path, settings: dict, *args: str, env: dict | None = None,
                  prefix: tuple[str, ...] = ()) -> LiveServer:
-    """Start ``tileserver serve`` with an appsettings file; wait until /healthz answers.
-    ``prefix`` goes in front of the command (e.g. ``unshare ...``)."""
+    """Start ``tileserver serve`` with an appsettings file in its own process group; wait until
+    /healthz answers (60 s, else :class:`~app.tools.launch.ServerStartError` with the log's
+    tail). ``prefix`` goes in front of the command (e.g. ``unshare ...``)."""
     config = tmp / "appsettings.json"
     config.write_text(json.dumps(settings))
     port = free_port()
     log = tmp / "server.log"
-    full_env = {k: v for k, v in os.environ.items() if "__" not in k}
-    full_env.update(env or {})
-    process = subprocess.Popen(
-        [*prefix, sys.executable, "-m", "app.cli", "serve", "--port", str(port),
-         "--config", str(config), *args],
-        cwd=tmp, env=full_env, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
-    )
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited: {log.read_text()}")
-        try:
-            if httpx.get(base + "/healthz", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            time.sleep(0.1)
-    else:
-        process.kill()
-        raise RuntimeError(f"server did not start: {log.read_text()}")
+    launched = ServerProcess(serve_argv(port, config, *args, prefix=prefix), port, log,
+                             env=server_env(env), cwd=tmp, name="tileserver serve").start()
     names = [item["Name"] for item in settings.get("Images", [])]
-    return LiveServer(base, names, process, Path(settings.get("TileCachePath", "")), log)
+    return LiveServer(launched.base_url, names, launched.process, Path(settings.get(
+        "TileCachePath", "")), log, launched)
 
 
 def stop_server(server: LiveServer) -> None:
-    """Stop the server (SIGTERM, then SIGKILL)."""
-    server.process.terminate()
-    try:
-        server.process.wait(10)
-    except subprocess.TimeoutExpired:
-        server.process.kill()
-        server.process.wait()
+    """Stop the server's process group (SIGTERM, then SIGKILL after 10 s)."""
+    server.launched.stop()
 
 
 @pytest.fixture(scope="session")

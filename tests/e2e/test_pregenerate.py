@@ -18,7 +18,8 @@ import httpx
 import pytest
 
 from app.cache.disk import DiskTileCache, unseal
-from tests.conftest import decode, free_port, start_server, stop_server
+from app.tools.launch import ServerProcess, free_port
+from tests.conftest import decode, start_server, stop_server
 
 CLI = [sys.executable, "-m", "app.cli"]
 DEADLINE = 300.0  # seconds a command may take on a loaded 2-core machine
@@ -190,19 +191,12 @@ def test_export_served_by_a_static_server(tmp_path, generated_svs, client_for):
     assert (out / "openseadragon" / "openseadragon.min.js").is_file()
     app = client_for(Images=[{"Name": "generated", "Path": str(generated_svs)}])
     port = free_port()
-    static = subprocess.Popen([sys.executable, "-m", "http.server", "--bind", "127.0.0.1",
-                               "--directory", str(out), str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                dzi = httpx.get(f"{base}/generated.dzi", timeout=5)
-                break
-            except httpx.TransportError:
-                assert time.monotonic() < deadline
-                time.sleep(0.1)
+    argv = [sys.executable, "-m", "http.server", "--bind", "127.0.0.1", "--directory", str(out),
+            str(port)]
+    with ServerProcess(argv, port, tmp_path / "static.log", ready_path="/generated.dzi",
+                       ready_timeout=30) as static:
+        base = static.base_url
+        dzi = httpx.get(f"{base}/generated.dzi", timeout=5)
         assert dzi.text == app.get("/storage/generated.dzi").text
         image = ET.fromstring(dzi.text)
         assert image.get("Format") == "jpeg"
@@ -223,9 +217,6 @@ def test_export_served_by_a_static_server(tmp_path, generated_svs, client_for):
         page = httpx.get(f"{base}/generated.html", timeout=5).text
         source = json.loads(page.split("const source = ")[1].split(";\n")[0])
         assert source["formats"] == [lvl["format"] for lvl in description["levels"]]
-    finally:
-        static.terminate()
-        static.wait()
     shutil.rmtree(out)
 
 

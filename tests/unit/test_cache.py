@@ -18,9 +18,9 @@ from app.cache.disk import (
     unseal,
     write_atomic,
 )
-from app.core.errors import ConfigError
 from app.cache.flight import SingleFlight
 from app.cache.memory import MemoryTileCache
+from app.core.errors import ConfigError
 from app.core.keys import TileKey, variant_of
 
 BASE = dict(slide_identity="quickhash-1:abc", tile_size=254, overlap=1, limit_bounds=True,
