@@ -92,6 +92,11 @@ def serve(args: argparse.Namespace) -> int:
     from app.core.lossless import check_round_trips
 
     check_round_trips(FormatPolicy(settings.TileFormat).lossless_encodings())
+    from app.cache.disk import open_disk_cache
+    from app.core.slides import build_catalogue
+
+    # refused here, with one line and exit status 2, rather than in every worker's start-up
+    open_disk_cache(settings, build_catalogue(settings), index=False)
     os.environ[SETTINGS_ENV] = settings.model_dump_json()
     from app.server.http import HTTP_PROTOCOL
 

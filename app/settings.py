@@ -224,6 +224,14 @@ class AuditSettings(Section):
     BackupCount: int = Field(10, ge=0, le=10000, description="Rotated files kept.")
 
 
+class IntegritySettings(Section):
+    """``Integrity``: checks beyond those that are always on (see docs/regulatory.md)."""
+
+    ContentSha256: bool = Field(
+        False, description="Hash every slide file whole (SHA-256), once per version of the "
+        "file, in the background; /api/slides/{name} and tileserver verify report it.")
+
+
 class PregenerationSettings(Section):
     """``Pregeneration``: background jobs and ``tileserver pregenerate``
     (see app.batch.pregenerate)."""
@@ -258,6 +266,7 @@ class Settings(BaseSettings):
     Pregeneration: PregenerationSettings = Field(default_factory=PregenerationSettings)
     DemoDirectory: str = "./data"
     Audit: AuditSettings = Field(default_factory=AuditSettings)
+    Integrity: IntegritySettings = Field(default_factory=IntegritySettings)
 
     @model_validator(mode="before")
     @classmethod

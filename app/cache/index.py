@@ -54,6 +54,9 @@ CREATE TABLE IF NOT EXISTS variants (
     encoding TEXT NOT NULL, geometry TEXT NOT NULL,
     PRIMARY KEY (slide, variant)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS content (
+    path TEXT NOT NULL, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL,
+    sha256 TEXT NOT NULL, PRIMARY KEY (path, size, mtime_ns)) WITHOUT ROWID;
 CREATE TRIGGER IF NOT EXISTS tiles_inserted AFTER INSERT ON tiles BEGIN
     INSERT INTO levels VALUES (new.slide, new.variant, new.level, 1, new.bytes)
     ON CONFLICT DO UPDATE SET tiles = tiles + 1, bytes = bytes + new.bytes;
@@ -323,6 +326,23 @@ class CacheIndex:
             row = self._require().execute("SELECT value FROM counters WHERE name = ?",
                                           (name,)).fetchone()
         return row[0] if row else 0
+
+    def content_sha256(self, path: str, size: int, mtime_ns: int) -> str | None:
+        """The stored SHA-256 (hex) of a slide file as it was at ``(size, mtime_ns)``."""
+        with self._lock:
+            row = self._require().execute(
+                "SELECT sha256 FROM content WHERE path = ? AND size = ? AND mtime_ns = ?",
+                (path, size, mtime_ns)).fetchone()
+        return row[0] if row else None
+
+    def store_content_sha256(self, path: str, size: int, mtime_ns: int, sha256: str) -> None:
+        """Keep a slide file's SHA-256 (older entries of the same path are dropped)."""
+        with self._lock:
+            db = self._require()
+            with db:
+                db.execute("DELETE FROM content WHERE path = ?", (path,))
+                db.execute("INSERT INTO content VALUES (?, ?, ?, ?)",
+                           (path, size, mtime_ns, sha256))
 
     def _require(self) -> sqlite3.Connection:
         if self._db is None:

@@ -174,6 +174,8 @@ class SlidePolicy(BaseModel):
     quickhash: str | None = Field(description="openslide.quickhash-1 of the slide")
     identity: str = Field(description="quickhash-1:<hex>;size=<bytes>;mtime_ns=<ns> "
                           "(without the quickhash part for formats that have none)")
+    sha256: str | None = Field(None, description="the whole file's SHA-256 "
+                               "(Integrity.ContentSha256; null until computed or when off)")
     tile_size: int = Field(description="DZI tile size of this slide (DeepZoom.Geometry)")
     overlap: int
     limit_bounds: bool

@@ -26,6 +26,7 @@ from fastapi.staticfiles import StaticFiles
 from app import __version__
 from app.assets import openseadragon_dir
 from app.batch.jobs import JobManager
+from app.cache.content import ContentHasher
 from app.cache.disk import open_disk_cache
 from app.cache.tiles import TileService, default_render_threads
 from app.core.lossless import check_round_trips
@@ -68,10 +69,12 @@ def create_app(settings: Settings) -> FastAPI:
             audit = AuditLog(settings.Audit)
             await anyio.to_thread.run_sync(audit.open)
             log.info("audit log: %s", audit.path)
+        content = (ContentHasher(disk.index, settings.TileCachePath)
+                   if settings.Integrity.ContentSha256 else None)
         services = Services(
             settings, registry, planner,
             TileService(registry, planner, disk, settings, render, CapacityLimiter(IO_THREADS)),
-            JobManager(registry, settings), audit)
+            JobManager(registry, settings), audit, content)
         app.state.services = services
         services.jobs.start()
         log.info("serving %d slide(s): %s", len(catalogue), ", ".join(catalogue))

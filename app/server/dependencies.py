@@ -13,6 +13,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from app.batch.jobs import JobManager
+from app.cache.content import ContentHasher
 from app.cache.tiles import TileService
 from app.core.planner import TilePlanner
 from app.core.privacy import Privacy
@@ -32,6 +33,7 @@ class Services:
         tiles: tiles from the caches or rendered.
         jobs: pregeneration jobs.
         audit: the audit log, or None when ``Audit.Enabled`` is false.
+        content: whole-file SHA-256 of slides, or None unless ``Integrity.ContentSha256``.
     """
 
     settings: Settings
@@ -40,6 +42,7 @@ class Services:
     tiles: TileService
     jobs: JobManager
     audit: AuditLog | None
+    content: ContentHasher | None = None
 
     @property
     def privacy(self) -> Privacy:
@@ -76,9 +79,14 @@ def _privacy(request: Request) -> Privacy:
     return services(request).registry.privacy
 
 
+def _content(request: Request) -> ContentHasher | None:
+    return services(request).content
+
+
 AppSettings = Annotated[Settings, Depends(_settings)]
 Registry = Annotated[SlideRegistry, Depends(_registry)]
 Planner = Annotated[TilePlanner, Depends(_planner)]
 Tiles = Annotated[TileService, Depends(_tiles)]
 Jobs = Annotated[JobManager, Depends(_jobs)]
 PrivacyFilter = Annotated[Privacy, Depends(_privacy)]
+Content = Annotated[ContentHasher | None, Depends(_content)]

@@ -49,6 +49,7 @@ from openslide.deepzoom import DeepZoomGenerator
 from PIL import Image
 
 from app import __version__
+from app.cache.content import file_sha256
 from app.cache.tiles import digest_of
 from app.core.colour import ColorMode, expected_profile, reference_pixels
 from app.core.slides import build_catalogue
@@ -247,6 +248,7 @@ class SlideReport:
     quickhash: str | None = None
     server_quickhash: str | None = None
     identity_check: str | None = None
+    sha256: str | None = None
     settings: dict[str, Any] = field(default_factory=dict)
     levels: list[LevelReport] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
@@ -261,6 +263,7 @@ class SlideReport:
         return {
             "name": self.name, "file": self.file, "quickhash": self.quickhash,
             "server_quickhash": self.server_quickhash, "identity_check": self.identity_check,
+            "sha256": self.sha256,
             "passed": self.passed, "problems": self.problems, "settings": self.settings,
             "levels": [lv.summary() for lv in self.levels],
         }
@@ -443,7 +446,7 @@ class Verifier:
             ReferenceSlide, entry.path, policy["tile_size"], policy["overlap"],
             policy["limit_bounds"], policy["color"]["mode"])
         report.quickhash = reference.quickhash
-        self._check_identity(report, reference, policy)
+        await anyio.to_thread.run_sync(self._check_identity, report, reference, policy)
         base = await self._check_dzi(report, reference, name, policy["declared_format"])
         if base is None:
             return report
@@ -469,6 +472,14 @@ class Verifier:
 
     def _check_identity(self, report: SlideReport, reference: ReferenceSlide,
                         policy: dict[str, Any]) -> None:
+        if policy.get("sha256"):  # the server hashed its file whole: the strongest check
+            report.sha256 = file_sha256(reference.path)
+            report.identity_check = "SHA-256 of the whole file"
+            if report.sha256 != policy["sha256"]:
+                report.problems.append(
+                    f"the server's slide is not this file: SHA-256 {policy['sha256']} on the "
+                    f"server, {report.sha256} here")
+            return
         if policy["quickhash"] or reference.quickhash:
             report.identity_check = "openslide.quickhash-1"
             if policy["quickhash"] != reference.quickhash:

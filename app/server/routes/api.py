@@ -9,13 +9,21 @@ import openslide
 from fastapi import APIRouter, Query
 
 from app import __version__
+from app.cache.content import ContentHasher
 from app.cache.tiles import SlideCacheUse
 from app.core.errors import SlideGone, TileServerError
 from app.core.planner import SlidePolicy, TilePlanner, level_policies, slide_policy
 from app.core.privacy import Privacy
 from app.core.pyramid import ImageSource, single_tile_level
 from app.core.slides import OpenSlide
-from app.server.dependencies import AppSettings, Planner, PrivacyFilter, Registry, Tiles
+from app.server.dependencies import (
+    AppSettings,
+    Content,
+    Planner,
+    PrivacyFilter,
+    Registry,
+    Tiles,
+)
 from app.server.urls import dzi_url, viewer_url
 from app.settings import Settings
 
@@ -129,9 +137,24 @@ def _sizes(tiles: int, size: int, prefix: str = "cache") -> dict[str, Any]:
 
 @router.get("/slides/{name}", summary="A slide's properties, pyramid and per-level format")
 async def slide(name: str, registry: Registry, planner: Planner, privacy: PrivacyFilter,
-                settings: AppSettings) -> dict[str, Any]:
-    """Dimensions, mpp, vendor, DZI levels with dimensions, tile counts and served format."""
-    return describe_slide(planner, privacy, settings, await registry.get(name))
+                settings: AppSettings, content: Content) -> dict[str, Any]:
+    """Dimensions, mpp, vendor, DZI levels with dimensions, tile counts and served format.
+
+    ``sha256`` is the whole file's SHA-256 with ``Integrity.ContentSha256`` once computed
+    (null while it is being computed, and when the setting is off).
+    """
+    handle = await registry.get(name)
+    doc = describe_slide(planner, privacy, settings, handle)
+    doc["sha256"] = await content_sha256(content, handle)
+    return doc
+
+
+async def content_sha256(content: ContentHasher | None, handle: OpenSlide) -> str | None:
+    """The slide file's SHA-256 when ``Integrity.ContentSha256`` has computed it, else None."""
+    if content is None:
+        return None
+    size, mtime_ns, _inode = handle.signature
+    return await anyio.to_thread.run_sync(content.sha256, handle.entry, size, mtime_ns)
 
 
 @router.get("/slides/{name}/associated/{associated}",
@@ -162,12 +185,14 @@ async def associated_image(name: str, associated: str, registry: Registry, plann
 @router.get("/slides/{name}/policy", summary="A slide's per-level format policy",
             response_model=SlidePolicy)
 async def policy(name: str, registry: Registry, planner: Planner, privacy: PrivacyFilter,
-                 settings: AppSettings) -> SlidePolicy:
+                 settings: AppSettings, content: Content) -> SlidePolicy:
     """Per DZI level: dimensions, tile count, format, lossless, the slide level read from.
 
     The single slide (``Image.Path``) is ``/api/slides/image/policy``.
     """
-    return slide_policy(planner, privacy, settings, await registry.get(name))
+    handle = await registry.get(name)
+    doc = slide_policy(planner, privacy, settings, handle)
+    return doc.model_copy(update={"sha256": await content_sha256(content, handle)})
 
 
 @router.get("/tiles/stats", summary="Disk cache totals")
