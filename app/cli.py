@@ -77,7 +77,8 @@ def prepare_settings(config: str | None, overrides: list[str]) -> Settings:
 
         log.info("no slide configured: serving the generated demo slide")
         path = ensure_demo_slide(Path(settings.DemoDirectory))
-        settings.Image.Path = str(path)
+        settings = settings.model_copy(
+            update={"Image": settings.Image.model_copy(update={"Path": str(path)})})
     return settings
 
 
