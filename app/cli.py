@@ -92,10 +92,11 @@ def prepare_settings(config: str | None, overrides: list[str], *,
     settings = load_settings(config_file=config, overrides=overrides)
     if not settings.configured_slide_paths() and not settings.SlideDirectory:
         from app.tools.demo import ensure_demo_slide
-        from app.tools.progress import bar_on_first_report
+        from app.tools.progress import ProgressBars
 
-        with bar_on_first_report("writing the demo slide", "tile rows") as report:
-            path = ensure_demo_slide(Path(settings.DemoDirectory), progress=report)
+        with ProgressBars("tile rows") as bars:
+            path = ensure_demo_slide(Path(settings.DemoDirectory), progress=lambda done, total:
+                                     bars.report("writing the demo slide", done, total))
         if announce_demo:
             log.info("no slide configured: serving the generated demo slide %s", path)
         settings = settings.model_copy(
@@ -162,23 +163,16 @@ def verify(args: argparse.Namespace) -> int:
     """
     import anyio
 
-    from app.tools.progress import progress_bar, rate_updater
+    from app.tools.progress import ProgressBars
     from app.tools.verify import VerifyError, print_summary, run_verify, write_json
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per tile otherwise
     settings = prepare_settings(args.config, args.settings)
     try:
-        with progress_bar("tiles") as bar:
-            updates = {}
-
-            def progress(name: str, checked: int, total: int) -> None:
-                if name not in updates:
-                    updates[name] = rate_updater(bar, bar.add_task(name, total=total, rate=0.0))
-                updates[name](checked, total)
-
+        with ProgressBars("tiles") as bars:
             report = anyio.run(lambda: run_verify(
                 settings, args.words, args.url, args.levels, args.sample, args.min_psnr,
-                args.query_format, progress))
+                args.query_format, bars.report))
     except VerifyError as exc:
         print(f"tileserver verify: {exc}", file=sys.stderr)
         return 2

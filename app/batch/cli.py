@@ -30,7 +30,7 @@ from app.batch.walk import parse_levels
 from app.core.errors import ConfigError, TileServerError
 from app.core.slides import SlideEntry, SlideRegistry, build_catalogue
 from app.settings import Settings, load_settings
-from app.tools.progress import progress_bar, rate_updater
+from app.tools.progress import ProgressBars
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
@@ -176,11 +176,10 @@ def _with_bar(console: Console, label: str, work):
         Cancelled: Ctrl-C (``cancel`` was set so that the workers stop).
     """
     cancel = threading.Event()
-    with progress_bar("tiles", console) as bar:
-        update = rate_updater(bar, bar.add_task(label, total=None, rate=0.0))
+    with ProgressBars("tiles", console) as bars:
 
         def report(progress: Progress) -> None:
-            update(progress.processed, progress.total, progress.done)
+            bars.report(label, progress.processed, progress.total, progress.done)
 
         try:
             return work(cancel, report)

@@ -1,4 +1,4 @@
-"""The progress bar of the command-line tools (pregenerate, export, verify, the demo slide).
+"""The progress bars of the command-line tools (pregenerate, export, verify, the demo slide).
 
 One look everywhere: a label, the bar, ``done/total``, a rate, elapsed time and ETA, drawn by
 rich on stderr so that stdout keeps the results.
@@ -6,9 +6,7 @@ rich on stderr so that stdout keeps the results.
 
 from __future__ import annotations
 
-import contextlib
 import time
-from collections.abc import Callable, Iterator
 
 from rich.console import Console
 from rich.progress import (
@@ -22,57 +20,45 @@ from rich.progress import (
 )
 
 
-def progress_bar(unit: str = "tiles", console: Console | None = None,
-                 transient: bool = False) -> Progress:
-    """A rich progress bar whose tasks carry a ``rate`` field (``unit`` per second).
+class ProgressBars:
+    """Progress bars, one per label, drawn from the first :meth:`report` on: work that never
+    reports (a file that was there already, a check that stopped first) draws nothing.
 
-    Use as a context manager; update tasks with :func:`rate_updater` or ``bar.update``.
+    Use as a context manager; the bars stop (and stay on a terminal) when it exits.
 
     Args:
         unit: what is counted, shown in the rate column (``tiles/s``).
         console: where to draw (default: stderr).
-        transient: erase the bar when it stops (a terminal only).
     """
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn(f"{{task.fields[rate]:>8,.0f}} {unit}/s"), TimeElapsedColumn(),
-               TextColumn("ETA"), TimeRemainingColumn())
-    return Progress(*columns, console=console or Console(stderr=True), transient=transient)
 
+    def __init__(self, unit: str = "tiles", console: Console | None = None):
+        self.unit = unit
+        self.console = console
+        self._bar: Progress | None = None
+        self._tasks: dict[str, tuple[TaskID, float]] = {}
 
-def rate_updater(bar: Progress, task: TaskID) -> Callable[[int, int | None, int | None], None]:
-    """``update(completed, total, counted)`` for one task of a :func:`progress_bar`: sets its
-    position and total, and its rate as ``counted`` (default ``completed``) per second since
-    this call."""
-    started = time.monotonic()
-
-    def update(completed: int, total: int | None, counted: int | None = None) -> None:
+    def report(self, label: str, completed: int, total: int | None,
+               counted: int | None = None) -> None:
+        """Set the bar of ``label`` (created on first use) to ``completed`` of ``total``; its
+        rate is ``counted`` (default ``completed``) per second since its first report."""
+        if self._bar is None:
+            columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                       TextColumn(f"{{task.fields[rate]:>8,.0f}} {self.unit}/s"),
+                       TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
+            self._bar = Progress(*columns, console=self.console or Console(stderr=True))
+            self._bar.start()
+        if label not in self._tasks:
+            self._tasks[label] = (self._bar.add_task(label, total=total, rate=0.0),
+                                  time.monotonic())
+        task, started = self._tasks[label]
         elapsed = time.monotonic() - started
         count = completed if counted is None else counted
-        bar.update(task, completed=completed, total=total,
-                   rate=count / elapsed if elapsed > 0 else 0.0)
+        self._bar.update(task, completed=completed, total=total,
+                         rate=count / elapsed if elapsed > 0 else 0.0)
 
-    return update
+    def __enter__(self) -> ProgressBars:
+        return self
 
-
-@contextlib.contextmanager
-def bar_on_first_report(label: str, unit: str, console: Console | None = None
-                        ) -> Iterator[Callable[[int, int | None], None]]:
-    """A ``report(completed, total)`` callback that draws a :func:`progress_bar` labelled
-    ``label`` from its first call on; nothing is drawn if it is never called (work that turned
-    out to be done already)."""
-    bar: Progress | None = None
-    update: Callable[[int, int | None, int | None], None] | None = None
-
-    def report(completed: int, total: int | None) -> None:
-        nonlocal bar, update
-        if bar is None or update is None:
-            bar = progress_bar(unit, console)
-            bar.start()
-            update = rate_updater(bar, bar.add_task(label, total=total, rate=0.0))
-        update(completed, total, None)
-
-    try:
-        yield report
-    finally:
-        if bar is not None:
-            bar.stop()
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.stop()
