@@ -467,8 +467,13 @@ def _describe(exc: ValidationError, origin: Mapping[tuple[str, ...], str] | None
     """One clause per problem: ``Key:Sub = 'value': why``, or for a key that is not a setting
     ``Key:Sub (source) is not a setting; did you mean Key:Other?``."""
     clauses = []
-    for err in exc.errors():
+    errors = exc.errors()
+    seen = {(tuple(map(str, err["loc"])), err["type"], err["msg"]) for err in errors}
+    for err in errors:
         loc = [str(p) for p in err["loc"] if not str(p).startswith("function-")]
+        if (loc and loc[0] in _SINGLE_SLIDE_KEYS
+                and (("Image", *loc), err["type"], err["msg"]) in seen):
+            continue  # lifted from Image (SingleSlideServer's place): reported there
         if err["type"] == "unknown_key":
             ctx = err.get("ctx") or {}
             path = [*loc, ctx["key"]]

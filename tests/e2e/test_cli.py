@@ -85,7 +85,7 @@ def test_settings_items_stand_anywhere_on_every_command(tmp_path, tiny):
     assert (out / "t.dzi").is_file()
 
     done = run_cli("verify", *slide, "--sample", "2", f"TileCachePath={cache}", "--levels",
-                   "9-10", "--json", "-", "TileFormat:JpegQuality=80", cwd=tmp_path)
+                   "9-10", "--json", "-", "--TileFormat:JpegQuality=80", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["passed"] is True
 

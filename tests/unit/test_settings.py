@@ -85,6 +85,20 @@ def test_single_slide_server_shape(tmp_path, slide):
     assert (s.TileFormat.LosslessLevelCount, s.TileFormat.JpegQuality) == (2, 85)
 
 
+@pytest.mark.parametrize(("tile_format", "message"), [
+    ({"JpegQuality": 0}, "Image:TileFormat:JpegQuality = 0: Input should be greater than or "
+                         "equal to 1"),
+    ({"JpegQualty": 80}, "Image:TileFormat:JpegQualty ({base}/appsettings.json) is not a "
+                         "setting; did you mean Image:TileFormat:JpegQuality?"),
+])
+def test_single_slide_server_shape_errors_are_named_once(tmp_path, slide, tile_format, message):
+    write(tmp_path / "appsettings.json", {"Image": {"Path": str(slide),
+                                                    "TileFormat": tile_format}})
+    with pytest.raises(ConfigError) as info:
+        load_settings(base_dir=tmp_path, environ={})
+    assert info.value.detail == "invalid configuration: " + message.format(base=tmp_path)
+
+
 def test_multi_slide_server_shape(tmp_path, slide):
     """appsettings.json as OpenSlideSharp's MultiSlideServer writes it, unchanged."""
     write(tmp_path / "appsettings.json", {
