@@ -37,5 +37,6 @@ bench-pregen: install
 lint: install
 	$(BIN)/ruff check app tests bench
 
+# what `make install` and `make run` create (the demo slide, the tile cache, the audit log)
 clean:
-	rm -rf $(VENV) node_modules tile_cache
+	rm -rf $(VENV) node_modules data tile_cache audit

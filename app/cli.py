@@ -4,24 +4,37 @@
 ``tileserver verify [NAME ...] [--url URL] [--levels A-B] [--sample N] [--json FILE] ...`` proves
 that served tiles are the slide's pixels (see :mod:`app.tools.verify`); ``tileserver pregenerate``
 and ``tileserver export`` fill the cache and write static pyramids (see :mod:`app.batch.cli`).
+``Section:Key=value`` settings items may stand anywhere on the command line of every command.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
 import os
+import re
 import sys
 from pathlib import Path
+from typing import Any
 
+from app import __version__
 from app.core.errors import ConfigError
-from app.settings import Settings, load_settings
+from app.settings import Settings, changed_settings, load_settings
 
 log = logging.getLogger("tileserver")
+
+LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
+"""The format of the app's log lines, in the CLI process and in every uvicorn worker."""
+
+SETTING_ITEM = re.compile(r"(?:--)?[A-Za-z_]\w*(?::\w+)*=")
+"""A command-line settings item, ``Section:Key=value`` (ASP.NET's ``--Section:Key=value`` too);
+any other positional argument is a slide name, a slide file or a folder."""
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tileserver", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="serve DZI tiles over HTTP (uvicorn)")
     serve.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
@@ -32,7 +45,7 @@ def _parser() -> argparse.ArgumentParser:
                        "appsettings.json and config/appsettings.{Environment}.json")
     serve.add_argument("--log-level", default="info",
                        choices=["critical", "error", "warning", "info", "debug"])
-    serve.add_argument("overrides", nargs="*", metavar="Section:Key=value",
+    serve.add_argument("items", nargs="*", metavar="Section:Key=value",
                        help="settings overrides, e.g. Images:0:Path=/slides/a.svs")
 
     verify = commands.add_parser(
@@ -41,7 +54,8 @@ def _parser() -> argparse.ArgumentParser:
         "them and compare them with DeepZoomGenerator.get_tile of the same slide file: "
         "lossless levels bit for bit, lossy levels by PSNR and max error. Exit status 0 when "
         "everything matches, 1 when a tile does not (the tiles are named), 2 when verify "
-        "cannot run. Slide files come from the same settings as tileserver serve.")
+        "cannot run (among others: the slide file here is not the server's), 130 on Ctrl-C. "
+        "Slide files come from the same settings as tileserver serve.")
     verify.add_argument("items", nargs="*", metavar="NAME | Section:Key=value",
                         help="slide names (default: every slide of the server) and settings "
                         "overrides as for serve")
@@ -65,8 +79,12 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def prepare_settings(config: str | None, overrides: list[str]) -> Settings:
-    """Load and validate settings; with no slide configured, generate and serve the demo slide.
+def prepare_settings(config: str | None, overrides: list[str], *,
+                     announce_demo: bool = False) -> Settings:
+    """Load and validate settings; with no slide configured, the demo slide.
+
+    The demo slide is generated on first use (:func:`app.tools.demo.ensure_demo_slide`, with
+    a progress bar); ``announce_demo`` logs that it is served.
 
     Raises:
         ConfigError: invalid configuration (the message names key and value).
@@ -74,20 +92,51 @@ def prepare_settings(config: str | None, overrides: list[str]) -> Settings:
     settings = load_settings(config_file=config, overrides=overrides)
     if not settings.configured_slide_paths() and not settings.SlideDirectory:
         from app.tools.demo import ensure_demo_slide
+        from app.tools.progress import ProgressBars
 
-        log.info("no slide configured: serving the generated demo slide")
-        path = ensure_demo_slide(Path(settings.DemoDirectory))
-        settings.Image.Path = str(path)
+        with ProgressBars("tile rows") as bars:
+            path = ensure_demo_slide(Path(settings.DemoDirectory), progress=lambda done, total:
+                                     bars.report("writing the demo slide", done, total))
+        if announce_demo:
+            log.info("no slide configured: serving the generated demo slide %s", path)
+        settings = settings.model_copy(
+            update={"Image": settings.Image.model_copy(update={"Path": str(path)})})
     return settings
 
 
+def log_config(level: str) -> dict[str, Any]:
+    """uvicorn's logging configuration plus the root logger at ``level`` in
+    :data:`LOG_FORMAT` on stderr, so that every worker process logs the app's lines with their
+    level and logger name (``uvicorn.run(..., log_config=...)``; workers are new processes)."""
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config["formatters"]["tileserver"] = {"format": LOG_FORMAT}
+    config["handlers"]["tileserver"] = {"class": "logging.StreamHandler",
+                                        "formatter": "tileserver", "stream": "ext://sys.stderr"}
+    config["root"] = {"handlers": ["tileserver"], "level": level.upper()}
+    return config
+
+
+def browser_url(host: str, port: int) -> str:
+    """The address to open for a server bound to ``host`` (a wildcard address: loopback)."""
+    if host in ("", "0.0.0.0", "::"):
+        host = "127.0.0.1"
+    return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
+
+
 def serve(args: argparse.Namespace) -> int:
-    """Run uvicorn on the app factory with the validated settings."""
+    """Run uvicorn on the app factory with the validated settings.
+
+    Logs each setting that differs from its default (``Section:Key = value``) and the address
+    to open, then starts uvicorn with :func:`log_config`.
+    """
     import uvicorn
 
     from app.server.app import SETTINGS_ENV
 
-    settings = prepare_settings(args.config, args.overrides)
+    logging.getLogger().setLevel(args.log_level.upper())
+    settings = prepare_settings(args.config, args.settings, announce_demo=True)
     from app.core.formats import FormatPolicy
     from app.core.lossless import check_round_trips
 
@@ -97,50 +146,69 @@ def serve(args: argparse.Namespace) -> int:
 
     # refused here, with one line and exit status 2, rather than in every worker's start-up
     open_disk_cache(settings, build_catalogue(settings), index=False)
+    for line in changed_settings(settings):
+        logging.getLogger("tileserver.settings").info("%s", line)
     os.environ[SETTINGS_ENV] = settings.model_dump_json()
     from app.server.http import HTTP_PROTOCOL
 
+    log.info("open %s in a browser", browser_url(args.host, args.port))
     uvicorn.run("app.server.app:create_app_from_env", factory=True, host=args.host, port=args.port,
                 workers=args.workers, log_level=args.log_level, access_log=False,
-                timeout_graceful_shutdown=5, http=HTTP_PROTOCOL)
+                log_config=log_config(args.log_level), timeout_graceful_shutdown=5,
+                http=HTTP_PROTOCOL)
     return 0
 
 
 def verify(args: argparse.Namespace) -> int:
-    """Run :func:`app.tools.verify.run_verify`; print the summary, write the JSON report.
+    """Run :func:`app.tools.verify.run_verify` under a progress bar; print the summary, write
+    the JSON report.
 
     Returns:
-        0 all tiles verified, 1 a tile or slide failed, 2 verify could not run.
+        0 all tiles verified, 1 a tile or slide failed, 2 verify could not run, 130 Ctrl-C.
     """
     import anyio
 
+    from app.tools.progress import ProgressBars
     from app.tools.verify import VerifyError, print_summary, run_verify, write_json
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per tile otherwise
-    names = [item for item in args.items if "=" not in item]
-    overrides = [item for item in args.items if "=" in item]
-    settings = prepare_settings(args.config, overrides)
+    settings = prepare_settings(args.config, args.settings)
     try:
-        report = anyio.run(lambda: run_verify(
-            settings, names, args.url, args.levels, args.sample, args.min_psnr,
-            args.query_format))
+        with ProgressBars("tiles") as bars:
+            report = anyio.run(lambda: run_verify(
+                settings, args.words, args.url, args.levels, args.sample, args.min_psnr,
+                args.query_format, bars.report))
     except VerifyError as exc:
         print(f"tileserver verify: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("tileserver verify: interrupted", file=sys.stderr)
+        return 130
     print_summary(report, file=sys.stderr if args.json == "-" else None)
     if args.json:
         write_json(report, args.json)
     return 0 if report["passed"] else 1
 
 
+def _split_items(args: argparse.Namespace, extra: list[str]) -> list[str]:
+    """Set ``args.settings`` (the ``Section:Key=value`` items) and ``args.words`` (the other
+    positional arguments), wherever they stood; return what is left unrecognised."""
+    items = [*args.items, *extra]
+    args.settings = [item for item in items if SETTING_ITEM.match(item)]
+    args.words = [item for item in items
+                  if not SETTING_ITEM.match(item) and not item.startswith("-")]
+    return [item for item in extra if item.startswith("-") and not SETTING_ITEM.match(item)]
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``tileserver`` console script."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
-    if args.command == "verify":  # names and Key=value items may follow the options too
-        args.items += [item for item in extra if not item.startswith("-")]
-        extra = [item for item in extra if item.startswith("-")]
+    # argparse gives one positional run to ``items``; the runs after options come as extras
+    extra = _split_items(args, extra)
+    if args.command == "serve" and args.words:
+        extra += args.words
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:

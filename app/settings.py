@@ -6,13 +6,20 @@ Sources, later wins (the order of ASP.NET Core's default host builder):
 2. ``appsettings.json`` in the working directory,
 3. ``config/appsettings.{Environment}.json`` (``TILESERVER_ENVIRONMENT``, default Production),
 4. ``--config FILE``,
-5. environment variables, ``__`` nesting: ``Image__Path``, ``TileFormat__LosslessLevelCount``,
-   list items by index: ``Images__0__Name``,
-6. command-line overrides ``Key:Sub=value`` (``Images:1:Path=/slides/b.svs``).
+5. environment variables whose first ``__`` segment is a section (or a top-level key):
+   ``Image__Path``, ``TileFormat__LosslessLevelCount``, list items by index: ``Images__0__Name``,
+6. command-line items ``Section:Key=value`` (``Images:1:Path=/slides/b.svs``).
 
-Keys are matched case-insensitively, as ASP.NET configuration does. Lists are merged by index
-across sources (``Images__1__Path`` replaces the path of item 1 and keeps its name), because each
-source is flattened to index-keyed dicts before pydantic-settings deep-merges them.
+:func:`load_settings` reads each source into a plain nested dict (lists as index-keyed dicts),
+deep-merges them in that order, matching keys case-insensitively as ASP.NET configuration does,
+and validates the result once into a frozen :class:`Settings`; derive variants with
+``model_copy``. Lists merge by index: ``Images__1__Path`` replaces the path of item 1 and keeps
+its name.
+
+Keys are strict: a key that is not a setting, from any source, is a :class:`ConfigError` that
+names it, says where it came from and suggests the nearest setting
+(``TileFormat:EnforceLosless`` -> ``TileFormat:EnforceLossless``). The sections ASP.NET files
+carry for the host (:data:`HOST_SECTIONS`) are accepted and not validated.
 
 Files written for the original OpenSlideSharp SingleSlideServer (``Image: {Path, TileCachePath,
 EnableDiskCache, TileFormat}``) and MultiSlideServer (top-level ``TileCachePath``,
@@ -21,17 +28,16 @@ EnableDiskCache, TileFormat}``) and MultiSlideServer (top-level ``TileCachePath`
 
 from __future__ import annotations
 
-import contextvars
+import difflib
 import json
 import os
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.fields import FieldInfo
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_core import PydanticCustomError, to_jsonable_python
 
 from app.core import colour
 from app.core.errors import ConfigError
@@ -40,15 +46,20 @@ from app.core.names import name_problem
 
 ENVIRONMENT_VARIABLE = "TILESERVER_ENVIRONMENT"
 
+HOST_SECTIONS = ("Logging", "AllowedHosts", "Kestrel", "ConnectionStrings")
+"""Top-level sections of ASP.NET appsettings files that configure the host, not the tile server:
+accepted from every source, their content not validated. A section the server comes to honour
+becomes a field of :class:`Settings` and leaves this tuple."""
+
+_HOST_KEYS = frozenset(name.lower() for name in HOST_SECTIONS)
+_SINGLE_SLIDE_KEYS = ("TileCachePath", "EnableDiskCache", "TileFormat")
+
 
 class Section(BaseModel):
-    """Base of every settings section: keys match case-insensitively, unknown keys are ignored.
+    """Base of every settings section: frozen, keys matched case-insensitively, and a key that
+    is not a field an ``unknown_key`` error naming the nearest field."""
 
-    ASP.NET configuration is case-insensitive and appsettings.json files often carry keys for
-    other parts of a host (``Logging``, ``AllowedHosts``); both are accepted here.
-    """
-
-    model_config = ConfigDict(extra="ignore", validate_assignment=True)
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
     @model_validator(mode="before")
     @classmethod
@@ -56,17 +67,31 @@ class Section(BaseModel):
         return _canonical_keys(cls, data)
 
 
-def _canonical_keys(model: type[BaseModel], data: Any) -> Any:
+def _canonical_keys(model: type[BaseModel], data: Any,
+                    ignored: frozenset[str] = frozenset()) -> Any:
     """Rename ``data``'s keys to ``model``'s field names, case-insensitively; turn index dicts
-    (``{"0": ..., "1": ...}``, as environment variables give) into lists."""
+    (``{"0": ..., "1": ...}``, as environment variables give) into lists; drop ``ignored``
+    (lower-case) keys.
+
+    Raises:
+        PydanticCustomError: ``unknown_key``, context ``key`` (as written) and ``suggestion``
+            (the nearest field name, or "").
+    """
     if not isinstance(data, Mapping):
         return data
     names = {name.lower(): name for name in model.model_fields}
     out: dict[str, Any] = {}
     for key, value in data.items():
-        name = names.get(str(key).lower(), key)
-        info = model.model_fields.get(name)
-        if info is not None and _is_list_field(info):
+        lower = str(key).lower()
+        if lower in ignored:
+            continue
+        name = names.get(lower)
+        if name is None:
+            close = difflib.get_close_matches(lower, list(names), n=1)
+            raise PydanticCustomError("unknown_key", "{key} is not a setting",
+                                      {"key": str(key),
+                                       "suggestion": names[close[0]] if close else ""})
+        if _is_list_field(model.model_fields[name]):
             value = _indexed_to_list(value)
         out[name] = value
     return out
@@ -246,10 +271,10 @@ class PregenerationSettings(Section):
                                   "(tcp://host:8786): run jobs on that cluster instead.")
 
 
-class Settings(BaseSettings):
-    """The whole configuration; attribute names are the appsettings.json keys."""
+class Settings(BaseModel):
+    """The whole configuration, frozen; attribute names are the appsettings.json keys."""
 
-    model_config = SettingsConfigDict(extra="ignore", validate_assignment=True)
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
     Image: ImageSettings = Field(default_factory=ImageSettings)
     Images: list[ImageEntry] = Field(default_factory=list)
@@ -271,35 +296,16 @@ class Settings(BaseSettings):
     @model_validator(mode="before")
     @classmethod
     def _match_keys(cls, data: Any) -> Any:
-        return _canonical_keys(cls, data)
-
-    @model_validator(mode="after")
-    def _apply_single_slide_shape(self) -> Settings:
-        """Lift SingleSlideServer's ``Image.TileCachePath`` etc. where the top level is unset."""
-        for key in ("TileCachePath", "EnableDiskCache", "TileFormat"):
-            value = getattr(self.Image, key)
-            if value is not None and key not in self.model_fields_set:
-                object.__setattr__(self, key, value)
-        return self
-
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        """ASP.NET order (first wins): init, command line, environment, JSON files."""
-        ctx = _LOAD_CONTEXT.get() or _LoadContext()
-        json_sources = [JsonFileSource(settings_cls, path) for path in reversed(ctx.json_files)]
-        return (
-            init_settings,
-            KeyPathSource(settings_cls, _parse_overrides(ctx.overrides), "command line"),
-            KeyPathSource(settings_cls, _parse_environ(settings_cls, ctx.environ), "environment"),
-            *json_sources,
-        )
+        """Canonical keys, host sections dropped, and SingleSlideServer's ``Image.TileCachePath``,
+        ``Image.EnableDiskCache`` and ``Image.TileFormat`` lifted where the top level lacks them."""
+        data = _canonical_keys(cls, data, _HOST_KEYS)
+        image = data.get("Image") if isinstance(data, dict) else None
+        if isinstance(image, Mapping):
+            nested = {str(k).lower(): v for k, v in image.items()}
+            for key in _SINGLE_SLIDE_KEYS:
+                if nested.get(key.lower()) is not None and key not in data:
+                    data[key] = nested[key.lower()]
+        return data
 
     def configured_slide_paths(self) -> list[tuple[str, str]]:
         """``(key, path)`` of every slide file named by the settings, for start-up checks."""
@@ -309,101 +315,94 @@ class Settings(BaseSettings):
         return out
 
 
-@dataclass
-class _LoadContext:
-    json_files: list[Path] = field(default_factory=lambda: [Path("appsettings.json")])
-    environ: Mapping[str, str] = field(default_factory=lambda: os.environ)
-    overrides: list[str] = field(default_factory=list)
+# ----------------------------------------------------------------------------- loading
 
 
-_LOAD_CONTEXT: contextvars.ContextVar[_LoadContext | None] = contextvars.ContextVar(
-    "tileserver_settings_context", default=None
-)
+class _Merged:
+    """The deep merge of the sources: a nested dict, and where each key path came from.
+
+    Keys match case-insensitively (the first spelling seen is kept); a dict merges into a dict
+    key by key, anything else replaces what was there. ``origin`` maps each lower-cased key
+    path (list indexes as digit strings) to the label of the last source that set it.
+    """
+
+    def __init__(self) -> None:
+        self.tree: dict[str, Any] = {}
+        self.origin: dict[tuple[str, ...], str] = {}
+
+    def add(self, label: str, tree: Mapping[str, Any]) -> None:
+        """Merge one source's tree over what is there."""
+        self._merge(self.tree, tree, (), label)
+
+    def _merge(self, into: dict[str, Any], tree: Mapping[str, Any], prefix: tuple[str, ...],
+               label: str) -> None:
+        for key, value in tree.items():
+            path = (*prefix, str(key).lower())
+            self.origin[path] = label
+            existing = next((k for k in into if k.lower() == path[-1]), str(key))
+            if isinstance(value, Mapping):
+                if not isinstance(into.get(existing), dict):
+                    into[existing] = {}
+                self._merge(into[existing], value, path, label)
+            else:
+                into[existing] = value
 
 
-class JsonFileSource(PydanticBaseSettingsSource):
-    """An appsettings JSON file; lists become index dicts so later sources merge by index."""
+def _read_json(path: Path) -> dict[str, Any] | None:
+    """An appsettings JSON file with its lists as index dicts; None if there is no file.
 
-    def __init__(self, settings_cls: type[BaseSettings], path: Path):
-        super().__init__(settings_cls)
-        self.path = path
-
-    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
-        """Unused: values come whole from ``__call__``."""
-        return None, field_name, False
-
-    def __call__(self) -> dict[str, Any]:
-        """The file's settings with lower-cased keys and index-keyed lists ({} if absent)."""
-        if not self.path.is_file():
-            return {}
-        try:
-            data = json.loads(self.path.read_text(encoding="utf-8-sig"))
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"{self.path}: not valid JSON ({exc})") from exc
-        if not isinstance(data, dict):
-            raise ConfigError(f"{self.path}: the top level must be a JSON object")
-        return _lists_to_indexed(_lower_tree(data))
-
-
-class KeyPathSource(PydanticBaseSettingsSource):
-    """Flat ``[(key path, value)]`` pairs (environment or command line) as a nested dict."""
-
-    def __init__(self, settings_cls: type[BaseSettings], pairs: Iterable[tuple[list[str], str]],
-                 origin: str):
-        super().__init__(settings_cls)
-        self.pairs = list(pairs)
-        self.origin = origin
-
-    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
-        """Unused: values come whole from ``__call__``."""
-        return None, field_name, False
-
-    def __call__(self) -> dict[str, Any]:
-        """The pairs as a nested dict."""
-        tree: dict[str, Any] = {}
-        for path, value in self.pairs:
-            node = tree
-            for part in path[:-1]:
-                child = node.get(part)
-                if not isinstance(child, dict):
-                    child = node[part] = {}
-                node = child
-            node[path[-1]] = value
-        return tree
-
-
-def _lower_tree(data: Any) -> Any:
-    if isinstance(data, dict):
-        return {str(k).lower(): _lower_tree(v) for k, v in data.items()}
-    if isinstance(data, list):
-        return [_lower_tree(v) for v in data]
-    return data
+    Raises:
+        ConfigError: not JSON, or not an object at the top level.
+    """
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a JSON object")
+    return _lists_to_indexed(data)
 
 
 def _lists_to_indexed(data: Any) -> Any:
     if isinstance(data, dict):
-        return {k: _lists_to_indexed(v) for k, v in data.items()}
+        return {str(k): _lists_to_indexed(v) for k, v in data.items()}
     if isinstance(data, list):
         return {str(i): _lists_to_indexed(v) for i, v in enumerate(data)}
     return data
 
 
-def _parse_environ(settings_cls: type[BaseSettings], environ: Mapping[str, str]):
-    """Environment variables whose first ``__`` segment is a top-level key."""
-    top = {name.lower() for name in settings_cls.model_fields}
+def _nested(path: list[str], value: str) -> dict[str, Any]:
+    """``["a", "b"], v`` -> ``{"a": {"b": v}}``."""
+    tree: Any = value
+    for part in reversed(path):
+        tree = {part: tree}
+    return tree
+
+
+def _environment(environ: Mapping[str, str]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """``(label, tree)`` of each environment variable whose first ``__`` segment is a
+    top-level key or a host section (case-insensitive); other variables are not settings."""
+    known = {name.lower() for name in Settings.model_fields} | _HOST_KEYS
     for name, value in environ.items():
-        path = [part.lower() for part in name.split("__")]
-        if path[0] in top and all(path):
-            yield path, value
+        path = name.split("__")
+        if path[0].lower() in known and all(path):
+            yield f"environment variable {name}", _nested(path, value)
 
 
-def _parse_overrides(overrides: Iterable[str]):
-    for item in overrides:
+def _command_line(items: Iterable[str]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """``(label, tree)`` of each ``Section:Key=value`` item (``--Section:Key=value`` too).
+
+    Raises:
+        ConfigError: an item without ``=`` or with an empty key segment.
+    """
+    for item in items:
         key, sep, value = item.partition("=")
-        path = [part.lower() for part in key.strip().lstrip("-").split(":")]
+        path = key.strip().removeprefix("--").split(":")
         if not sep or not all(path):
             raise ConfigError(f"command-line setting {item!r}: expected Section:Key=value")
-        yield path, value
+        yield "command line", _nested(path, value)
 
 
 def load_settings(
@@ -414,7 +413,7 @@ def load_settings(
     base_dir: str | Path = ".",
     check_files: bool = True,
 ) -> Settings:
-    """Load settings from every source, in ASP.NET order, and validate them.
+    """Load settings from every source, in ASP.NET order, and validate them once.
 
     Args:
         config_file: the ``--config FILE`` JSON, applied after the environment overlay file.
@@ -425,27 +424,29 @@ def load_settings(
         check_files: check that every configured slide file and ``SlideDirectory`` exists.
 
     Returns:
-        The validated settings.
+        The validated, frozen settings.
 
     Raises:
-        ConfigError: one message naming the offending key and value (unknown format, quality out
-            of 1..100, missing slide file, malformed JSON or override).
+        ConfigError: one message naming the offending key and value (unknown key, with its
+            source and the nearest setting; unknown format, quality out of 1..100, missing
+            slide file, malformed JSON or command-line item).
     """
     environ = os.environ if environ is None else environ
     base = Path(base_dir)
     environment = environ.get(ENVIRONMENT_VARIABLE, "Production")
-    json_files = [base / "appsettings.json", base / "config" / f"appsettings.{environment}.json"]
+    files = [base / "appsettings.json", base / "config" / f"appsettings.{environment}.json"]
     if config_file is not None:
         if not Path(config_file).is_file():
             raise ConfigError(f"--config {config_file}: file not found")
-        json_files.append(Path(config_file))
-    token = _LOAD_CONTEXT.set(_LoadContext(json_files, environ, list(overrides)))
-    try:
-        settings = Settings()
-    except ValidationError as exc:
-        raise ConfigError(_describe(exc)) from None
-    finally:
-        _LOAD_CONTEXT.reset(token)
+        files.append(Path(config_file))
+    merged = _Merged()
+    for path in files:
+        tree = _read_json(path)
+        if tree is not None:
+            merged.add(str(path), tree)
+    for label, tree in (*_environment(environ), *_command_line(overrides)):
+        merged.add(label, tree)
+    settings = _validate(merged.tree, merged.origin)
     if check_files:
         _check_files(settings)
     return settings
@@ -454,31 +455,52 @@ def load_settings(
 def settings_from(data: Mapping[str, Any] | str) -> Settings:
     """Settings from one dict or JSON text alone: no files, no environment, no command line.
 
-    For tests and for uvicorn workers, which receive the CLI's already-resolved settings.
+    For tests and for uvicorn and pregeneration workers, which receive the CLI's resolved
+    settings (``Settings.model_dump_json()``).
 
     Raises:
-        ConfigError: the data is invalid.
+        ConfigError: the data is invalid (unknown keys included).
     """
-    token = _LOAD_CONTEXT.set(_LoadContext(json_files=[], environ={}, overrides=[]))
-    try:
-        if isinstance(data, str):
+    if isinstance(data, str):
+        try:
             return Settings.model_validate_json(data)
-        return Settings.model_validate(dict(data))
+        except ValidationError as exc:
+            raise ConfigError(_describe(exc)) from None
+    return _validate(dict(data))
+
+
+def _validate(data: dict[str, Any], origin: Mapping[tuple[str, ...], str] | None = None
+              ) -> Settings:
+    try:
+        return Settings.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_describe(exc)) from None
-    finally:
-        _LOAD_CONTEXT.reset(token)
+        raise ConfigError(_describe(exc, origin)) from None
 
 
-def _describe(exc: ValidationError) -> str:
-    """One line per problem: ``Key:Sub = 'value': why``."""
-    lines = []
-    for err in exc.errors():
-        key = ":".join(str(part) for part in err["loc"] if not str(part).startswith("function-"))
+def _describe(exc: ValidationError, origin: Mapping[tuple[str, ...], str] | None = None) -> str:
+    """One clause per problem: ``Key:Sub = 'value': why``, or for a key that is not a setting
+    ``Key:Sub (source) is not a setting; did you mean Key:Other?``."""
+    clauses = []
+    errors = exc.errors()
+    seen = {(tuple(map(str, err["loc"])), err["type"], err["msg"]) for err in errors}
+    for err in errors:
+        loc = [str(p) for p in err["loc"] if not str(p).startswith("function-")]
+        if (loc and loc[0] in _SINGLE_SLIDE_KEYS
+                and (("Image", *loc), err["type"], err["msg"]) in seen):
+            continue  # lifted from Image (SingleSlideServer's place): reported there
+        if err["type"] == "unknown_key":
+            ctx = err.get("ctx") or {}
+            path = [*loc, ctx["key"]]
+            where = (origin or {}).get(tuple(p.lower() for p in path))
+            clause = ":".join(path) + (f" ({where})" if where else "") + " is not a setting"
+            if ctx.get("suggestion"):
+                clause += f"; did you mean {':'.join([*loc, ctx['suggestion']])}?"
+            clauses.append(clause)
+            continue
         value = err.get("input")
         shown = "" if isinstance(value, dict | list) else f" = {value!r}"
-        lines.append(f"{key}{shown}: {err['msg']}")
-    return "invalid configuration: " + "; ".join(lines)
+        clauses.append(f"{':'.join(loc)}{shown}: {err['msg']}")
+    return "invalid configuration: " + "; ".join(clauses)
 
 
 def _check_files(settings: Settings) -> None:
@@ -491,3 +513,41 @@ def _check_files(settings: Settings) -> None:
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise ConfigError(f"Images: the name {duplicates[0]!r} is used twice")
+
+
+# ----------------------------------------------------------------------------- reporting
+
+
+def changed_settings(settings: Settings) -> list[str]:
+    """``Section:Key = value`` for every setting that differs from its default, in field order.
+
+    A section that defaults to none (``Image:TileFormat``) is compared with its own defaults.
+    List items are named by index (``Images:0:Path = /slides/a.svs``) except lists of plain
+    values, which are shown whole as JSON (``Privacy:HideProperties = ["aperio.User"]``);
+    strings are shown bare, other values as JSON (``true``, ``null``, ``90``).
+    """
+    lines: list[str] = []
+    _diff(settings, Settings(), [], lines)
+    return lines
+
+
+_ABSENT = object()
+
+
+def _diff(value: Any, default: Any, path: list[str], lines: list[str]) -> None:
+    if isinstance(value, BaseModel):
+        if not isinstance(default, type(value)):
+            try:
+                default = type(value)()
+            except ValidationError:  # required fields (an Images item): no default
+                default = None
+        for name in type(value).model_fields:
+            _diff(getattr(value, name), getattr(default, name, _ABSENT), [*path, name], lines)
+    elif isinstance(value, list) and any(isinstance(item, BaseModel) for item in value):
+        base = default if isinstance(default, list) else []
+        for i, item in enumerate(value):
+            _diff(item, base[i] if i < len(base) else _ABSENT, [*path, str(i)], lines)
+    elif value != default and not (value is None and default is _ABSENT):
+        plain = to_jsonable_python(value)
+        shown = plain if isinstance(plain, str) else json.dumps(plain)
+        lines.append(f"{':'.join(path)} = {shown}")

@@ -2,15 +2,17 @@
 
 ::
 
-    tileserver pregenerate [NAME ...|--all] [--overwrite] [--levels A-B] [--workers N]
+    tileserver pregenerate [NAME|SLIDE ...|--all] [--overwrite] [--levels A-B] [--workers N]
                            [--scheduler tcp://host:8786] [--config FILE] [Section:Key=value ...]
     tileserver export SLIDE OUTDIR [--overwrite] [--levels A-B] [--workers N]
                       [--scheduler ...] [--config FILE] [Section:Key=value ...]
 
 Both load settings exactly as ``serve`` does, so the tiles are the ones the server would render,
-and show a rich progress bar (tiles, tiles/s, elapsed, ETA) on stderr. Exit status: 0 done,
-1 a slide or the disk failed (the message says which), 2 bad configuration or arguments,
-130 interrupted (Ctrl-C; the tiles written so far are whole: run again to resume).
+and show a rich progress bar (tiles, tiles/s, elapsed, ETA) on stderr. A slide is a configured
+name or a slide file (served under its stem). ``Section:Key=value`` items may stand anywhere.
+Exit status: 0 done, 1 a slide or the disk failed (the message says which), 2 bad configuration
+or arguments, 130 interrupted (Ctrl-C; the tiles written so far are whole: run again to resume,
+unless ``--overwrite`` was given).
 """
 
 from __future__ import annotations
@@ -22,14 +24,6 @@ import time
 from pathlib import Path
 
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
-from rich.progress import Progress as Bar
 
 from app.batch.pregenerate import Cancelled, Pregenerator, Progress, open_target
 from app.batch.walk import parse_levels
@@ -37,6 +31,7 @@ from app.cache.disk import open_disk_cache
 from app.core.errors import ConfigError, TileServerError
 from app.core.slides import SlideEntry, SlideRegistry, build_catalogue
 from app.settings import Settings, load_settings
+from app.tools.progress import ProgressBars
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
@@ -46,18 +41,18 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         description="Render every tile of the slides' DZI pyramids into TileCachePath, with "
                     "the server's settings and format policy. Whole tiles already there are "
                     "skipped, so an interrupted run resumes.")
-    pre.add_argument("items", nargs="*", metavar="NAME|Section:Key=value",
-                     help="slide names (default: the only slide), then settings overrides")
+    pre.add_argument("items", nargs="*", metavar="NAME|SLIDE|Section:Key=value",
+                     help="slide names or slide files (default: the only slide), and settings "
+                          "overrides, in any order")
     pre.add_argument("--all", action="store_true", help="every configured slide")
     _common(pre)
     export = commands.add_parser(
         "export", help="write a static DZI (.dzi + _files/ + viewer page) into a folder",
         description="Write OUTDIR/{name}.dzi, OUTDIR/{name}_files/, OUTDIR/{name}.html and "
                     "OUTDIR/openseadragon/: a pyramid any static web server serves as is.")
-    export.add_argument("slide", metavar="SLIDE", help="a configured slide name or a slide file")
-    export.add_argument("outdir", metavar="OUTDIR", type=Path)
-    export.add_argument("items", nargs="*", metavar="Section:Key=value",
-                        help="settings overrides")
+    export.add_argument("items", nargs="*", metavar="SLIDE OUTDIR|Section:Key=value",
+                        help="a configured slide name or a slide file, the output folder, and "
+                             "settings overrides, in any order")
     _common(export)
 
 
@@ -73,30 +68,38 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    """Run ``pregenerate`` or ``export``; returns the exit status."""
-    names = [item for item in args.items if "=" not in item]
-    overrides = [item for item in args.items if "=" in item]
+    """Run ``pregenerate`` or ``export``; returns the exit status.
+
+    ``args.words`` are the plain positional arguments (slide names or files; for export then
+    OUTDIR), ``args.settings`` the ``Section:Key=value`` items (see :mod:`app.cli`).
+    """
     try:
         levels = parse_levels(args.levels)
         if args.workers is not None and args.workers < 0:
             raise ValueError("--workers must be >= 0")
+        if args.command == "export" and len(args.words) != 2:
+            raise ValueError(f"export needs SLIDE and OUTDIR, got {args.words or 'neither'}")
     except ValueError as exc:
         print(f"tileserver: {exc}", file=sys.stderr)
         return 2
     console = Console(stderr=True)
     try:
         if args.command == "export":
-            settings = load_settings(config_file=args.config, overrides=overrides)
+            settings = load_settings(config_file=args.config, overrides=args.settings)
             return _export(args, settings, levels, console)
-        from app.cli import prepare_settings
+        if args.words:  # named slides or files: no demo slide
+            settings = load_settings(config_file=args.config, overrides=args.settings)
+        else:
+            from app.cli import prepare_settings
 
-        settings = prepare_settings(args.config, overrides)
-        return _pregenerate(args, settings, names, levels, console)
+            settings = prepare_settings(args.config, args.settings)
+        return _pregenerate(args, settings, levels, console)
     except ConfigError as exc:
         print(f"tileserver: {exc.detail}", file=sys.stderr)
         return 2
     except Cancelled:
-        print("tileserver: interrupted; the tiles written so far are whole: run again to resume",
+        resume = "" if args.overwrite else ": run again to resume"
+        print(f"tileserver: interrupted; the tiles written so far are whole{resume}",
               file=sys.stderr)
         return 130
     except TileServerError as exc:
@@ -104,11 +107,35 @@ def run_command(args: argparse.Namespace) -> int:
         return 1
 
 
-def _pregenerate(args: argparse.Namespace, settings: Settings, names: list[str],
+def slide_names(catalogue: dict[str, SlideEntry], words: list[str]) -> list[str]:
+    """The slides ``words`` name: configured names as they are; a slide file joins
+    ``catalogue`` under its stem (its name in the cache and the export).
+
+    Raises:
+        ConfigError: a word is neither a configured name nor a file, or a file's stem is the
+            name of another configured slide.
+    """
+    names = []
+    for word in words:
+        if word not in catalogue:
+            path = Path(word)
+            if not path.is_file():
+                raise ConfigError(f"no slide named {word!r} and no such file")
+            known = catalogue.setdefault(path.stem, SlideEntry(path.stem, path))
+            if known.path.resolve() != path.resolve():
+                raise ConfigError(f"{word}: its name {path.stem!r} is a configured slide's "
+                                  f"({known.path})")
+            word = path.stem
+        names.append(word)
+    return names
+
+
+def _pregenerate(args: argparse.Namespace, settings: Settings,
                  levels: tuple[int, ...] | None, console: Console) -> int:
     if not settings.EnableDiskCache:
         raise ConfigError("EnableDiskCache = false: pregeneration fills the disk cache")
     catalogue = build_catalogue(settings)
+    names = slide_names(catalogue, args.words)
     open_disk_cache(settings, catalogue, index=False)  # the location checked, the cache marked
     registry = SlideRegistry(catalogue, settings)
     if args.all:
@@ -118,10 +145,11 @@ def _pregenerate(args: argparse.Namespace, settings: Settings, names: list[str],
             raise ConfigError(f"{len(registry.names)} slides are configured: name the ones to "
                               "pregenerate, or use --all")
         names = registry.names
+    label = "all slides" if args.all else ", ".join(names)
     targets = [open_target(registry, name, levels) for name in names]
     started = time.monotonic()
     with Pregenerator(settings, args.workers, args.scheduler) as pregenerator:
-        progress = _with_bar(console, lambda cancel, report: pregenerator.run(
+        progress = _with_bar(console, label, lambda cancel, report: pregenerator.run(
             targets, args.overwrite, cancel, report))
     _summary(", ".join(names), progress, time.monotonic() - started)
     return 0
@@ -132,38 +160,28 @@ def _export(args: argparse.Namespace, settings: Settings, levels: tuple[int, ...
     from app.batch.export import export_slide
 
     catalogue = build_catalogue(settings)
-    name = args.slide
-    if name not in catalogue:
-        path = Path(args.slide)
-        if not path.is_file():
-            raise ConfigError(f"export: {args.slide!r} is neither a configured slide nor a file")
-        name = path.stem
-        catalogue[name] = SlideEntry(name, path)
+    [name] = slide_names(catalogue, args.words[:1])
     registry = SlideRegistry(catalogue, settings)
     started = time.monotonic()
-    result = _with_bar(console, lambda cancel, report: export_slide(
-        settings, registry, name, args.outdir, levels, args.overwrite, args.workers,
+    result = _with_bar(console, name, lambda cancel, report: export_slide(
+        settings, registry, name, Path(args.words[1]), levels, args.overwrite, args.workers,
         args.scheduler, cancel, report))
     _summary(name, result.progress, time.monotonic() - started)
     print(f"wrote {result.dzi} and {result.page}")
     return 0
 
 
-def _with_bar(console: Console, work):
-    """Run ``work(cancel, report)`` under a rich progress bar; Ctrl-C cancels it."""
+def _with_bar(console: Console, label: str, work):
+    """Run ``work(cancel, report)`` under a progress bar labelled ``label``; Ctrl-C cancels it.
+
+    Raises:
+        Cancelled: Ctrl-C (``cancel`` was set so that the workers stop).
+    """
     cancel = threading.Event()
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("{task.fields[rate]:>8,.0f} tiles/s"), TimeElapsedColumn(),
-               TextColumn("ETA"), TimeRemainingColumn())
-    with Bar(*columns, console=console, transient=False) as bar:
-        task = bar.add_task("starting", total=None, rate=0.0)
-        started = time.monotonic()
+    with ProgressBars("tiles", console) as bars:
 
         def report(progress: Progress) -> None:
-            elapsed = time.monotonic() - started
-            bar.update(task, description=progress.slide, total=progress.total,
-                       completed=progress.processed,
-                       rate=progress.done / elapsed if elapsed > 0 else 0.0)
+            bars.report(label, progress.processed, progress.total, progress.done)
 
         try:
             return work(cancel, report)

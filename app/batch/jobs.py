@@ -172,6 +172,17 @@ class Job:
 
 
 
+def level_ranges(levels: list[int]) -> str:
+    """Sorted distinct levels as text: ``[3, 5, 6, 7]`` -> ``"3,5-7"``."""
+    runs: list[list[int]] = []
+    for level in levels:
+        if runs and level == runs[-1][1] + 1:
+            runs[-1][1] = level
+        else:
+            runs.append([level, level])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+
+
 def _iso(timestamp: float | None) -> str | None:
     if timestamp is None:
         return None
@@ -222,13 +233,14 @@ class JobManager:
         workers = Pregenerator(self.settings).workers
         return f"local, {workers} worker process{'es' if workers > 1 else ''}"
 
-    def submit(self, slides: list[str], levels: tuple[int, ...] | None,
-               overwrite: bool) -> Job:
+    async def submit(self, slides: list[str], levels: tuple[int, ...] | None,
+                     overwrite: bool) -> Job:
         """Queue a job.
 
         Raises:
             SlideNotFound: an unknown slide name.
-            BadJobRequest: no slide to render.
+            BadJobRequest: no slide to render, or a requested level that no slide of the job
+                has (the message names the DZI levels there are).
             DiskCacheDisabled: ``EnableDiskCache`` is false.
             JobConflict: a slide is already in a queued or running job (``extra["job"]``).
         """
@@ -238,6 +250,8 @@ class JobManager:
             raise BadJobRequest("no slide is configured")
         for name in slides:
             self.registry.entry(name)
+        if levels is not None:
+            await self._check_levels(slides, levels)
         for job in self._jobs.values():
             busy = sorted(set(job.slides) & set(slides))
             if busy and not job.state.finished:
@@ -249,6 +263,30 @@ class JobManager:
         self._queue.put_nowait(job)
         log.info("job %s queued: %s", job.id, ", ".join(slides))
         return job
+
+    async def _check_levels(self, slides: list[str], levels: tuple[int, ...]) -> None:
+        """Every requested level must exist in the pyramid of at least one of ``slides``
+        (levels are clipped to each slide's pyramid when the job runs). Slides that cannot be
+        opened are left to the job, which reports them.
+
+        Raises:
+            BadJobRequest: a level above the highest pyramid's top level.
+        """
+        counts = []
+        for name in slides:
+            try:
+                counts.append((await self.registry.get(name)).pyramid.level_count)
+            except TileServerError:  # unopenable or gone: the job reports it
+                continue
+        if not counts:
+            return
+        top = max(counts) - 1
+        outside = [level for level in levels if level > top]
+        if outside:
+            which = (f"slide {slides[0]!r} has" if len(slides) == 1
+                     else f"the largest of the {len(slides)} slides has")
+            raise BadJobRequest(f"levels {level_ranges(outside)} do not exist: {which} DZI "
+                                f"levels 0-{top}")
 
     def get(self, job_id: str) -> Job:
         """The job of that id.

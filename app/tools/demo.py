@@ -29,8 +29,10 @@ JPEG-encoded.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -42,6 +44,8 @@ import imagecodecs
 import numpy as np
 import tifffile
 from PIL import Image, ImageDraw, ImageFont
+
+log = logging.getLogger(__name__)
 
 DEMO_SIZE = (24000, 18000)
 """Level-0 size (width, height) of the slide written by :func:`ensure_demo_slide`."""
@@ -395,9 +399,11 @@ def _tiles_of(
 
 
 def _level0_tiles(
-    synth: _Synth, ts: int, enc: _TileEncoder, pool: ThreadPoolExecutor, reduced: np.ndarray
+    synth: _Synth, ts: int, enc: _TileEncoder, pool: ThreadPoolExecutor, reduced: np.ndarray,
+    progress: Callable[[int, int], None] | None = None,
 ) -> Iterator[bytes]:
-    """Render and encode level 0 band by band; fill `reduced` (4x smaller) on the way."""
+    """Render and encode level 0 band by band; fill `reduced` (4x smaller) on the way;
+    ``progress(bands done, bands + 1)`` after each band."""
     w, h = synth.width, synth.height
     pw = -(-w // ts) * ts
     chunk = ts * max(1, 2048 // ts)  # render ~2k px wide pieces (cache friendly)
@@ -417,8 +423,11 @@ def _level0_tiles(
                 )
         return tiles
 
-    for tiles in _ordered_map(pool, band, range(0, h, ts), ahead=_WORKERS + 1):
+    bands = range(0, h, ts)
+    for done, tiles in enumerate(_ordered_map(pool, band, bands, ahead=_WORKERS + 1), 1):
         yield from tiles
+        if progress is not None:
+            progress(done, len(bands) + 1)
 
 
 def _label_image(seed: int, app_mag: int) -> np.ndarray:
@@ -475,6 +484,7 @@ def write_aperio_svs(
     seed: int = 0,
     bigtiff: bool | None = None,
     icc_profile: bytes | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> Path:
     """Write a synthetic, Aperio-style SVS slide.
 
@@ -506,6 +516,8 @@ def write_aperio_svs(
         icc_profile: An ICC profile for level 0's InterColorProfile tag (34675),
             where Aperio scanners store theirs (OpenSlide reports it as the
             slide's ``color_profile``); None writes none.
+        progress: called with ``(steps done, steps)`` while the file is written: one step
+            per row of level-0 tiles (most of the time), and a last one for everything else.
 
     Returns:
         `path` as a :class:`~pathlib.Path`.
@@ -515,7 +527,8 @@ def write_aperio_svs(
     """
     return _write_slide(path, width, height, tile_size=tile_size, quality=quality,
                         photometric=photometric, app14=app14, mpp=mpp, app_mag=app_mag,
-                        seed=seed, bigtiff=bigtiff, aperio=True, icc_profile=icc_profile)
+                        seed=seed, bigtiff=bigtiff, aperio=True, icc_profile=icc_profile,
+                        progress=progress)
 
 
 def write_generic_tiff(
@@ -545,6 +558,7 @@ def _write_slide(
     path: str | os.PathLike[str], width: int, height: int, *, tile_size: int, quality: int,
     photometric: str, app14: bool, mpp: float, app_mag: int, seed: int,
     bigtiff: bool | None, aperio: bool, icc_profile: bytes | None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> Path:
     """:func:`write_aperio_svs` (``aperio``) or :func:`write_generic_tiff`."""
     path = Path(path)
@@ -619,7 +633,7 @@ def _write_slide(
             tifffile.TiffWriter(tmp, bigtiff=bigtiff) as tif,
         ):
             level1 = np.zeros((height // 4, width // 4, 3), np.uint8)
-            tiles = _level0_tiles(synth, tile_size, enc, pool, level1)
+            tiles = _level0_tiles(synth, tile_size, enc, pool, level1, progress)
             level0 = tiled(tiles, sizes[0], f"{head} {jpeg_kind}{props}")
             if icc_profile is not None:
                 level0["iccprofile"] = icc_profile
@@ -661,13 +675,17 @@ def _write_slide(
                 args = stripped_jpeg(macro, f"{_SOFTWARE}\r\nmacro {mw}x{mh}")
                 tif.write(subfiletype=9, **args)
         os.replace(tmp, path)
+        if progress is not None:
+            steps = -(-height // tile_size) + 1
+            progress(steps, steps)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     return path
 
 
-def ensure_demo_slide(directory: str | os.PathLike[str]) -> Path:
+def ensure_demo_slide(directory: str | os.PathLike[str],
+                      progress: Callable[[int, int], None] | None = None) -> Path:
     """Return ``directory/demo.svs``, generating it first if it does not exist.
 
     The slide is :data:`DEMO_SIZE` (24000x18000 px at 0.499 um/px, 20x), seed 0,
@@ -675,8 +693,11 @@ def ensure_demo_slide(directory: str | os.PathLike[str]) -> Path:
     processes) may each generate it; every writer atomically replaces the file
     with identical content, so readers never see a partial file.
 
+    Generating it logs one line before and one after (logger ``app.tools.demo``).
+
     Args:
         directory: Directory for the slide; created if missing.
+        progress: while generating, called as :func:`write_aperio_svs` calls it.
 
     Returns:
         Path of the demo slide.
@@ -685,5 +706,9 @@ def ensure_demo_slide(directory: str | os.PathLike[str]) -> Path:
     path = directory / "demo.svs"
     if not path.exists():
         directory.mkdir(parents=True, exist_ok=True)
-        write_aperio_svs(path, *DEMO_SIZE, seed=0)
+        log.info("writing the demo slide %s (%dx%d px; once, about half a minute)", path,
+                 *DEMO_SIZE)
+        started = time.monotonic()
+        write_aperio_svs(path, *DEMO_SIZE, seed=0, progress=progress)
+        log.info("wrote the demo slide %s in %.0f s", path, time.monotonic() - started)
     return path

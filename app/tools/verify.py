@@ -10,8 +10,11 @@ with the pixels the reference gives for the same address:
 - a lossy tile is measured: PSNR (dB, 8-bit peak 255) and the largest sample error;
 - every tile's ``Content-Digest`` must be the SHA-256 of the bytes received, its
   ``Content-Type`` the format the bytes decode as, and the DZI must equal
-  ``DeepZoomGenerator.get_dzi``; the slide file must be the server's (same
-  ``openslide.quickhash-1``).
+  ``DeepZoomGenerator.get_dzi``.
+
+Before any tile, the slide file here must be the server's (same ``openslide.quickhash-1``, or
+file size where the format has none, and the same DZI pyramid size); otherwise verify cannot
+run (:class:`VerifyError`).
 
 Tiles come over HTTP from a running server (``--url``) or from the app built in this process
 (the same ASGI app uvicorn runs, through httpx's ASGI transport). Either way the slide files come
@@ -35,7 +38,7 @@ import math
 import random
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,7 +66,12 @@ _DECODED_TYPES = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp"
 
 
 class VerifyError(Exception):
-    """Verify cannot run (unknown slide, server unreachable, bad ``--levels``); exit status 2."""
+    """Verify cannot run (unknown slide, server unreachable, bad ``--levels``, the slide file
+    here is not the server's); exit status 2."""
+
+
+ProgressCallback = Callable[[str, int, int], None]
+"""``progress(slide name, tiles checked, tiles to check)`` of :func:`run_verify`."""
 
 
 # ----------------------------------------------------------------------------- reference
@@ -387,17 +395,20 @@ class Verifier:
         levels: ``parse_levels`` result; sample: tiles per level (0: all); min_psnr: dB below
             which a lossy tile fails (0: never).
         query_format: ``?format=`` to add to every tile URL (None: the policy's format).
+        progress: called after each tile (see :data:`ProgressCallback`).
     """
 
     def __init__(self, client: httpx.AsyncClient, settings: Settings,
                  levels: tuple[int, int | None] | None = None, sample: int = 16,
-                 min_psnr: float = 0.0, query_format: str | None = None):
+                 min_psnr: float = 0.0, query_format: str | None = None,
+                 progress: ProgressCallback | None = None):
         self.client = client
         self.catalogue = build_catalogue(settings)
         self.levels = levels
         self.sample = sample
         self.min_psnr = min_psnr
         self.query_format = query_format
+        self.progress = progress
         self._limit = anyio.Semaphore(CONCURRENCY)
 
     async def get_json(self, path: str) -> Any:
@@ -422,7 +433,8 @@ class Verifier:
         """Verify one slide; every finding lands in the report (never raises for the slide).
 
         Raises:
-            VerifyError: the slide is unknown here (no file to compare with).
+            VerifyError: the slide is unknown here (no file to compare with), or the file here
+                is not the server's slide (checked before any tile).
         """
         entry = self.catalogue.get(name)
         if entry is None:
@@ -446,7 +458,7 @@ class Verifier:
             ReferenceSlide, entry.path, policy["tile_size"], policy["overlap"],
             policy["limit_bounds"], policy["color"]["mode"])
         report.quickhash = reference.quickhash
-        await anyio.to_thread.run_sync(self._check_identity, report, reference, policy)
+        await anyio.to_thread.run_sync(self._check_identity, name, report, reference, policy)
         base = await self._check_dzi(report, reference, name, policy["declared_format"])
         if base is None:
             return report
@@ -458,43 +470,69 @@ class Verifier:
             level = LevelReport(lv["level"], lv["width"], lv["height"], lv["cols"], lv["rows"],
                                 fmt, lossless, lv["slide_level"])
             seed = f"{policy['quickhash'] or name}-{lv['level']}"
-            addresses = sample_addresses(lv["cols"], lv["rows"], self.sample, seed)
-            async with anyio.create_task_group() as tg:
-                for col, row in addresses:
-                    result = TileResult(f"{base}/{lv['level']}/{col}_{row}."
-                                        f"{policy['declared_format']}", lv["level"], col, row, 0)
-                    if self.query_format:
-                        result.url += f"?format={self.query_format}"
-                    level.tiles.append(result)
-                    tg.start_soon(self._check_tile, reference, result, lossless)
+            for col, row in sample_addresses(lv["cols"], lv["rows"], self.sample, seed):
+                result = TileResult(f"{base}/{lv['level']}/{col}_{row}."
+                                    f"{policy['declared_format']}", lv["level"], col, row, 0)
+                if self.query_format:
+                    result.url += f"?format={self.query_format}"
+                level.tiles.append(result)
             report.levels.append(level)
+        tiles = [(t, lv.lossless) for lv in report.levels for t in lv.tiles]
+        checked = 0
+
+        async def check(result: TileResult, lossless: bool) -> None:
+            nonlocal checked
+            await self._check_tile(reference, result, lossless)
+            checked += 1
+            if self.progress is not None:
+                self.progress(name, checked, len(tiles))
+
+        if self.progress is not None:
+            self.progress(name, 0, len(tiles))
+        async with anyio.create_task_group() as tg:
+            for result, lossless in tiles:
+                tg.start_soon(check, result, lossless)
         return report
 
-    def _check_identity(self, report: SlideReport, reference: ReferenceSlide,
+    def _check_identity(self, name: str, report: SlideReport, reference: ReferenceSlide,
                         policy: dict[str, Any]) -> None:
+        """The file here must be the server's slide: same SHA-256 when the server hashed its
+        file whole (``Integrity.ContentSha256``), else same quickhash (or, for formats without
+        one, same file size); and same DZI pyramid size. Blocking (hashing).
+
+        Raises:
+            VerifyError: they differ (one line naming both sides).
+        """
+        differences = []
         if policy.get("sha256"):  # the server hashed its file whole: the strongest check
             report.sha256 = file_sha256(reference.path)
             report.identity_check = "SHA-256 of the whole file"
             if report.sha256 != policy["sha256"]:
-                report.problems.append(
-                    f"the server's slide is not this file: SHA-256 {policy['sha256']} on the "
-                    f"server, {report.sha256} here")
-            return
-        if policy["quickhash"] or reference.quickhash:
+                differences.append(f"SHA-256 {report.sha256} here, {policy['sha256']} on the "
+                                   "server")
+        elif policy["quickhash"] or reference.quickhash:
             report.identity_check = "openslide.quickhash-1"
             if policy["quickhash"] != reference.quickhash:
-                report.problems.append(
-                    f"the server's slide is not this file: quickhash {policy['quickhash']} "
-                    f"on the server, {reference.quickhash} here")
-            return
-        size = str(reference.path.stat().st_size)
-        fields = dict(part.split("=", 1) for part in policy["identity"].split(";")
-                      if "=" in part)
-        if "size" in fields:
+                differences.append(f"quickhash {reference.quickhash} here, "
+                                   f"{policy['quickhash']} on the server")
+        else:
+            fields = dict(part.split("=", 1) for part in policy["identity"].split(";")
+                          if "=" in part)
             report.identity_check = "file size (no quickhash for this format)"
-            if fields["size"] != size:
-                report.problems.append(f"the server's slide is not this file: "
-                                       f"{policy['identity']} on the server, size {size} here")
+            size = str(reference.path.stat().st_size)
+            if fields.get("size") != size:
+                differences.append(f"{size} bytes here, {fields.get('size')} on the server")
+        top = max(policy["levels"], key=lambda lv: lv["level"], default=None)
+        here = reference.generator.level_dimensions[-1]
+        there = (top["width"], top["height"]) if top else None
+        if tuple(here) != there or reference.generator.level_count != policy["level_count"]:
+            differences.append(f"{here[0]}x{here[1]} px in {reference.generator.level_count} DZI "
+                               f"levels here, {there[0] if there else 0}x"
+                               f"{there[1] if there else 0} px in {policy['level_count']} on "
+                               "the server")
+        if differences:
+            raise VerifyError(f"slide {name!r}: {reference.path.name} here is not the slide the "
+                              f"server serves ({'; '.join(differences)})")
 
     async def _check_dzi(self, report: SlideReport, reference: ReferenceSlide, name: str,
                          declared: str) -> str | None:
@@ -577,7 +615,8 @@ async def http_client(url: str | None, settings: Settings) -> AsyncIterator[http
 
 async def run_verify(settings: Settings, names: list[str], url: str | None = None,
                      levels: str | None = None, sample: int = 16, min_psnr: float = 0.0,
-                     query_format: str | None = None) -> dict[str, Any]:
+                     query_format: str | None = None,
+                     progress: ProgressCallback | None = None) -> dict[str, Any]:
     """Verify slides and return the JSON report (``passed`` says whether all passed).
 
     Args:
@@ -586,9 +625,11 @@ async def run_verify(settings: Settings, names: list[str], url: str | None = Non
         url: the server's base URL; None verifies the app built in this process.
         levels: ``--levels`` text; sample: tiles per level (0: all); min_psnr: dB.
         query_format: ``?format=`` for every tile (None: the policy's choice).
+        progress: called after each tile (see :data:`ProgressCallback`).
 
     Raises:
-        VerifyError: cannot run (bad options, unknown slide, server unreachable).
+        VerifyError: cannot run (bad options, unknown slide, server unreachable, a slide file
+            here that is not the server's).
     """
     level_range = parse_levels(levels)
     if sample < 0:
@@ -596,7 +637,8 @@ async def run_verify(settings: Settings, names: list[str], url: str | None = Non
     started = time.time()
     t0 = time.perf_counter()
     async with http_client(url, settings) as client:
-        verifier = Verifier(client, settings, level_range, sample, min_psnr, query_format)
+        verifier = Verifier(client, settings, level_range, sample, min_psnr, query_format,
+                            progress)
         version = (await verifier.get_json("/api/version"))["version"]
         names = names or await verifier.slide_names()
         reports = [await verifier.verify(name) for name in names]

@@ -154,10 +154,35 @@ def test_bad_job_requests(apps, method, url, status, error):
     assert r.status_code == status and r.json()["error"] == error, r.text
 
 
-def test_levels_outside_the_pyramid_fail_the_job(apps):
+def test_levels_outside_the_pyramid_are_a_bad_request(apps):
     jobs, _ = apps
-    doc = wait_job(jobs, jobs.post("/api/tiles/g/generate?levels=40-41").json()["id"])
-    assert doc["state"] == "failed" and "outside" in doc["error"]
+    r = jobs.post("/api/tiles/g/generate?levels=40-41")
+    assert r.status_code == 400 and r.json()["error"] == "bad_request"
+    assert r.json()["detail"] == "levels 40-41 do not exist: slide 'g' has DZI levels 0-13"
+    assert jobs.get("/api/jobs").json() == []
+
+
+def test_levels_are_checked_against_the_pyramids(client_for, generated_svs, tmp_path):
+    """One slide: every level must be in its pyramid. Every slide: every level must be in at
+    least one pyramid (each slide's part is clipped to its own)."""
+    from app.tools.demo import write_aperio_svs
+
+    small = write_aperio_svs(tmp_path / "small.svs", 1000, 800, seed=5)  # DZI levels 0-10
+    jobs = client_for(Images=[{"Name": "g", "Path": str(generated_svs)},  # DZI levels 0-13
+                              {"Name": "small", "Path": str(small)}])
+    r = jobs.post("/api/tiles/small/generate?levels=10-17")
+    assert r.status_code == 400, r.text
+    assert r.json()["detail"] == "levels 11-17 do not exist: slide 'small' has DZI levels 0-10"
+    r = jobs.post("/api/tiles/generate-all?levels=3,12-15")
+    assert r.status_code == 400, r.text
+    assert r.json()["detail"] == ("levels 14-15 do not exist: the largest of the 2 slides has "
+                                  "DZI levels 0-13")
+    assert jobs.get("/api/jobs").json() == []
+    doc = wait_job(jobs, jobs.post("/api/tiles/generate-all?levels=9-11").json()["id"])
+    assert doc["state"] == "succeeded" and doc["levels"] == [9, 10, 11], doc
+    tiles = {name: jobs.get(f"/api/slides/{name}").json()["levels"] for name in ("g", "small")}
+    assert doc["tiles_total"] == sum(lv["cols"] * lv["rows"] for levels in tiles.values()
+                                     for lv in levels if 9 <= lv["level"] <= 11)
 
 
 def test_single_slide_route_and_disabled_cache(client_for, generated_svs, tmp_path):

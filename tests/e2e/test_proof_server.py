@@ -38,11 +38,13 @@ def test_verify_over_http(live_server, capsys, tmp_path, monkeypatch):
     assert code == 2  # a missing file is a configuration error
     small = next(item["Path"] for item in json.loads(config.read_text())["Images"]
                  if item["Name"] == "small")
+    capsys.readouterr()
     code = main(["verify", "boxes", "--url", live_server.base_url, "--config", str(config),
                  f"Images:1:Path={small}", "--levels", "0", "--json", str(report)])
-    assert code == 1
-    problems = json.loads(report.read_text())["slides"][0]["problems"]
-    assert any("the server's slide is not this file" in p for p in problems)
+    assert code == 2  # verify cannot run on another file: one line, before any tile
+    err = capsys.readouterr().err
+    assert f"slide 'boxes': {small} here is not the slide the server serves" in err
+    assert err.count("\n") == 1
 
 
 def test_verify_over_http_catches_a_corrupted_cache(tmp_path, generated_svs, capsys,

@@ -85,6 +85,20 @@ def test_single_slide_server_shape(tmp_path, slide):
     assert (s.TileFormat.LosslessLevelCount, s.TileFormat.JpegQuality) == (2, 85)
 
 
+@pytest.mark.parametrize(("tile_format", "message"), [
+    ({"JpegQuality": 0}, "Image:TileFormat:JpegQuality = 0: Input should be greater than or "
+                         "equal to 1"),
+    ({"JpegQualty": 80}, "Image:TileFormat:JpegQualty ({base}/appsettings.json) is not a "
+                         "setting; did you mean Image:TileFormat:JpegQuality?"),
+])
+def test_single_slide_server_shape_errors_are_named_once(tmp_path, slide, tile_format, message):
+    write(tmp_path / "appsettings.json", {"Image": {"Path": str(slide),
+                                                    "TileFormat": tile_format}})
+    with pytest.raises(ConfigError) as info:
+        load_settings(base_dir=tmp_path, environ={})
+    assert info.value.detail == "invalid configuration: " + message.format(base=tmp_path)
+
+
 def test_multi_slide_server_shape(tmp_path, slide):
     """appsettings.json as OpenSlideSharp's MultiSlideServer writes it, unchanged."""
     write(tmp_path / "appsettings.json", {
@@ -123,12 +137,94 @@ def test_malformed_json_is_named(tmp_path):
         load_settings(base_dir=tmp_path, environ={})
 
 
-def test_cli_reports_config_error_and_exits(tmp_path):
+@pytest.mark.parametrize(("item", "message"), [
+    ("TileFormat:JpegQuality=0", "TileFormat:JpegQuality = '0'"),
+    ("TileFormat:EnforceLosless=true", "TileFormat:EnforceLosless (command line) is not a "
+                                       "setting; did you mean TileFormat:EnforceLossless?"),
+])
+def test_cli_reports_config_error_and_exits(tmp_path, item, message):
     import subprocess
     import sys
     result = subprocess.run(
-        [sys.executable, "-m", "app.cli", "serve", "TileFormat:JpegQuality=0"],
+        [sys.executable, "-m", "app.cli", "serve", item],
         cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
-    assert "TileFormat:JpegQuality = '0'" in result.stderr
+    assert message in result.stderr
     assert result.stderr.count("\n") == 1  # one clear line, no traceback
+
+
+@pytest.mark.parametrize(("source", "message"), [
+    ("file", "TileFormat:EnforceLosless ({base}/appsettings.json) is not a setting; "
+             "did you mean TileFormat:EnforceLossless?"),
+    ("config", "Images:1:Nmae ({base}/extra.json) is not a setting; did you mean Images:1:Name?"),
+    ("environment", "Audit:Enable (environment variable Audit__Enable) is not a setting; "
+                    "did you mean Audit:Enabled?"),
+    ("command line", "DeepZoom:TileSise (command line) is not a setting; "
+                     "did you mean DeepZoom:TileSize?"),
+    ("unknown section", "Tiles (command line) is not a setting"),
+])
+def test_unknown_key_names_its_source_and_the_nearest_setting(tmp_path, slide, source,
+                                                              message):
+    kwargs = {"environ": {}, "base_dir": tmp_path}
+    if source == "file":
+        write(tmp_path / "appsettings.json", {"TileFormat": {"EnforceLosless": True}})
+    elif source == "config":
+        kwargs["config_file"] = write(tmp_path / "extra.json", {"Images": [
+            {"Name": "a", "Path": str(slide)}, {"Nmae": "b", "Path": str(slide)}]})
+    elif source == "environment":
+        kwargs["environ"] = {"Audit__Enable": "true"}
+    elif source == "command line":
+        kwargs["overrides"] = ["DeepZoom:TileSise=256"]
+    else:
+        kwargs["overrides"] = ["Tiles:Size=256"]
+    with pytest.raises(ConfigError) as info:
+        load_settings(**kwargs)
+    assert info.value.detail == "invalid configuration: " + message.format(base=tmp_path)
+
+
+def test_host_sections_are_accepted_from_every_source(tmp_path):
+    write(tmp_path / "appsettings.json", {
+        "Logging": {"LogLevel": {"Default": "Information", "Microsoft.AspNetCore": "Warning"}},
+        "AllowedHosts": "*", "Kestrel": {"Endpoints": {"Http": {"Url": "http://0.0.0.0:5000"}}},
+        "ConnectionStrings": {"Default": "Server=x"}, "TileCachePath": "./c"})
+    s = load_settings(base_dir=tmp_path, environ={"Logging__LogLevel__Default": "Debug",
+                                                  "ALLOWEDHOSTS": "example.org"},
+                      overrides=["Kestrel:Limits:MaxRequestBodySize=10"])
+    assert s.TileCachePath == "./c"
+
+
+def test_environment_variables_count_only_under_a_known_section(tmp_path):
+    s = load_settings(base_dir=tmp_path, environ={
+        "Tiles__Size": "1", "PATH": "/usr/bin", "HOME": "/root", "deepzoom__tilesize": "510"})
+    assert s.DeepZoom.TileSize == 510
+    with pytest.raises(ConfigError, match=r"DeepZoom:Size \(environment variable "
+                                          r"DeepZoom__Size\) is not a setting"):
+        load_settings(base_dir=tmp_path, environ={"DeepZoom__Size": "510"})
+
+
+def test_settings_are_frozen_and_variants_are_copies(tmp_path, slide):
+    from pydantic import ValidationError
+
+    s = load_settings(base_dir=tmp_path, environ={})
+    with pytest.raises(ValidationError, match="frozen"):
+        s.Image.Path = str(slide)
+    with pytest.raises(ValidationError, match="frozen"):
+        s.TileCachePath = "/elsewhere"
+    variant = s.model_copy(update={"Image": s.Image.model_copy(update={"Path": str(slide)})})
+    assert (variant.Image.Path, s.Image.Path) == (str(slide), None)
+
+
+def test_changed_settings_lists_what_differs_from_the_defaults(tmp_path, slide):
+    from app.settings import changed_settings, settings_from
+
+    write(tmp_path / "appsettings.json", {
+        "Image": {"Path": str(slide), "TileFormat": {"JpegQuality": 80}},
+        "Privacy": {"HideProperties": ["aperio.User"]}, "DeepZoom": {"ColorMode": "perceptual",
+                                                                     "TileSize": 254}})
+    s = load_settings(base_dir=tmp_path, environ={"Audit__Enabled": "true"})
+    assert changed_settings(s) == [
+        f"Image:Path = {slide}", "Image:TileFormat:JpegQuality = 80",
+        "DeepZoom:ColorMode = perceptual", "TileFormat:JpegQuality = 80",
+        'Privacy:HideProperties = ["aperio.User"]', "Audit:Enabled = true"]
+    assert changed_settings(settings_from({})) == []
+    assert changed_settings(settings_from(s.model_dump_json())) == changed_settings(s)

@@ -43,22 +43,25 @@ def _accepted(job: Job) -> JSONResponse:
 @router.post("/tiles/generate", status_code=202, summary="Pregenerate the single slide")
 async def generate_single(jobs: Jobs, overwrite: Overwrite = False,
                           levels: Levels = None) -> JSONResponse:
-    """Queue a job for the ``Image.Path`` slide (SingleSlideServer's route); 409 if one runs."""
-    return _accepted(jobs.submit([SINGLE_SLIDE_NAME], _levels(levels), overwrite))
+    """Queue a job for the ``Image.Path`` slide (SingleSlideServer's route); 409 if one runs;
+    400 for ``levels`` the slide does not have."""
+    return _accepted(await jobs.submit([SINGLE_SLIDE_NAME], _levels(levels), overwrite))
 
 
 @router.post("/tiles/generate-all", status_code=202, summary="Pregenerate every slide")
 async def generate_all(jobs: Jobs, registry: Registry, overwrite: Overwrite = False,
                        levels: Levels = None) -> JSONResponse:
-    """Queue one job covering every configured slide; 409 if any of them is in a job."""
-    return _accepted(jobs.submit(registry.names, _levels(levels), overwrite))
+    """Queue one job covering every configured slide; 409 if any of them is in a job; 400 for
+    ``levels`` that no slide has (others are clipped to each slide's pyramid)."""
+    return _accepted(await jobs.submit(registry.names, _levels(levels), overwrite))
 
 
 @router.post("/tiles/{name}/generate", status_code=202, summary="Pregenerate one slide")
 async def generate(name: str, jobs: Jobs, overwrite: Overwrite = False,
                    levels: Levels = None) -> JSONResponse:
-    """Queue a job for slide ``name``; 404 for an unknown slide, 409 if one runs for it."""
-    return _accepted(jobs.submit([name], _levels(levels), overwrite))
+    """Queue a job for slide ``name``; 404 for an unknown slide, 409 if one runs for it, 400
+    for ``levels`` the slide does not have (the message names the levels there are)."""
+    return _accepted(await jobs.submit([name], _levels(levels), overwrite))
 
 
 @router.get("/jobs", summary="Pregeneration jobs of this server process")
