@@ -167,7 +167,8 @@ def test_levels_are_checked_against_the_pyramids(client_for, generated_svs, tmp_
     least one pyramid (each slide's part is clipped to its own)."""
     from app.tools.demo import write_aperio_svs
 
-    small = write_aperio_svs(tmp_path / "small.svs", 1000, 800, seed=5)  # DZI levels 0-10
+    (tmp_path / "slides").mkdir()
+    small = write_aperio_svs(tmp_path / "slides" / "small.svs", 1000, 800, seed=5)  # DZI 0-10
     jobs = client_for(Images=[{"Name": "g", "Path": str(generated_svs)},  # DZI levels 0-13
                               {"Name": "small", "Path": str(small)}])
     r = jobs.post("/api/tiles/small/generate?levels=10-17")
