@@ -23,14 +23,17 @@ from app.server.app import create_app
 from app.settings import settings_from
 
 ROOT = Path(__file__).resolve().parents[1]
-FIXTURES = ROOT.parent / "shared" / "fixtures" / "openslide"
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "openslide"
 
 
 @pytest.fixture(scope="session")
 def fixtures() -> Path:
-    """``../shared/fixtures/openslide``; tests using it skip only where it is absent."""
-    if not FIXTURES.is_dir():
-        pytest.skip("../shared/fixtures/openslide is absent")
+    """``tests/fixtures/openslide``: the OpenSlide test suite's real slides (README there).
+
+    They live in the repository, so a missing folder is a broken checkout: fail, never skip.
+    """
+    if not (FIXTURES / "boxes.tiff").is_file():
+        pytest.fail(f"{FIXTURES} is missing its slides; the repository ships them", pytrace=False)
     return FIXTURES
 
 
