@@ -46,6 +46,17 @@ def generated_svs(tmp_path_factory) -> Path:
     return write_aperio_svs(path, 5000, 3800, seed=3)
 
 
+@pytest.fixture(scope="session")
+def quick_svs(tmp_path_factory) -> Path:
+    """A smaller generated Aperio SVS for tests that render or compare every tile of a pyramid:
+    3000x2200, 2 stored levels (3000x2200, 750x550) like ``generated_svs``, 13 DZI levels
+    (0..12) of 160 tiles at 254 px, the top one 12x9 tiles."""
+    from app.tools.demo import write_aperio_svs
+
+    path = tmp_path_factory.mktemp("slides") / "quick.svs"
+    return write_aperio_svs(path, 3000, 2200, seed=3)
+
+
 @pytest.fixture
 def client_for(tmp_path) -> Iterator:
     """``client_for(**appsettings) -> TestClient`` of a fresh app (lifespan run)."""

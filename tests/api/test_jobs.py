@@ -33,10 +33,10 @@ def every_tile(client, name: str):
 
 
 @pytest.fixture
-def apps(client_for, tmp_path, generated_svs, fixtures):
+def apps(client_for, tmp_path, quick_svs, fixtures):
     """Two apps on the same slides and settings: one whose cache a job fills, and one with an
     empty cache of its own that renders every tile on demand."""
-    images = [{"Name": "g", "Path": str(generated_svs)},
+    images = [{"Name": "g", "Path": str(quick_svs)},
               {"Name": "unreadable", "Path": str(fixtures / "unreadable.svs")},
               {"Name": "unopenable", "Path": str(fixtures / "unopenable.tiff")}]
     jobs = client_for(Images=images, TileCachePath=str(tmp_path / "jobs-cache"))
