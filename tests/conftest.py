@@ -26,6 +26,18 @@ ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "openslide"
 
 
+E2E = Path(__file__).resolve().parent / "e2e"
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Mark as ``e2e`` every test under ``tests/e2e/`` and every test that uses the
+    ``live_server`` fixture; tests elsewhere that start processes carry the marker themselves.
+    ``pytest -m "not e2e"`` is then the quick loop (markers: pyproject.toml)."""
+    for item in items:
+        if E2E in item.path.parents or "live_server" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.e2e)
+
+
 @pytest.fixture(scope="session")
 def fixtures() -> Path:
     """``tests/fixtures/openslide``: the OpenSlide test suite's real slides (README there).

@@ -123,6 +123,7 @@ def test_malformed_json_is_named(tmp_path):
         load_settings(base_dir=tmp_path, environ={})
 
 
+@pytest.mark.e2e  # the CLI as a process
 def test_cli_reports_config_error_and_exits(tmp_path):
     import subprocess
     import sys
