@@ -116,10 +116,12 @@ def test_kill_9_never_leaves_a_truncated_tile(tmp_path, quick_svs):
             im.load()  # raises on a truncated file
 
     server = start_server(tmp_path, settings)
-    try:
-        for r in range(rows):
-            for c in range(cols):
-                resp = server.get(f"/storage/g_files/{top}/{c}_{r}.png")
+    addresses = [(c, r) for r in range(rows) for c in range(cols)]
+    try:  # requests in parallel keep both cores rendering; each reply is checked in order
+        with concurrent.futures.ThreadPoolExecutor(4) as fetcher:
+            replies = fetcher.map(lambda a: server.get(f"/storage/g_files/{top}/{a[0]}_{a[1]}.png"),
+                                  addresses)
+            for (c, r), resp in zip(addresses, replies, strict=True):
                 expected = np.asarray(dz.get_tile(top, (c, r)))
                 assert np.array_equal(decode(resp.content), expected), (c, r)
     finally:
