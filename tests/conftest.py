@@ -23,10 +23,10 @@ from app.server.app import create_app
 from app.settings import settings_from
 
 ROOT = Path(__file__).resolve().parents[1]
-FIXTURES = Path(__file__).resolve().parent / "fixtures" / "openslide"
-
-
-E2E = Path(__file__).resolve().parent / "e2e"
+FIXTURES = ROOT / "tests" / "fixtures" / "openslide"
+FIXTURE_FILES = ("boxes.tiff", "boxes.png", "boxes-no-icc.png", "boxes_0.dcm", "boxes_1.dcm",
+                 "small.svs", "unopenable.tiff", "unreadable.svs")
+E2E = ROOT / "tests" / "e2e"
 
 
 def pytest_collection_modifyitems(config, items) -> None:
@@ -44,8 +44,10 @@ def fixtures() -> Path:
 
     They live in the repository, so a missing folder is a broken checkout: fail, never skip.
     """
-    if not (FIXTURES / "boxes.tiff").is_file():
-        pytest.fail(f"{FIXTURES} is missing its slides; the repository ships them", pytrace=False)
+    missing = [name for name in FIXTURE_FILES if not (FIXTURES / name).is_file()]
+    if missing:
+        pytest.fail(f"{FIXTURES} lacks {', '.join(missing)}: the repository ships them",
+                    pytrace=False)
     return FIXTURES
 
 
