@@ -20,14 +20,31 @@ from app.settings import settings_from
 from app.tools.launch import ServerProcess, free_port, serve_argv, server_env
 
 ROOT = Path(__file__).resolve().parents[1]
-FIXTURES = ROOT.parent / "shared" / "fixtures" / "openslide"
+FIXTURES = ROOT / "tests" / "fixtures" / "openslide"
+FIXTURE_FILES = ("boxes.tiff", "boxes.png", "boxes-no-icc.png", "boxes_0.dcm", "boxes_1.dcm",
+                 "small.svs", "unopenable.tiff", "unreadable.svs")
+E2E = ROOT / "tests" / "e2e"
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Mark as ``e2e`` every test under ``tests/e2e/`` and every test that uses the
+    ``live_server`` fixture; tests elsewhere that start processes carry the marker themselves.
+    ``pytest -m "not e2e"`` is then the quick loop (markers: pyproject.toml)."""
+    for item in items:
+        if E2E in item.path.parents or "live_server" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.e2e)
 
 
 @pytest.fixture(scope="session")
 def fixtures() -> Path:
-    """``../shared/fixtures/openslide``; tests using it skip only where it is absent."""
-    if not FIXTURES.is_dir():
-        pytest.skip("../shared/fixtures/openslide is absent")
+    """``tests/fixtures/openslide``: the OpenSlide test suite's real slides (README there).
+
+    They live in the repository, so a missing folder is a broken checkout: fail, never skip.
+    """
+    missing = [name for name in FIXTURE_FILES if not (FIXTURES / name).is_file()]
+    if missing:
+        pytest.fail(f"{FIXTURES} lacks {', '.join(missing)}: the repository ships them",
+                    pytrace=False)
     return FIXTURES
 
 
@@ -38,6 +55,17 @@ def generated_svs(tmp_path_factory) -> Path:
 
     path = tmp_path_factory.mktemp("slides") / "generated.svs"
     return write_aperio_svs(path, 5000, 3800, seed=3)
+
+
+@pytest.fixture(scope="session")
+def quick_svs(tmp_path_factory) -> Path:
+    """A smaller generated Aperio SVS for tests that render or compare every tile of a pyramid:
+    3000x2200, 2 stored levels (3000x2200, 750x550) like ``generated_svs``, 13 DZI levels
+    (0..12) of 160 tiles at 254 px, the top one 12x9 tiles."""
+    from app.tools.demo import write_aperio_svs
+
+    path = tmp_path_factory.mktemp("slides") / "quick.svs"
+    return write_aperio_svs(path, 3000, 2200, seed=3)
 
 
 @pytest.fixture

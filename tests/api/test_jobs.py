@@ -34,10 +34,10 @@ def every_tile(client, name: str):
 
 
 @pytest.fixture
-def apps(client_for, tmp_path, generated_svs, fixtures):
+def apps(client_for, tmp_path, quick_svs, fixtures):
     """Two apps on the same slides and settings: one whose cache a job fills, and one with an
     empty cache of its own that renders every tile on demand."""
-    images = [{"Name": "g", "Path": str(generated_svs)},
+    images = [{"Name": "g", "Path": str(quick_svs)},
               {"Name": "unreadable", "Path": str(fixtures / "unreadable.svs")},
               {"Name": "unopenable", "Path": str(fixtures / "unopenable.tiff")}]
     jobs = client_for(Images=images, TileCachePath=str(tmp_path / "jobs-cache"))
@@ -45,6 +45,7 @@ def apps(client_for, tmp_path, generated_svs, fixtures):
     return jobs, on_demand
 
 
+@pytest.mark.e2e  # the job runs in worker processes
 def test_job_fills_the_cache_with_the_tiles_the_server_renders_on_every_level(apps, tmp_path):
     jobs, on_demand = apps
     r = jobs.post("/api/tiles/g/generate")
@@ -77,6 +78,7 @@ def test_job_fills_the_cache_with_the_tiles_the_server_renders_on_every_level(ap
     assert rerun["levels"] == [9, 11] and rerun["tiles_done"] == rerun["tiles_total"] > 0
 
 
+@pytest.mark.e2e  # the job runs in worker processes
 def test_events_stream_progress_until_the_end(apps):
     jobs, _ = apps
     job_id = jobs.post("/api/tiles/g/generate?levels=0-12").json()["id"]
@@ -97,6 +99,7 @@ def test_events_stream_progress_until_the_end(apps):
     assert processed == sorted(processed)
 
 
+@pytest.mark.e2e  # the job runs in worker processes
 def test_one_job_per_slide_and_cancel(apps):
     jobs, _ = apps
     first = jobs.post("/api/tiles/generate-all").json()
@@ -114,6 +117,7 @@ def test_one_job_per_slide_and_cancel(apps):
     assert jobs.post("/api/tiles/g/generate?levels=5").status_code == 202  # free again
 
 
+@pytest.mark.e2e  # the job runs in worker processes
 def test_a_queued_job_is_cancelled_at_once(apps):
     jobs, _ = apps
     running = jobs.post("/api/tiles/g/generate?levels=0-11").json()
@@ -123,6 +127,7 @@ def test_a_queued_job_is_cancelled_at_once(apps):
     assert wait_job(jobs, running["id"])["state"] == "succeeded"
 
 
+@pytest.mark.e2e  # the job runs in worker processes
 @pytest.mark.parametrize("name, message, code", [
     ("unreadable", "Bogus marker length", "slide_unreadable"),
     ("unopenable", "Unsupported TIFF compression: 52479", "slide_unopenable"),
@@ -186,6 +191,7 @@ def test_levels_are_checked_against_the_pyramids(client_for, generated_svs, tmp_
                                      for lv in levels if 9 <= lv["level"] <= 11)
 
 
+@pytest.mark.e2e  # the job runs in worker processes
 def test_single_slide_route_and_disabled_cache(client_for, generated_svs, tmp_path):
     single = client_for(Image={"Path": str(generated_svs)})
     doc = wait_job(single, single.post("/api/tiles/generate?levels=0-9").json()["id"])

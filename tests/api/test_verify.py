@@ -76,15 +76,14 @@ def test_verify_every_level_as_png_and_every_tile(generated_svs, tmp_path, capsy
         assert lv["tiles_checked"] == lv["tiles"] == lv["exact"]
 
 
-def test_verify_fails_on_a_corrupted_disk_cache(generated_svs, tmp_path, capsys,
-                                                monkeypatch):
+def test_verify_fails_on_a_corrupted_disk_cache(quick_svs, tmp_path, capsys, monkeypatch):
     """A cached PNG overwritten with other valid pixels, and sealed again as the cache seals
     its files (what a tool that knows the format could do), is served by the server, whose
     seal check cannot see it; verify catches it and names it."""
     monkeypatch.chdir(tmp_path)
     cache = tmp_path / "cache"
-    args = ["Images:0:Name=g", f"Images:0:Path={generated_svs}", f"TileCachePath={cache}",
-            "--levels", "12-top", "--sample", "0"]
+    args = ["Images:0:Name=g", f"Images:0:Path={quick_svs}", f"TileCachePath={cache}",
+            "--levels", "11-top", "--sample", "0"]
     code, report, out = run_cli(args, tmp_path, capsys)
     assert code == 0, out
     top = report["slides"][0]["levels"][-1]["level"]

@@ -4,6 +4,8 @@ import json
 import multiprocessing
 import time
 
+import pytest
+
 from app.server.audit import FIELDS, AuditLog, TileRequestRecord, audit_files
 from app.settings import AuditSettings
 
@@ -28,6 +30,7 @@ def writer(path: str, max_bytes: int, start) -> None:
     log.close()
 
 
+@pytest.mark.e2e  # three writer processes
 def test_processes_share_one_rotating_file_without_losing_or_mixing_lines(tmp_path):
     path = tmp_path / "audit" / "tiles.jsonl"
     ctx = multiprocessing.get_context("spawn")

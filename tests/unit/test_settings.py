@@ -137,6 +137,7 @@ def test_malformed_json_is_named(tmp_path):
         load_settings(base_dir=tmp_path, environ={})
 
 
+@pytest.mark.e2e  # the CLI as a process
 @pytest.mark.parametrize(("item", "message"), [
     ("TileFormat:JpegQuality=0", "TileFormat:JpegQuality = '0'"),
     ("TileFormat:EnforceLosless=true", "TileFormat:EnforceLosless (command line) is not a "
