@@ -531,7 +531,7 @@ class Verifier:
                                f"{there[1] if there else 0} px in {policy['level_count']} on "
                                "the server")
         if differences:
-            raise VerifyError(f"slide {name!r}: {reference.path.name} here is not the slide the "
+            raise VerifyError(f"slide {name!r}: {reference.path} here is not the slide the "
                               f"server serves ({'; '.join(differences)})")
 
     async def _check_dzi(self, report: SlideReport, reference: ReferenceSlide, name: str,
