@@ -31,6 +31,7 @@ import dataclasses
 import logging
 import multiprocessing
 import os
+import signal
 import sqlite3
 import threading
 from collections import deque
@@ -46,6 +47,7 @@ from concurrent.futures.process import BrokenProcessPool
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from app.batch.walk import Batch, plan_batches, select_levels, split_contiguous
 from app.cache.disk import DiskTileCache, sweep_temporary_files, write_atomic
@@ -154,8 +156,17 @@ def _state_for(settings_json: str) -> _WorkerState:
         return state
 
 
-def _init_worker(nice: int) -> None:
-    """Local pool initializer: lower the process priority by ``nice``."""
+_STOP: Any = None
+"""In a local worker process: the pool's stop event (a ``multiprocessing.Event``); set, the
+running batch returns after its current tile."""
+
+
+def _init_worker(nice: int, stop: Any = None) -> None:
+    """Local pool initializer: keep the stop event, leave Ctrl-C to the parent (which stops
+    the workers through that event), lower the process priority by ``nice``."""
+    global _STOP
+    _STOP = stop
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     if nice:
         try:
             os.nice(nice)
@@ -193,6 +204,8 @@ def render_batch(task: BatchTask) -> BatchResult:
         source, planner = handle.source, state.planner
         for run in task.batch.runs:
             for level, col, row in run.tiles():
+                if _STOP is not None and _STOP.is_set():
+                    break  # the job was cancelled: whole tiles so far, the rest left out
                 plan = planner.plan(handle, source, level, col, row)
                 if task.output is None:
                     if plan.original:  # served from the slide's own bytes, never from the cache
@@ -302,20 +315,23 @@ class LocalPool:
     def __init__(self, workers: int, nice: int = 0):
         self.workers = max(1, workers)
         self.nice = nice
+        self._context = multiprocessing.get_context("spawn")
+        self._stop = self._context.Event()
         self._executors: list[ProcessPoolExecutor | None] = [None] * self.workers
 
     def _executor(self, index: int) -> ProcessPoolExecutor:
         executor = self._executors[index]
         if executor is None:
             executor = self._executors[index] = ProcessPoolExecutor(
-                1, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
-                initargs=(self.nice,))
+                1, mp_context=self._context, initializer=_init_worker,
+                initargs=(self.nice, self._stop))
         return executor
 
     def run(self, tasks: Sequence[BatchTask],
             cancel: threading.Event) -> Iterator[BatchResult]:
         """Run the tasks; yield each result as it completes. On ``cancel`` (checked between
-        results) queued tasks are dropped and the running ones finish.
+        results) queued tasks are dropped and the running ones stop after their current tile
+        (a shared stop event), so an interrupted job ends within about a tile's time.
 
         Raises:
             TileServerError: a worker process died.
@@ -355,7 +371,10 @@ class LocalPool:
         finally:
             for future in running:
                 future.cancel()
+            if running:
+                self._stop.set()
             wait(running)
+            self._stop.clear()
 
     def close(self) -> None:
         """Stop the worker processes (waits for running batches)."""
