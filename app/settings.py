@@ -257,6 +257,19 @@ class IntegritySettings(Section):
         "file, in the background; /api/slides/{name} and tileserver verify report it.")
 
 
+class IiifSettings(Section):
+    """``Iiif``: the IIIF Image API's size limits (info.json ``maxWidth``, ``maxHeight``,
+    ``maxArea``; see app.core.iiif). A larger image request is a 400 before any pixel is read;
+    ``max`` fits the limits."""
+
+    MaxWidth: int = Field(8192, ge=1, le=1_000_000,
+                          description="Widest IIIF image served, pixels.")
+    MaxHeight: int = Field(8192, ge=1, le=1_000_000,
+                           description="Tallest IIIF image served, pixels.")
+    MaxArea: int = Field(4096 * 4096, ge=1, le=10**12,
+                         description="Most pixels (width x height) of an IIIF image served.")
+
+
 class PregenerationSettings(Section):
     """``Pregeneration``: background jobs and ``tileserver pregenerate``
     (see app.batch.pregenerate)."""
@@ -292,6 +305,7 @@ class Settings(BaseModel):
     DemoDirectory: str = "./data"
     Audit: AuditSettings = Field(default_factory=AuditSettings)
     Integrity: IntegritySettings = Field(default_factory=IntegritySettings)
+    Iiif: IiifSettings = Field(default_factory=IiifSettings)
 
     @model_validator(mode="before")
     @classmethod

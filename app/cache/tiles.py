@@ -11,6 +11,7 @@ returned; a tile that failed is never cached.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import logging
 import os
@@ -26,9 +27,10 @@ from app.cache.index import LevelCount, VariantOrigin, geometry_fingerprint
 from app.cache.memory import MemoryTileCache
 from app.core.digest import TileDigest, digest_from_sha256, digest_of
 from app.core.errors import SlideGone, SlideReadError, TileServerError
-from app.core.planner import TilePlan, TilePlanner, TileRequest
+from app.core.iiif import Limits, parse_image_request
+from app.core.planner import RegionPlan, TilePlan, TilePlanner, TileRequest
 from app.core.pyramid import ImageSource
-from app.core.render import original_tile, render_tile
+from app.core.render import original_tile, render_region, render_tile
 from app.core.slides import OpenSlide, SlideRegistry
 from app.settings import Settings
 
@@ -41,7 +43,8 @@ class Tile:
 
     Attributes:
         data: the complete image file bytes.
-        plan: how it was planned (encoding, colour transform, Vary, refused override).
+        plan: how it was planned (encoding, colour transform, Vary, refused override): a
+            DZI tile's :class:`TilePlan`, or an IIIF request's :class:`RegionPlan`.
         cache: ``hit`` (memory or disk) or ``miss`` (rendered or read for this request).
         digest: SHA-256 of ``data`` with the ETag and Content-Digest made from it.
         source: ``original`` (the slide's stored JPEG tile, not decoded or re-encoded) or
@@ -50,7 +53,7 @@ class Tile:
     """
 
     data: bytes
-    plan: TilePlan
+    plan: TilePlan | RegionPlan
     cache: str
     digest: TileDigest
     source: str
@@ -127,6 +130,51 @@ class TileService:
             AssociatedImageNotFound: no such associated image, or ``Privacy`` withholds it.
             SlideOpenError, SlideReadError: OpenSlide failed (its message is kept).
         """
+        handle = await self._open(name)
+        source = (handle.source if associated is None
+                  else await self.registry.associated(handle, associated))
+        plan = self.planner.plan(handle, source, level, col, row, request)
+        return await self._planned(handle, source, plan)
+
+    async def get_region(self, name: str, segments: tuple[str, str, str, str],
+                         limits: Limits, associated: str | None = None) -> Tile:
+        """The encoded image of an IIIF Image API request of a slide or an associated image.
+
+        Args:
+            name: slide name (catalogue key).
+            segments: the URL's ``region``, ``size``, ``rotation`` and ``quality.format``.
+            limits: ``maxWidth``/``maxHeight``/``maxArea`` (``Iiif`` settings).
+            associated: an associated image's name, or None for the slide itself.
+
+        A request that is a tile of the pyramid is served as that tile (memory, disk cache,
+        passthrough, one render); any other is rendered in a render thread and not cached.
+        ``Tile.plan`` is the :class:`~app.core.planner.RegionPlan`.
+
+        Raises:
+            SlideNotFound, AssociatedImageNotFound: 404, before any I/O of the image.
+            BadTileRequest, FeatureNotImplemented: 400/501, before any pixel is read.
+            SlideOpenError, SlideReadError: OpenSlide failed (its message is kept).
+        """
+        handle = await self._open(name)
+        source = (handle.source if associated is None
+                  else await self.registry.associated(handle, associated))
+        width, height = source.pyramid.level_dimensions[-1]
+        request = parse_image_request(*segments, width, height, limits)
+        plan = self.planner.plan_region(handle, source, request)
+        if plan.tile is not None:
+            tile = await self._planned(handle, source.without_overlap(), plan.tile)
+            return dataclasses.replace(tile, plan=plan)
+        loop = asyncio.get_running_loop()
+        try:
+            data = await loop.run_in_executor(self._render_threads, render_region, handle,
+                                              source, plan)
+        except SlideReadError:
+            self.registry.discard(handle.name, handle)
+            raise
+        return Tile(data, plan, "miss", digest_of(data), "rendered", handle.identity)
+
+    async def _open(self, name: str) -> OpenSlide:
+        """The open slide; a slide whose file is gone has its cached tiles swept."""
         try:
             handle = await self.registry.get(name)
         except SlideGone:
@@ -134,9 +182,11 @@ class TileService:
             raise
         if self._swept:
             self._swept.discard(name)  # back again: a later disappearance sweeps again
-        source = (handle.source if associated is None
-                  else await self.registry.associated(handle, associated))
-        plan = self.planner.plan(handle, source, level, col, row, request)
+        return handle
+
+    async def _planned(self, handle: OpenSlide, source: ImageSource, plan: TilePlan) -> Tile:
+        """A planned tile: memory LRU, the slide's stored tile, else the disk cache or one
+        render (single-flight)."""
         cached = self.memory.get(plan.key)
         if cached is not None:
             return Tile(cached[0], plan, "hit", cached[1][0], cached[1][1], handle.identity)

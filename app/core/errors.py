@@ -35,6 +35,13 @@ class BadTileRequest(TileServerError):
     code = "bad_request"
 
 
+class FeatureNotImplemented(TileServerError):
+    """A well-formed request for a feature this server does not implement (IIIF: a rotation
+    that is not a multiple of 90 degrees)."""
+
+    code = "not_implemented"
+
+
 class SlideNotFound(TileServerError):
     """No slide of that name is configured (path-like names are never looked up on disk)."""
 

@@ -19,6 +19,7 @@ pixels (the cache variant is memoised on the open slide).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,9 +27,10 @@ from pydantic import BaseModel, Field
 
 from app.core.colour import NO_TRANSFORM
 from app.core.formats import Encoding, FormatDecision, FormatPolicy, TileFormat
+from app.core.iiif import ImageRequest
 from app.core.keys import TileKey, variant_of
 from app.core.privacy import Privacy
-from app.core.pyramid import ImageSource
+from app.core.pyramid import ImageSource, SlidePyramid
 from app.core.slides import OpenSlide
 from app.settings import Settings
 
@@ -75,6 +77,80 @@ class TilePlan:
         return self.encoding.lossless and self.color_transform == NO_TRANSFORM
 
 
+@dataclass(frozen=True, slots=True)
+class RegionPlan:
+    """How one IIIF image request is served (:meth:`TilePlanner.plan_region`).
+
+    Attributes:
+        request: the parsed request (region, size, rotation, quality, format).
+        encoding: the encoding served.
+        color_transform: ``X-Tile-Color-Transform``: ``none`` or ``srgb-<intent>``.
+        tile: the pyramid tile the request is exactly, planned by :meth:`TilePlanner.plan`
+            (cached and rendered as DZI tiles are), or None: rendered as a region.
+        slide_level: the OpenSlide level read (0 = full resolution).
+        level: the DZI level whose format policy applied.
+        override_refused: ``EnforceLossless`` served the lossless format instead of the lossy
+            one the URL asked for.
+    """
+
+    request: ImageRequest
+    encoding: Encoding
+    color_transform: str
+    tile: TilePlan | None
+    slide_level: int
+    level: int
+    override_refused: bool = False
+    vary_accept: bool = False
+
+    @property
+    def lossless(self) -> bool:
+        """``X-Tile-Lossless``: the image decodes to exactly the rendered pixels, with the
+        slide's colours (a lossless encoding, no colour conversion, quality default/color)."""
+        return (self.encoding.lossless and self.color_transform == NO_TRANSFORM
+                and self.request.quality in ("default", "color"))
+
+
+def request_level(level_count: int, downsample: float) -> int:
+    """The DZI level of an IIIF request's scale: the finest level whose downsample
+    (``2**(level_count - 1 - level)``) is at most ``downsample``; the top level for a
+    full-resolution or upscaled request."""
+    k = 0
+    while k < level_count - 1 and 2 ** (k + 1) <= downsample:
+        k += 1
+    return level_count - 1 - k
+
+
+def tile_address(pyramid: SlidePyramid, request: ImageRequest) -> tuple[int, int, int] | None:
+    """The ``(level, col, row)`` of the pyramid tile an IIIF request is exactly, or None.
+
+    The pyramid has no overlap; its tile at DZI level ``L`` (scale factor
+    ``s = 2**(level_count - 1 - L)``) and ``(col, row)`` is the region
+    ``x = col * tile_size * s``, ``y = row * tile_size * s``, cut at the image's edges, at the
+    level's size: what OpenSeadragon asks for the declared tiles, and ``full`` at the size of
+    a level that fits one tile.
+    """
+    x, y, w, h = request.region
+    out_w, out_h = request.size
+    ratio = w / out_w
+    if ratio < 0.75:
+        return None
+    k = round(math.log2(ratio))
+    top = pyramid.level_count - 1
+    if k > top:
+        return None
+    level, span, ts = top - k, pyramid.tile_size << k, pyramid.tile_size
+    if x % span or y % span:
+        return None
+    col, row = x // span, y // span
+    width, height = pyramid.level_dimensions[-1]
+    level_width, level_height = pyramid.level_dimensions[level]
+    if (w == min(span, width - x) and h == min(span, height - y)
+            and out_w == min(ts, level_width - col * ts)
+            and out_h == min(ts, level_height - row * ts)):
+        return level, col, row
+    return None
+
+
 class TilePlanner:
     """Plans tiles under one configuration (see the module docstring).
 
@@ -108,17 +184,54 @@ class TilePlanner:
         """
         pyramid = source.pyramid
         pyramid.check_address(level, col, row)
-        if request is None:
-            decision = FormatDecision(self.policy.level_encoding(level, pyramid.level_count))
-        else:
-            decision = self.policy.decide(level, pyramid.level_count, request.extension,
-                                          request.query_format, request.accept)
+        decision = self._decide(level, pyramid.level_count, request)
         encoding = decision.encoding
         original = (self.sends_originals(encoding, source)
                     and pyramid.original_at(level, col, row))
         return TilePlan(self.key(handle, source, level, col, row, encoding), encoding,
                         original, source.color.name, decision.vary_accept,
                         decision.override_refused)
+
+    def _decide(self, level: int, level_count: int,
+                request: TileRequest | None) -> FormatDecision:
+        """The format policy's decision for a DZI level: the level's own encoding without a
+        request, else :meth:`FormatPolicy.decide`."""
+        if request is None:
+            return FormatDecision(self.policy.level_encoding(level, level_count))
+        return self.policy.decide(level, level_count, request.extension,
+                                  request.query_format, request.accept)
+
+    def plan_region(self, handle: OpenSlide, source: ImageSource,
+                    request: ImageRequest) -> RegionPlan:
+        """Plan an IIIF image request of ``source`` (the slide's or an associated image's).
+
+        The format policy applies at the DZI level of the request's scale (the finest level
+        whose downsample is at most the request's: a full-resolution or upscaled request is
+        at the top level), and the URL's format is an explicit request, like ``?format=``:
+        ``EnforceLossless`` upgrades a lossy format on a lossless level, and without
+        ``AllowFormatOverride`` the level's own format is served.
+
+        A request that is exactly a tile of the pyramid without overlap
+        (:meth:`ImageSource.without_overlap`; :func:`tile_address`) is planned as that tile by
+        :meth:`plan`, so it shares the DZI tiles' caches, passthrough and render path (the
+        DZI tiles themselves where the overlap is 0). Any other request is rendered from the
+        nearest slide level that is not coarser than it (:func:`app.core.render.render_region`).
+        """
+        pyramid = source.pyramid
+        level = request_level(pyramid.level_count, request.downsample)
+        tile_request = TileRequest(query_format=request.extension)
+        if request.plain:
+            tiles = source.without_overlap()
+            address = tile_address(tiles.pyramid, request)
+            if address is not None:
+                tile = self.plan(handle, tiles, *address, tile_request)
+                return RegionPlan(request, tile.encoding, tile.color_transform, tile,
+                                  tiles.pyramid.slide_levels[address[0]], address[0],
+                                  tile.override_refused)
+        decision = self._decide(level, pyramid.level_count, tile_request)
+        slide_level = pyramid.slide.get_best_level_for_downsample(max(request.downsample, 1.0))
+        return RegionPlan(request, decision.encoding, source.color.name, None, slide_level,
+                          level, decision.override_refused)
 
     def sends_originals(self, encoding: Encoding, source: ImageSource) -> bool:
         """Whether tiles of ``encoding`` from ``source`` are sent as the slide's stored JPEG
@@ -132,11 +245,13 @@ class TilePlanner:
             encoding: Encoding) -> TileKey:
         """The cache key of a tile: the variant hashes the slide identity, the pyramid's
         geometry (``DeepZoom.Geometry`` may make it per slide), the encoder options, the colour
-        mode and which image (``source.scope``); memoised per open slide."""
-        variant = handle.variants.get((encoding, source.scope))
+        mode and which image (``source.scope``); memoised per open slide (with the overlap:
+        IIIF tiles are cut without it, :meth:`ImageSource.without_overlap`)."""
+        memo = (encoding, source.scope, source.pyramid.overlap)
+        variant = handle.variants.get(memo)
         if variant is None:
             pyramid = source.pyramid
-            variant = handle.variants[(encoding, source.scope)] = variant_of(
+            variant = handle.variants[memo] = variant_of(
                 handle.identity, pyramid.tile_size, pyramid.overlap, pyramid.limit_bounds,
                 encoding.key, source.color.key, source.scope)
         return TileKey(handle.name, variant, level, col, row, encoding.format.value)

@@ -11,7 +11,7 @@ full resolution. ``col``/``row`` address tiles within a DZI level.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import openslide
@@ -34,6 +34,7 @@ class SlidePyramid:
         limit_bounds: cover only the slide's ``openslide.bounds-*`` region.
 
     Attributes:
+        slide: the slide (OpenSlide or ImageSlide) the pyramid is cut from.
         level_count: number of DZI levels.
         level_tiles: ``(cols, rows)`` per DZI level.
         level_dimensions: ``(width, height)`` in pixels per DZI level.
@@ -43,6 +44,7 @@ class SlidePyramid:
     def __init__(self, slide: AbstractSlide, tile_size: int, overlap: int, limit_bounds: bool,
                  native: NativeReader | None = None):
         self.native = native
+        self.slide = slide
         self.tile_size = tile_size
         self.overlap = overlap
         self.limit_bounds = limit_bounds
@@ -84,6 +86,10 @@ class SlidePyramid:
             self._stored_cols.append(stride)
         self.original_levels: frozenset[int] = frozenset(
             level for level in range(self.level_count) if self.original_count(level))
+        top = self.level_count - 1
+        self.l0_offset: tuple[int, int] = self._dz.get_tile_coordinates(top, (0, 0))[0]
+        """Level-0 slide pixel of the DZI region's top-left corner (non-zero with
+        ``limit_bounds``)."""
 
     def _axis(self, level: int, address: tuple[int, int], axis: int) -> tuple[int, int, int]:
         """``(level-0 position, slide-level size, DZI size)`` along one axis (0: x, 1: y) of
@@ -222,6 +228,21 @@ class ImageSource:
     pyramid: SlidePyramid
     color: ColorTransform
     scope: str = ""
+    _unlapped: list[ImageSource] = field(default_factory=list, repr=False)
+
+    def without_overlap(self) -> ImageSource:
+        """The same image, colour and scope cut into the same tile grid without overlap: the
+        tiles of the IIIF Image API (:mod:`app.core.iiif`). ``self`` where the overlap is 0
+        already (``DeepZoom.Overlap`` 0, ``Geometry`` aligned), so that IIIF tiles are DZI
+        tiles, cache files included; otherwise made once (cheap: geometry only, no I/O)."""
+        pyramid = self.pyramid
+        if pyramid.overlap == 0:
+            return self
+        if not self._unlapped:
+            self._unlapped.append(ImageSource(
+                SlidePyramid(pyramid.slide, pyramid.tile_size, 0, pyramid.limit_bounds,
+                             pyramid.native), self.color, self.scope))
+        return self._unlapped[0]
 
 
 def open_associated(slide: AbstractSlide, name: str, tile_size: int, overlap: int,
