@@ -77,7 +77,7 @@ class TileService:
         registry: the slide catalogue and open-slide LRU.
         planner: decides every tile's encoding, key and source.
         disk: the disk cache (:func:`app.cache.disk.open_disk_cache`).
-        settings: ``Server.MemoryCacheBytes``.
+        settings: ``Server.MemoryCacheBytes``, the ``Iiif`` limits.
         render_limiter: bounds the other blocking work of tiles in worker threads (original
             tiles' reads that would wait for the disk); its total is also the number of render
             threads, which load tiles (cache read, render, encode, cache write).
@@ -95,6 +95,9 @@ class TileService:
         self.geometry = geometry_fingerprint(settings.DeepZoom.model_dump_json())
         """The fingerprint of the ``DeepZoom`` settings every variant is rendered under."""
         self.memory = MemoryTileCache(settings.Server.MemoryCacheBytes)
+        iiif = settings.Iiif
+        self.iiif_limits = Limits(iiif.MaxWidth, iiif.MaxHeight, iiif.MaxArea)
+        """The IIIF Image API's size limits (``Iiif`` settings)."""
         self.render_limiter = render_limiter
         self.io_limiter = io_limiter
         self._flight = SingleFlight()
@@ -137,13 +140,12 @@ class TileService:
         return await self._planned(handle, source, plan)
 
     async def get_region(self, name: str, segments: tuple[str, str, str, str],
-                         limits: Limits, associated: str | None = None) -> Tile:
+                         associated: str | None = None) -> Tile:
         """The encoded image of an IIIF Image API request of a slide or an associated image.
 
         Args:
             name: slide name (catalogue key).
             segments: the URL's ``region``, ``size``, ``rotation`` and ``quality.format``.
-            limits: ``maxWidth``/``maxHeight``/``maxArea`` (``Iiif`` settings).
             associated: an associated image's name, or None for the slide itself.
 
         A request that is a tile of the pyramid is served as that tile (memory, disk cache,
@@ -159,7 +161,7 @@ class TileService:
         source = (handle.source if associated is None
                   else await self.registry.associated(handle, associated))
         width, height = source.pyramid.level_dimensions[-1]
-        request = parse_image_request(*segments, width, height, limits)
+        request = parse_image_request(*segments, width, height, self.iiif_limits)
         plan = self.planner.plan_region(handle, source, request)
         if plan.tile is not None:
             tile = await self._planned(handle, source.without_overlap(), plan.tile)

@@ -33,8 +33,6 @@ PREFIX = "/iiif/3"
 """The URL path prefix of every IIIF Image API 3.0 resource of this server."""
 CONTEXT = "http://iiif.io/api/image/3/context.json"
 PROTOCOL = "http://iiif.io/api/image"
-JSON_LD = 'application/ld+json;profile="http://iiif.io/api/image/3/context.json"'
-"""The JSON-LD media type of info.json (IIIF Image API 3.0, section 7.1)."""
 
 FORMATS: dict[str, TileFormat] = {"jpg": TileFormat.JPEG, "png": TileFormat.PNG,
                                   "webp": TileFormat.WEBP}

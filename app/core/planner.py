@@ -27,7 +27,7 @@ from pydantic import BaseModel, Field
 
 from app.core.colour import NO_TRANSFORM
 from app.core.formats import Encoding, FormatDecision, FormatPolicy, TileFormat
-from app.core.iiif import ImageRequest
+from app.core.iiif import IIIF_NAMES, ImageRequest
 from app.core.keys import TileKey, variant_of
 from app.core.privacy import Privacy
 from app.core.pyramid import ImageSource, SlidePyramid
@@ -255,6 +255,18 @@ class TilePlanner:
                 handle.identity, pyramid.tile_size, pyramid.overlap, pyramid.limit_bounds,
                 encoding.key, source.color.key, source.scope)
         return TileKey(handle.name, variant, level, col, row, encoding.format.value)
+
+
+def iiif_formats(planner: TilePlanner) -> list[str]:
+    """info.json ``preferredFormats`` under the format policy: the IIIF name of
+    ``TileFormat.Default`` (``jpg`` where it has none, AVIF), then ``LosslessFormat`` where
+    some levels are lossless. OpenSeadragon asks its tiles in the first it can show."""
+    policy = planner.policy.settings
+    out = [IIIF_NAMES.get(policy.Default, "jpg")]
+    lossless = IIIF_NAMES[policy.LosslessFormat]
+    if policy.LosslessLevelCount != 0 and lossless not in out:
+        out.append(lossless)
+    return out
 
 
 class LevelPolicy(BaseModel):

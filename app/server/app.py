@@ -37,7 +37,7 @@ from app.server.audit import AuditLog
 from app.server.dependencies import Services
 from app.server.errors import install_handlers
 from app.server.middleware import HeadAsGet
-from app.server.routes import api, dzi, jobs, pages
+from app.server.routes import api, dzi, iiif, jobs, pages
 from app.settings import Settings, settings_from
 
 log = logging.getLogger(__name__)
@@ -90,7 +90,7 @@ def create_app(settings: Settings) -> FastAPI:
                   description="DeepZoom tiles of whole-slide images read with OpenSlide.")
     install_handlers(app)
     app.router.routes.insert(0, tiles.TileRoute())  # first: tile requests match at once
-    for module in (dzi, api, jobs, pages):
+    for module in (dzi, iiif, api, jobs, pages):
         app.include_router(module.router)
     osd = openseadragon_dir()
     if osd is not None:

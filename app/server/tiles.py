@@ -7,14 +7,20 @@ tile, and builds the response: headers (:func:`tile_headers`), ETag and ``304 No
 (:mod:`app.server.audit`). No other route answers a tile URL, so a rule added here applies to
 every tile.
 
-Families (``{tile}`` is ``{col}_{row}.{ext}``; ``level`` is a DZI level, 0 = 1x1 px):
+Families (``{tile}`` is ``{col}_{row}.{ext}``; ``level`` is a DZI level, 0 = 1x1 px;
+``{image}`` is ``{region}/{size}/{rotation}/{quality}.{format}`` of the IIIF Image API 3.0):
 
 =========================  ==========================================================
 slide tile                 ``/storage/{name}_files/{level}/{tile}``
 single-slide tile          ``/image_files/{level}/{tile}`` (the slide ``image``)
 associated-image tile      ``/storage/{name}/associated/{associated}_files/{level}/{tile}``
 single-slide associated    ``/image/associated/{associated}_files/{level}/{tile}``
+IIIF image of a slide      ``/iiif/3/{name}/{image}`` (the single slide: ``name`` image)
+IIIF associated image      ``/iiif/3/{name}/associated/{associated}/{image}``
 =========================  ==========================================================
+
+:func:`match_tile_path` is the one parser of every family: it names the slide (and the
+associated image) of any tile URL, so a rule about who may see a slide applies to all.
 
 FastAPI never sees these requests (its per-request machinery costs several times a memory-cache
 hit), so the OpenAPI document gets their description from :func:`openapi_paths`.
@@ -36,7 +42,7 @@ from app.cache.tiles import Tile
 from app.core.digest import EMPTY_DIGEST
 from app.core.errors import BadTileRequest, TileNotFound, TileServerError
 from app.core.formats import TileFormat
-from app.core.planner import TileRequest
+from app.core.planner import RegionPlan, TileRequest
 from app.core.slides import SINGLE_SLIDE_NAME
 from app.server.audit import AuditLog, TileRequestRecord
 from app.server.errors import error_json, status_for
@@ -63,11 +69,28 @@ class TilePath:
     tile: str
 
 
-def match_tile_path(path: str) -> TilePath | None:
-    """The :class:`TilePath` of a URL path of any tile family, or None (see the module
-    docstring). Only the shape is checked here; :func:`parse_address` checks the numbers."""
+@dataclass(frozen=True, slots=True)
+class IiifPath:
+    """An IIIF Image API image URL, split but not yet checked: the slide, an associated image
+    or None, and the ``region``, ``size``, ``rotation`` and ``quality.format`` segments."""
+
+    slide: str
+    associated: str | None
+    segments: tuple[str, str, str, str]
+
+
+def match_tile_path(path: str) -> TilePath | IiifPath | None:
+    """The :class:`TilePath` or :class:`IiifPath` of a URL path of any tile family, or None
+    (see the module docstring). Only the shape is checked here; :func:`parse_address` and
+    :func:`app.core.iiif.parse_image_request` check the rest."""
     parts = path.split("/")
     n = len(parts)
+    if n >= 8 and parts[1] == "iiif" and parts[2] == "3":
+        if n == 8:
+            return IiifPath(parts[3], None, (parts[4], parts[5], parts[6], parts[7]))
+        if n == 10 and parts[4] == "associated":
+            return IiifPath(parts[3], parts[5], (parts[6], parts[7], parts[8], parts[9]))
+        return None
     if n == 5 and parts[1] == "storage" and parts[2].endswith("_files") and len(parts[2]) > 6:
         return TilePath(parts[2][:-6], None, parts[3], parts[4])
     if n == 4 and parts[1] == "image_files":
@@ -207,7 +230,7 @@ class TileRoute(BaseRoute):
             return
         head = scope["method"] == "HEAD" or scope.get(HEAD_SCOPE_KEY, False)
         services = scope["app"].state.services
-        path: TilePath = scope[ADDRESS_SCOPE_KEY]
+        path: TilePath | IiifPath = scope[ADDRESS_SCOPE_KEY]
         accept = if_none_match = None
         for name, value in scope["headers"]:
             if name == b"accept":
@@ -222,11 +245,16 @@ class TileRoute(BaseRoute):
         audit = _AuditedRequest.start(services.audit, scope, query)
         address = None
         try:
-            address = parse_address(path.level, path.tile)
-            level, col, row, ext = address
-            tile = await services.tiles.get_tile(
-                path.slide, level, col, row, TileRequest(ext, query_format, accept),
-                path.associated)
+            if isinstance(path, IiifPath):
+                tile = await services.tiles.get_region(path.slide, path.segments,
+                                                       path.associated)
+                address = _iiif_address(tile)
+            else:
+                address = parse_address(path.level, path.tile)
+                level, col, row, ext = address
+                tile = await services.tiles.get_tile(
+                    path.slide, level, col, row, TileRequest(ext, query_format, accept),
+                    path.associated)
         except Exception as exc:
             if not isinstance(exc, TileServerError):  # a bug: answer 500, keep serving
                 log.exception("GET %s failed", scope["path"])
@@ -240,7 +268,7 @@ class TileRoute(BaseRoute):
                 audit.record(path.slide, address, query_format, accept, if_none_match, head,
                              None, handle.identity if handle else None, status, None,
                              exc.code)
-            await _send(send, status, _json_headers(body), body, head)
+            await _send(send, status, _json_headers(body, services), body, head)
             return
         server = services.settings.Server
         headers = tile_headers(tile, server.CacheControl, server.AccessControlAllowOrigin, head)
@@ -256,9 +284,26 @@ class TileRoute(BaseRoute):
         await _send(send, status, headers, body, head)
 
 
-def _json_headers(body: bytes) -> list[tuple[bytes, bytes]]:
-    return [(b"content-type", b"application/json"),
-            (b"content-length", str(len(body)).encode())]
+def _json_headers(body: bytes, services: Any = None) -> list[tuple[bytes, bytes]]:
+    """The headers of a JSON error body; with the services, CORS too (an IIIF viewer on
+    another origin reads the error)."""
+    headers = [(b"content-type", b"application/json"),
+               (b"content-length", str(len(body)).encode())]
+    if services is not None:
+        origin = services.settings.Server.AccessControlAllowOrigin
+        headers.append((b"access-control-allow-origin", origin.encode()))
+    return headers
+
+
+def _iiif_address(tile: Tile) -> tuple[int | None, int | None, int | None, str]:
+    """What the audit line records of an IIIF request: the DZI address of the pyramid tile it
+    is (None where it was rendered as a region) and the IIIF format asked for."""
+    plan = tile.plan
+    key = plan.tile.key if isinstance(plan, RegionPlan) and plan.tile is not None else None
+    extension = plan.request.extension if isinstance(plan, RegionPlan) else ""
+    if key is None:
+        return None, None, None, extension
+    return key.level, key.col, key.row, extension
 
 
 async def _send(send: Send, status: int, headers: list[tuple[bytes, bytes]], body: bytes,
