@@ -376,7 +376,8 @@ def _parameter(name: str, where: str, description: str, example: str | None = No
 
 
 def openapi_paths() -> dict[str, dict[str, Any]]:
-    """The OpenAPI path items of the tile families (GET; HEAD answers the same)."""
+    """The OpenAPI path items of the tile families, IIIF images included (GET; HEAD answers
+    the same)."""
     level = _parameter("level", "path", "DZI level, 0 = 1x1 px", "12")
     tile = _parameter("tile", "path", "{col}_{row}.{ext}, ext jpeg, png, webp or avif",
                       "3_4.jpeg")
@@ -399,7 +400,33 @@ def openapi_paths() -> dict[str, dict[str, Any]]:
                         "parameters": [*parameters, level, tile, fmt],
                         "responses": responses}}
 
+    iiif = [
+        _parameter("region", "path", "full, square, x,y,w,h or pct:x,y,w,h (full-resolution "
+                   "pixels of the slide's DZI region)", "0,0,1024,1024"),
+        _parameter("size", "path", "max, w,, ,h, pct:n, w,h or !w,h; ^ in front allows "
+                   "upscaling; beyond Iiif:MaxWidth/MaxHeight/MaxArea: 400", "256,256"),
+        _parameter("rotation", "path", "0, 90, 180 or 270 degrees clockwise, ! in front "
+                   "mirrors (other angles: 501)", "0"),
+        _parameter("quality", "path", "default, color, gray or bitonal", "default"),
+        _parameter("format", "path", "jpg, png or webp (the format policy applies: "
+                   "EnforceLossless may serve the lossless format)", "png"),
+    ]
+    iiif_responses = {**responses, "501": {"description": "a rotation that is not a "
+                                                          "multiple of 90 (JSON error)"}}
+
+    def iiif_item(summary: str, *parameters: dict[str, Any]) -> dict[str, Any]:
+        return {"get": {"tags": ["iiif"], "summary": summary,
+                        "description": "IIIF Image API 3.0 image request (compliance level 2). "
+                        "Requests that are the declared tiles are DZI tiles of the pyramid "
+                        "without overlap (cached); others are rendered from the nearest slide "
+                        "level with Lanczos. Same headers as tiles.",
+                        "parameters": [*parameters, *iiif], "responses": iiif_responses}}
+
     return {
+        "/iiif/3/{name}/{region}/{size}/{rotation}/{quality}.{format}": iiif_item(
+            "IIIF image of a slide (single slide: name image)", name),
+        "/iiif/3/{name}/associated/{associated}/{region}/{size}/{rotation}/{quality}.{format}":
+            iiif_item("IIIF image of an associated image", name, associated),
         "/storage/{name}_files/{level}/{tile}": item("Tile of a slide", name),
         "/image_files/{level}/{tile}": item("Tile of the single slide"),
         "/storage/{name}/associated/{associated}_files/{level}/{tile}": item(
