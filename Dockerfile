@@ -6,13 +6,14 @@
 #
 # libopenslide comes from the openslide-bin wheel (a project dependency), not from apt.
 
-# ---- viewer JavaScript: OpenSeadragon, exactly as pinned in package-lock.json --------------
+# ---- viewer JavaScript: OpenSeadragon and Mirador, exactly as pinned in package-lock.json ---
 FROM node:20-slim AS viewer
 WORKDIR /build
 COPY package.json package-lock.json ./
 RUN npm ci --no-audit --no-fund --ignore-scripts --loglevel=error \
     && test -f node_modules/openseadragon/build/openseadragon/openseadragon.min.js \
-    && test -d node_modules/openseadragon/build/openseadragon/images
+    && test -d node_modules/openseadragon/build/openseadragon/images \
+    && test -f node_modules/mirador/dist/mirador.min.js
 
 # ---- Python: the project and its pinned dependencies in a self-contained venv --------------
 FROM python:3.11-slim AS build
@@ -23,8 +24,10 @@ ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
 COPY requirements.lock pyproject.toml README.md ./
 COPY app/ ./app/
+# iiif-prezi3 without its dependencies: it pins Pillow<=12.0.0 (pyproject.toml says why)
 RUN pip install --no-cache-dir -c requirements.lock . \
-    && python -c "import openslide; print('OpenSlide', openslide.__library_version__)"
+    && pip install --no-cache-dir --no-deps -c requirements.lock iiif-prezi3 \
+    && python -c "import openslide, iiif_prezi3; print('OpenSlide', openslide.__library_version__)"
 
 # ---- runtime ---------------------------------------------------------------------------------
 FROM python:3.11-slim
@@ -42,6 +45,8 @@ WORKDIR /app
 COPY --from=build /opt/venv /opt/venv
 COPY --from=viewer /build/node_modules/openseadragon/build/openseadragon \
      /app/node_modules/openseadragon/build/openseadragon
+COPY --from=viewer /build/node_modules/mirador/dist/mirador.min.js \
+     /app/node_modules/mirador/dist/mirador.min.js
 COPY appsettings.json /app/appsettings.json
 RUN mkdir -p /app/tile_cache /app/audit /data \
     && chown tileserver:tileserver /app/tile_cache /app/audit /data

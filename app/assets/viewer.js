@@ -1,8 +1,8 @@
 /*
  * WSI DeepZoom viewer page logic.
  *
- * Reads the DZI and API URLs from <body data-dzi-url data-api-url>, opens the DZI in
- * OpenSeadragon and fills the level legend from the slide's API JSON and its format policy
+ * Reads the DZI, IIIF and API URLs from <body data-dzi-url data-iiif-url data-api-url>, opens
+ * the DZI in OpenSeadragon (or, with ?source=iiif, the IIIF Image API info.json) and fills the level legend from the slide's API JSON and its format policy
  * ({api}/policy: per DZI level, format, lossless, slide level read), highlighting the
  * DeepZoom level that matches the current zoom.
  *
@@ -12,6 +12,9 @@
  *   window.slideInfo  the API JSON once loaded (null before)
  *   window.scaleBar   {microns, pixels} of the scale bar last drawn (null without mpp)
  *   window.slidePolicy  the policy JSON once loaded (null before)
+ *   window.tileSourceKind  'dzi' or 'iiif'
+ *   window.magnification  the objective magnification at the current zoom (null without
+ *                      openslide.objective-power)
  */
 (function () {
   'use strict';
@@ -19,6 +22,10 @@
   var body = document.body;
   var dziUrl = body.getAttribute('data-dzi-url') || '';
   var apiUrl = body.getAttribute('data-api-url') || '';
+  var iiifUrl = body.getAttribute('data-iiif-url') || '';
+  var useIiif = new URLSearchParams(window.location.search).get('source') === 'iiif' && iiifUrl;
+  var tileSourceUrl = useIiif ? iiifUrl : dziUrl;
+  window.tileSourceKind = useIiif ? 'iiif' : 'dzi';
 
   var legend = document.getElementById('legend');
   var legendBody = document.getElementById('legend-body');
@@ -41,12 +48,23 @@
     indexLink.hidden = false;
   }
 
-  // Collapsible legend; starts collapsed where it would hide most of a small screen.
+  // Collapsible legend; starts collapsed where it would hide most of a small screen. The
+  // viewport keeps a margin under the legend, so the home view fits the slide beside it.
   function setLegendOpen(open) {
     toggle.setAttribute('aria-expanded', String(open));
     toggle.innerHTML = open ? '&minus;' : '+';
     legendBody.hidden = !open;
     legend.classList.toggle('collapsed', !open);
+    if (window.viewer) {
+      window.viewer.viewport.setMargins(legendMargins());
+      window.viewer.viewport.goHome(true);
+    }
+  }
+
+  function legendMargins() {
+    var rect = legend.getBoundingClientRect();
+    var wide = window.innerWidth > 2 * rect.width;
+    return { left: 0, top: 0, bottom: 0, right: wide ? Math.ceil(rect.width) + 20 : 0 };
   }
   toggle.addEventListener('click', function () {
     setLegendOpen(toggle.getAttribute('aria-expanded') !== 'true');
@@ -58,13 +76,18 @@
   var viewer = OpenSeadragon({
     id: 'viewer',
     prefixUrl: '/static/openseadragon/images/',
-    tileSources: dziUrl,
+    tileSources: tileSourceUrl,
     crossOriginPolicy: 'Anonymous',
+    viewportMargins: legendMargins(),
     // The 2D-canvas drawer behaves the same on every browser and GPU-less machine and
     // keeps the canvas readable (getImageData) for tests.
     drawer: 'canvas',
     showNavigator: true,
     navigatorPosition: 'BOTTOM_RIGHT',
+    // an opaque minimap: tissue under a translucent one made both unreadable
+    navigatorOpacity: 1,
+    navigatorBackground: '#fff',
+    navigatorAutoFade: false,
     showRotationControl: false,
     maxZoomPixelRatio: 2,
     visibilityRatio: 0.5,
@@ -81,7 +104,7 @@
     scheduleUpdate();
   });
   viewer.addHandler('open-failed', function (event) {
-    showViewerError('Could not open ' + dziUrl + (event && event.message ? ': ' + event.message : ''));
+    showViewerError('Could not open ' + tileSourceUrl + (event && event.message ? ': ' + event.message : ''));
   });
 
   ['open', 'animation', 'animation-finish', 'resize', 'zoom'].forEach(function (name) {
@@ -118,16 +141,40 @@
     return (microns >= 1 ? microns : microns.toPrecision(1)) + ' \u00b5m';
   }
 
+  var magnificationEl = document.getElementById('magnification');
+  window.magnification = null;
+
+  /*
+   * The objective magnification at the current zoom: openslide.objective-power (the
+   * magnification of slide level 0) times CSS pixels on screen per level-0 pixel.
+   */
+  function updateMagnification(zoom) {
+    var props = (window.slideInfo && window.slideInfo.properties) || {};
+    var power = parseFloat(props['openslide.objective-power']);
+    if (!(power > 0) || !zoom) {
+      magnificationEl.hidden = true;
+      window.magnification = null;
+      return;
+    }
+    var mag = power * zoom;
+    window.magnification = mag;
+    magnificationEl.textContent = (mag >= 10 ? Math.round(mag) : mag.toFixed(mag >= 1 ? 1 : 2)) +
+      '\u00d7';
+    magnificationEl.title = 'Objective magnification at this zoom (scanned at ' + power + '\u00d7)';
+    magnificationEl.hidden = false;
+  }
+
   function updateScaleBar() {
     var info = window.slideInfo;
     var item = viewer.world.getItemAt(0);
+    // CSS pixels on screen per level-0 pixel of the slide.
+    var zoom = item ? item.viewportToImageZoom(viewer.viewport.getZoom(true)) : null;
+    updateMagnification(zoom);
     if (!info || !info.mpp || !info.mpp[0] || !item) {
       scaleBar.hidden = true;
       window.scaleBar = null;
       return;
     }
-    // CSS pixels on screen per level-0 pixel of the slide.
-    var zoom = item.viewportToImageZoom(viewer.viewport.getZoom(true));
     var micronsPerPx = info.mpp[0] / zoom;
     var microns = niceLength(SCALE_MAX_PX * micronsPerPx);
     var pixels = microns / micronsPerPx;
@@ -140,7 +187,8 @@
   // ---------------------------------------------------------------- associated images
 
   function renderAssociated(info) {
-    var items = info.associated || [];
+    // a slide's API JSON lists its associated images; an associated image's names itself
+    var items = Array.isArray(info.associated) ? info.associated : [];
     var section = document.getElementById('associated');
     var list = document.getElementById('associated-list');
     list.textContent = '';

@@ -24,7 +24,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.staticfiles import StaticFiles
 
 from app import __version__
-from app.assets import openseadragon_dir
+from app.assets import mirador_dir, openseadragon_dir
 from app.batch.jobs import JobManager
 from app.cache.content import ContentHasher
 from app.cache.disk import open_disk_cache
@@ -97,6 +97,11 @@ def create_app(settings: Settings) -> FastAPI:
         app.mount("/static/openseadragon", StaticFiles(directory=osd), name="openseadragon")
     else:
         log.warning("OpenSeadragon not found (run `npm ci`); the viewer pages will not load")
+    mirador = mirador_dir()
+    if mirador is not None:
+        app.mount("/static/mirador", StaticFiles(directory=mirador), name="mirador")
+    else:
+        log.warning("Mirador not found (run `npm ci`); the Mirador pages will not load")
     app.add_middleware(HeadAsGet)
 
     def openapi() -> dict[str, Any]:

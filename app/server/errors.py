@@ -7,13 +7,16 @@ and this module maps them (and FastAPI's validation errors and Starlette's 404/4
 
 from __future__ import annotations
 
+import html
 import json
 import logging
+from http import HTTPStatus
 
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from app.assets import template
 from app.core.errors import (
     AssociatedImageNotFound,
     BadJobRequest,
@@ -87,14 +90,38 @@ def error_response(status: int, code: str, detail: str, slide: str | None = None
     return Response(body, status_code=status, media_type="application/json", headers=headers)
 
 
+def wants_html(request: Request) -> bool:
+    """True when the client is a browser navigating (its ``Accept`` names ``text/html``);
+    API clients, ``fetch`` with ``Accept: application/json``, curl and viewers' tile loads
+    get JSON."""
+    return "text/html" in request.headers.get("accept", "")
+
+
+def error_page(status: int, detail: str,
+               headers: dict[str, str] | None = None) -> Response:
+    """The HTML error page a browser gets: the status, its reason and the detail."""
+    try:
+        title = HTTPStatus(status).phrase
+    except ValueError:
+        title = "Error"
+    page = template("error.html")
+    for placeholder, value in (("{{STATUS}}", str(status)), ("{{TITLE}}", title),
+                               ("{{DETAIL}}", detail)):
+        page = page.replace(placeholder, html.escape(value, quote=True))
+    return Response(page, status_code=status, media_type="text/html", headers=headers)
+
+
 def install_handlers(app: FastAPI) -> None:
-    """Map domain errors, validation errors and Starlette's 404/405 to JSON bodies."""
+    """Map domain errors, validation errors and Starlette's 404/405 to JSON bodies (HTML
+    pages for browsers, :func:`wants_html`)."""
 
     @app.exception_handler(TileServerError)
     async def _domain(request: Request, exc: TileServerError) -> Response:
         status = status_for(exc)
         if status >= 500:
             log.warning("%s %s -> %d %s", request.method, request.url.path, status, exc.detail)
+        if wants_html(request):
+            return error_page(status, exc.detail)
         return error_response(status, exc.code, exc.detail, exc.slide, exc.extra)
 
     @app.exception_handler(RequestValidationError)
@@ -108,5 +135,7 @@ def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> Response:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        if wants_html(request):
+            return error_page(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
         return error_response(exc.status_code, code, str(exc.detail),
                               headers=getattr(exc, "headers", None))

@@ -4,27 +4,49 @@ viewer's static files, and liveness."""
 from __future__ import annotations
 
 import html
+from pathlib import Path
+from urllib.parse import quote
 
+import anyio
 from fastapi import APIRouter, Response
 from fastapi.responses import HTMLResponse
 
 from app.assets import template
-from app.core.slides import SINGLE_SLIDE_NAME
-from app.server.dependencies import Registry
+from app.cache.tiles import SlideCacheUse
+from app.core.iiif import base_path
+from app.core.slides import SINGLE_SLIDE_NAME, SlideEntry
+from app.server.dependencies import Registry, Tiles
 from app.server.urls import dzi_url, viewer_url
 
 router = APIRouter(tags=["pages"])
 
+MIB = 1024 * 1024
+THUMBNAIL = (160, 120)
+"""The box (CSS px) each index thumbnail fits, asked of the IIIF Image API as ``!w,h``."""
 
-def viewer_page(name: str, index_url: str, associated: str | None = None) -> str:
-    """The viewer page of one slide, or of one of its associated images, with its DZI and
-    API URLs filled in."""
+
+def viewer_page(name: str, file: str, back_url: str, back_label: str,
+                associated: str | None = None) -> str:
+    """The viewer page of one slide, or of one of its associated images, with its DZI, IIIF
+    and API URLs filled in.
+
+    Args:
+        name: the slide name; file: its file name (the page's title names both).
+        back_url: the link back (the index, or the slide's viewer), empty for none.
+        back_label: that link's text.
+        associated: an associated image's name, or None for the slide.
+    """
     api_url = f"/api/slides/{name}"
     values = {
         "{{TITLE}}": name if associated is None else f"{name} \u00b7 {associated}",
+        "{{FILE}}": file,
         "{{DZI_URL}}": dzi_url(name, associated),
+        "{{IIIF_URL}}": quote(f"{base_path(name, associated)}/info.json"),
         "{{API_URL}}": api_url if associated is None else f"{api_url}/associated/{associated}",
-        "{{INDEX_URL}}": index_url,
+        "{{INDEX_URL}}": back_url,
+        "{{INDEX_LABEL}}": back_label,
+        "{{MIRADOR_URL}}": quote(f"/slide/{name}/mirador.html"),
+        "{{MANIFEST_URL}}": quote(f"{base_path(name)}/manifest.json"),
     }
     page = template("viewer.html")
     for placeholder, value in values.items():
@@ -33,24 +55,71 @@ def viewer_page(name: str, index_url: str, associated: str | None = None) -> str
 
 
 @router.get("/", response_class=HTMLResponse, summary="Index of slides (viewer in single mode)")
-async def index(registry: Registry) -> HTMLResponse:
-    """The single slide's viewer when only ``Image.Path`` is configured, else the index."""
+async def index(registry: Registry, tiles: Tiles) -> HTMLResponse:
+    """The single slide's viewer when only ``Image.Path`` is configured, else the index: per
+    slide a lazily loaded IIIF thumbnail, the file and its size, the disk cache it uses, and
+    (filled in by ``index.js`` for the rows on screen) dimensions, vendor, mpp and objective
+    power. No slide is opened to render it."""
     names = registry.names
     if names == [SINGLE_SLIDE_NAME]:
-        return HTMLResponse(viewer_page(SINGLE_SLIDE_NAME, ""))
-    rows = "\n".join(
-        f'<li><a href="{html.escape(viewer_url(n), quote=True)}">{html.escape(n)}</a>'
-        f'<span class="file">{html.escape(registry.entry(n).path.name)}</span></li>'
-        for n in names
-    )
-    return HTMLResponse(template("index.html").replace("{{ROWS}}", rows))
+        entry = registry.entry(SINGLE_SLIDE_NAME)
+        return HTMLResponse(viewer_page(SINGLE_SLIDE_NAME, entry.path.name, "", ""))
+    usage = await tiles.usage()
+    entries = [registry.entry(n) for n in names]
+    sizes = await anyio.to_thread.run_sync(_file_sizes, [e.path for e in entries],
+                                           limiter=tiles.io_limiter)
+    rows = "\n".join(_index_row(entry, size, usage.get(entry.name, SlideCacheUse()).bytes)
+                     for entry, size in zip(entries, sizes, strict=True))
+    page = template("index.html").replace("{{COUNT}}", str(len(names)))
+    return HTMLResponse(page.replace("{{ROWS}}", rows))
+
+
+def _file_sizes(paths: list[Path]) -> list[int | None]:
+    """Each file's size in bytes, None where it cannot be stat'ed (blocking)."""
+    out: list[int | None] = []
+    for path in paths:
+        try:
+            out.append(path.stat().st_size)
+        except OSError:
+            out.append(None)
+    return out
+
+
+def _index_row(entry: SlideEntry, size: int | None, cache_bytes: int) -> str:
+    """One ``<li>`` of the index (every value escaped)."""
+    name = entry.name
+    thumb = quote(f"{base_path(name)}/full/!{THUMBNAIL[0]},{THUMBNAIL[1]}/0/default.jpg")
+    link = html.escape(viewer_url(name), quote=True)
+    size_text = f"{size / MIB:,.1f} MiB" if size is not None else "missing"
+    return (
+        f'<li data-name="{html.escape(name, quote=True)}">'
+        f'<a class="thumb" href="{link}" tabindex="-1"><img loading="lazy" alt="" '
+        f'width="{THUMBNAIL[0]}" height="{THUMBNAIL[1]}" src="{html.escape(thumb, quote=True)}">'
+        f'</a><div class="about"><a href="{link}">{html.escape(name)}</a>'
+        f'<span class="facts"></span>'
+        f'<span class="file">{html.escape(entry.path.name)} \u00b7 {size_text} \u00b7 cache '
+        f'{cache_bytes / MIB:,.1f} MiB</span></div></li>')
 
 
 @router.get("/slide/{name}.html", response_class=HTMLResponse, summary="Viewer of one slide")
 async def slide_page(name: str, registry: Registry) -> HTMLResponse:
     """The OpenSeadragon viewer of slide ``name`` (404 for an unknown name)."""
+    entry = registry.entry(name)
+    single = registry.names == [SINGLE_SLIDE_NAME]
+    return HTMLResponse(viewer_page(name, entry.path.name, "" if single else "/", "Slides"))
+
+
+@router.get("/slide/{name}/mirador.html", response_class=HTMLResponse,
+            summary="Mirador viewer of one slide (IIIF)")
+async def mirador_page(name: str, registry: Registry) -> HTMLResponse:
+    """Mirador opening the slide's IIIF manifest (``/iiif/3/{name}/manifest.json``): the
+    slide and its associated images as canvases (404 for an unknown name)."""
     registry.entry(name)
-    return HTMLResponse(viewer_page(name, "/"))
+    page = template("mirador.html")
+    for placeholder, value in (("{{TITLE}}", name),
+                               ("{{MANIFEST_URL}}", quote(f"{base_path(name)}/manifest.json"))):
+        page = page.replace(placeholder, html.escape(value, quote=True))
+    return HTMLResponse(page)
 
 
 @router.get("/slide/{name}/associated/{associated}.html", response_class=HTMLResponse,
@@ -60,13 +129,14 @@ async def associated_page(name: str, associated: str, registry: Registry) -> HTM
     handle = await registry.get(name)
     await registry.associated(handle, associated)
     back = "/" if registry.names == [SINGLE_SLIDE_NAME] else viewer_url(name)
-    return HTMLResponse(viewer_page(name, back, associated))
+    return HTMLResponse(viewer_page(name, handle.entry.path.name, back, name, associated))
 
 
 @router.get("/static/{file}", include_in_schema=False)
 async def static(file: str) -> Response:
-    """``viewer.js`` and ``viewer.css``."""
-    media = {"viewer.js": "text/javascript", "viewer.css": "text/css"}.get(file)
+    """``viewer.js``, ``index.js`` and ``viewer.css``."""
+    media = {"viewer.js": "text/javascript", "viewer.css": "text/css",
+             "index.js": "text/javascript"}.get(file)
     if media is None:
         return Response(status_code=404)
     return Response(template(file), media_type=media,
