@@ -279,11 +279,34 @@ def test_index_lists_slides_with_links(live_server, page_and_log) -> None:
     for name in live_server.slide_names:
         assert by_path.get(f"/slide/{name}.html") == name, (name, by_path)
 
+    # facts of the rows on screen, lazily loaded thumbnails, and the filter
+    page.wait_for_function(
+        "() => document.querySelector('li[data-name=\"generated\"] .facts').textContent"
+        ".includes('aperio')")
+    facts = page.inner_text('li[data-name="generated"] .facts')
+    assert "5,000 \u00d7 3,800 px" in facts and "0.499" in facts and "20\u00d7" in facts, facts
+    page.wait_for_function(
+        "() => document.querySelector('li[data-name=\"generated\"] img').naturalWidth > 0")
+    page.wait_for_function(
+        "() => document.querySelector('li[data-name=\"unreadable\"]').classList"
+        ".contains('broken') || document.querySelector('li[data-name=\"unreadable\"] .facts')"
+        ".textContent !== ''")
+    page.fill("#filter", "gener")
+    visible = page.evaluate(
+        "() => [...document.querySelectorAll('#slides li')].filter(li => !li.hidden)"
+        ".map(li => li.dataset.name)")
+    assert visible == ["generated"]
+    assert page.inner_text("#shown") == f"1 of {items.count()} slides"
+    page.fill("#filter", "")
+
     first = live_server.slide_names[0]
     target = f"/slide/{first}.html"
     links.nth(paths.index(target)).click()
     page.wait_for_url(lambda url: unquote(urlsplit(url).path) == target)
     page.wait_for_function("() => window.tileStats && window.tileStats.loaded >= 1")
+    # the unreadable slide's thumbnail is its only error (a 500: OpenSlide cannot read it)
+    assert all("/iiif/3/unreadable/" in e for e in log.console_errors), log.summary()
+    log.console_errors.clear()
     log.assert_clean()
 
 
@@ -332,8 +355,102 @@ def test_viewer_shows_associated_images_and_a_scale_bar(live_server, page_and_lo
                            " && window.viewer.world.getItemAt(0).getFullyLoaded()")
     info = page.evaluate("() => window.slideInfo")
     assert info["associated"] == "label" and info["dimensions"] == [400, 460]
+    # the page itself shows no error (viewer.js writes failures into the legend)
+    page.wait_for_function("() => document.getElementById('legend').dataset.state === 'ready'")
+    text = page.inner_text("body")
+    assert "not a function" not in text and "unavailable" not in text, text
+    assert page.locator("#index-link").inner_text().strip() == "\u2190 generated"
     assert page.evaluate("() => document.getElementById('scale-bar').hidden")  # no mpp
     canvas = _canvas_image(page)
     print(_assert_not_blank(canvas, _background_rgb(page)))
     assert page.evaluate("() => window.tileStats.failed") == 0
     log.assert_clean()
+
+
+def _request_paths(page: Page) -> list[str]:
+    """Record the paths of every request the page makes from now on."""
+    paths: list[str] = []
+    page.on("request", lambda request: paths.append(unquote(urlsplit(request.url).path)))
+    return paths
+
+
+def test_viewer_reads_iiif_tiles_beside_the_legend(live_server, page_and_log) -> None:
+    """?source=iiif: OpenSeadragon reads the IIIF info.json and IIIF tiles and draws tissue;
+    the title names the file; the objective magnification follows the zoom; the home view
+    lies beside the legend; the navigator is opaque."""
+    page, log = page_and_log
+    paths = _request_paths(page)
+    page.goto(_slide_url(live_server.base_url, "generated") + "?source=iiif", wait_until="load")
+    _wait_for_viewer(page, log)
+    print(_assert_not_blank(_canvas_image(page), _background_rgb(page)))
+    assert page.evaluate("() => window.tileSourceKind") == "iiif"
+    tiles = [p for p in paths if p.startswith("/iiif/3/generated/") and "/info" not in p]
+    assert len(tiles) >= MIN_TILES and "/iiif/3/generated/info.json" in paths
+    assert not [p for p in paths if p.startswith("/storage/generated_files/")], paths
+    assert all(p.endswith("/0/default.jpg") for p in tiles), tiles
+    assert "generated.svs" in page.title() and "generated" in page.title()
+
+    state = page.evaluate("""() => {
+        const item = window.viewer.world.getItemAt(0);
+        const zoom = item.viewportToImageZoom(window.viewer.viewport.getZoom(true));
+        const box = window.viewer.viewport.viewportToWindowCoordinates(
+            item.getBounds(true).getTopRight());
+        const legend = document.getElementById('legend').getBoundingClientRect();
+        const nav = window.viewer.navigator.element;
+        return {zoom, mag: window.magnification, imageRight: box.x, legendLeft: legend.left,
+                text: document.getElementById('magnification').textContent,
+                navOpacity: getComputedStyle(nav).opacity,
+                navBackground: getComputedStyle(nav).backgroundColor};
+    }""")
+    assert state["mag"] == pytest.approx(20 * state["zoom"], rel=1e-6), state
+    assert state["text"].endswith("\u00d7"), state
+    assert state["imageRight"] <= state["legendLeft"] + 1, state  # the legend hides no tissue
+    assert state["navOpacity"] == "1" and state["navBackground"] == "rgb(255, 255, 255)", state
+    page.evaluate(
+        "() => { const vp = window.viewer.viewport; vp.zoomTo(vp.getMaxZoom(), null, true); }")
+    _next_frames(page)
+    _wait_for_viewer(page, log)
+    zoomed = page.evaluate("() => window.magnification")
+    assert zoomed > state["mag"] * 4
+    assert page.evaluate("() => window.tileStats.failed") == 0
+    log.assert_clean()
+
+
+def test_mirador_shows_the_slide_from_its_manifest(live_server, page_and_log,
+                                                    tmp_path: Path) -> None:
+    """Mirador (from npm) opens the slide's IIIF manifest and draws its tissue from IIIF
+    tiles."""
+    page, log = page_and_log
+    paths = _request_paths(page)
+    page.goto(f"{live_server.base_url}/slide/generated/mirador.html", wait_until="load")
+    page.wait_for_function("() => window.mirador !== undefined")
+    page.wait_for_function(
+        "() => document.querySelector('#mirador .openseadragon-canvas canvas') !== null",
+        timeout=TIMEOUT_MS * 2)
+    page.wait_for_function("() => [...performance.getEntriesByType('resource')].filter("
+                           "e => e.name.includes('/iiif/3/generated/') && "
+                           "e.name.endsWith('/0/default.jpg')).length >= 4",
+                           timeout=TIMEOUT_MS * 2)
+    page.wait_for_timeout(1500)  # OpenSeadragon blends tiles in
+    assert "/iiif/3/generated/manifest.json" in paths
+    assert "/iiif/3/generated/info.json" in paths
+    shot = tmp_path / "mirador.png"
+    page.locator("#mirador .openseadragon-canvas").screenshot(path=str(shot))
+    image = Image.open(shot).convert("RGB")
+    corner = image.getpixel((2, 2))
+    print(f"mirador screenshot: {shot}",
+          _assert_not_blank(image.convert("RGBA"), corner))
+    bad = [e for e in log.bad_responses if "/iiif/" in e]
+    assert not bad, log.summary()
+    assert not log.page_errors, log.summary()
+
+
+def test_unknown_slide_page_is_html_for_browsers(live_server, page_and_log) -> None:
+    """A browser gets an HTML error page; an API client the JSON error."""
+    page, _ = page_and_log
+    response = page.goto(f"{live_server.base_url}/slide/nope.html", wait_until="load")
+    assert response is not None and response.status == 404
+    assert response.headers["content-type"].startswith("text/html")
+    assert "404" in page.title() and "nope" in page.inner_text("#error-detail")
+    api = live_server.get("/slide/nope.html", headers={"Accept": "application/json"})
+    assert api.status_code == 404 and api.json()["error"] == "slide_not_found"

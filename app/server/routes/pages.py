@@ -22,7 +22,8 @@ router = APIRouter(tags=["pages"])
 
 MIB = 1024 * 1024
 THUMBNAIL = (160, 120)
-"""The box (CSS px) each index thumbnail fits, asked of the IIIF Image API as ``!w,h``."""
+"""The box (CSS px) each index thumbnail fits, asked of the IIIF Image API as ``^!w,h`` (tiny
+slides are scaled up to it)."""
 
 
 def viewer_page(name: str, file: str, back_url: str, back_label: str,
@@ -88,7 +89,7 @@ def _file_sizes(paths: list[Path]) -> list[int | None]:
 def _index_row(entry: SlideEntry, size: int | None, cache_bytes: int) -> str:
     """One ``<li>`` of the index (every value escaped)."""
     name = entry.name
-    thumb = quote(f"{base_path(name)}/full/!{THUMBNAIL[0]},{THUMBNAIL[1]}/0/default.jpg")
+    thumb = quote(f"{base_path(name)}/full/^!{THUMBNAIL[0]},{THUMBNAIL[1]}/0/default.jpg")
     link = html.escape(viewer_url(name), quote=True)
     size_text = f"{size / MIB:,.1f} MiB" if size is not None else "missing"
     return (
