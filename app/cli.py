@@ -68,6 +68,9 @@ def _parser() -> argparse.ArgumentParser:
                         "(default 16; 0 = every tile)")
     verify.add_argument("--format", dest="query_format", metavar="FORMAT",
                         help="ask every tile with ?format= (e.g. png: every level lossless)")
+    verify.add_argument("--iiif", action="store_true",
+                        help="check the IIIF Image API too: info.json, declared tiles and "
+                        "full-resolution regions in PNG, bit for bit")
     verify.add_argument("--min-psnr", type=float, default=0.0, metavar="DB",
                         help="fail lossy tiles below this PSNR (default 0: report only)")
     verify.add_argument("--json", metavar="FILE", help="write the JSON report (- for stdout)")
@@ -177,7 +180,7 @@ def verify(args: argparse.Namespace) -> int:
         with ProgressBars("tiles") as bars:
             report = anyio.run(lambda: run_verify(
                 settings, args.words, args.url, args.levels, args.sample, args.min_psnr,
-                args.query_format, bars.report))
+                args.query_format, bars.report, args.iiif))
     except VerifyError as exc:
         print(f"tileserver verify: {exc}", file=sys.stderr)
         return 2

@@ -242,10 +242,17 @@ def reference_pixels(slide: AbstractSlide, level: int, col: int, row: int, *,
             raise TypeError("reference_pixels needs a generator or tile_size, overlap and "
                             "limit_bounds")
         dz = DeepZoomGenerator(slide, tile_size, overlap, limit_bounds)
-    tile = dz.get_tile(level, (col, row))
+    return reference_converted(slide, dz.get_tile(level, (col, row)), color_mode)
+
+
+def reference_converted(slide: AbstractSlide, image: Image.Image,
+                        color_mode: ColorMode | str) -> np.ndarray:
+    """``image`` (pixels of ``slide``) as a served image must decode to under the colour mode:
+    unchanged, or converted with ``ImageCms.profileToProfile`` from the slide's profile to
+    sRGB (independent of :class:`ColorTransform`). Returns ``(height, width, 3)`` uint8."""
     profile = slide.color_profile
     intent = conversion_intent(color_mode, profile)
     if intent is not None:
-        tile = ImageCms.profileToProfile(tile, profile, _SRGB, renderingIntent=intent,
-                                         outputMode="RGB")
-    return np.asarray(tile.convert("RGB"))
+        image = ImageCms.profileToProfile(image, profile, _SRGB, renderingIntent=intent,
+                                          outputMode="RGB")
+    return np.asarray(image.convert("RGB"))

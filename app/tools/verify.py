@@ -27,11 +27,18 @@ to sRGB where the server's ``DeepZoom.ColorMode`` converts
 (:func:`app.core.colour.reference_pixels`), so that verify compares against the same transform.
 Tiles the server sends as the slide's own JPEG bytes (``X-Tile-Source: original``) must be the
 stored tile, read here with tifffile, and decode exactly to the reference.
+
+With ``--iiif`` the IIIF Image API is checked too (:meth:`Verifier.check_iiif`): info.json must
+describe the DZI region and tile size; declared tiles asked in PNG must be
+``DeepZoomGenerator(tile_size, overlap 0, limit_bounds).get_tile``'s pixels exactly, and
+full-resolution PNG regions at seeded random places OpenSlide's ``read_region`` (composited onto
+the slide's background as ``DeepZoomGenerator`` does), bit for bit.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import math
@@ -42,6 +49,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import anyio
 import httpx
@@ -54,7 +62,12 @@ from PIL import Image
 from app import __version__
 from app.cache.content import file_sha256
 from app.cache.tiles import digest_of
-from app.core.colour import ColorMode, expected_profile, reference_pixels
+from app.core.colour import (
+    ColorMode,
+    expected_profile,
+    reference_converted,
+    reference_pixels,
+)
 from app.core.slides import build_catalogue
 from app.settings import Settings
 
@@ -118,7 +131,9 @@ class ReferenceSlide:
             raise VerifyError(f"cannot open {path} here: {exc}") from None
         self.path = path
         self.color_mode = color_mode
+        self.tile_size, self.limit_bounds = tile_size, limit_bounds
         self.generator = DeepZoomGenerator(self.slide, tile_size, overlap, limit_bounds)
+        self._unlapped: DeepZoomGenerator | None = None
         self.quickhash = self.slide.properties.get(openslide.PROPERTY_NAME_QUICKHASH1)
         self.profile = expected_profile(self.slide, color_mode)
         self._pages: dict[tuple[int, int], _StoredPage] | None = None
@@ -126,6 +141,27 @@ class ReferenceSlide:
     def expected(self, level: int, col: int, row: int) -> np.ndarray:
         """:func:`expected_tile` of this slide (blocking)."""
         return expected_tile(self.slide, self.generator, level, col, row, self.color_mode)
+
+    def expected_iiif_tile(self, level: int, col: int, row: int) -> np.ndarray:
+        """An IIIF declared tile: :func:`expected_tile` of the same grid without overlap
+        (blocking)."""
+        if self._unlapped is None:
+            g = self.generator
+            self._unlapped = DeepZoomGenerator(self.slide, self.tile_size, 0, self.limit_bounds)
+            assert g.level_dimensions == self._unlapped.level_dimensions
+        return expected_tile(self.slide, self._unlapped, level, col, row, self.color_mode)
+
+    def expected_region(self, x: int, y: int, w: int, h: int) -> np.ndarray:
+        """A full-resolution IIIF region ``(x, y, w, h)`` of the DZI region: ``read_region``
+        at level 0 composited onto the slide's background colour, as ``DeepZoomGenerator``
+        composites its tiles, then the colour mode (blocking)."""
+        top = self.generator.level_count - 1
+        ox, oy = self.generator.get_tile_coordinates(top, (0, 0))[0]
+        region = self.slide.read_region((ox + x, oy + y), 0, (w, h))
+        background = "#" + self.slide.properties.get(
+            openslide.PROPERTY_NAME_BACKGROUND_COLOR, "ffffff")
+        opaque = Image.composite(region, Image.new("RGB", region.size, background), region)
+        return reference_converted(self.slide, opaque, self.color_mode)
 
     def stored_tile(self, level: int, col: int, row: int) -> bytes | None:
         """The slide file's stored JPEG tile that DZI tile (level, col, row) must be when the
@@ -260,11 +296,14 @@ class SlideReport:
     settings: dict[str, Any] = field(default_factory=dict)
     levels: list[LevelReport] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    iiif: list[TileResult] | None = None
+    """The IIIF requests checked (``--iiif``), None when not asked."""
 
     @property
     def passed(self) -> bool:
-        """No slide-level problem and no failing tile."""
-        return not self.problems and not any(lv.failures for lv in self.levels)
+        """No slide-level problem and no failing tile or IIIF request."""
+        return (not self.problems and not any(lv.failures for lv in self.levels)
+                and not any(t.problem for t in self.iiif or ()))
 
     def to_json(self) -> dict[str, Any]:
         """The slide's JSON record."""
@@ -274,6 +313,10 @@ class SlideReport:
             "sha256": self.sha256,
             "passed": self.passed, "problems": self.problems, "settings": self.settings,
             "levels": [lv.summary() for lv in self.levels],
+            "iiif": None if self.iiif is None else {
+                "checked": len(self.iiif), "exact": sum(t.exact for t in self.iiif),
+                "failed": sum(bool(t.problem) for t in self.iiif),
+                "failures": [asdict(t) for t in self.iiif if t.problem]},
         }
 
 
@@ -401,8 +444,9 @@ class Verifier:
     def __init__(self, client: httpx.AsyncClient, settings: Settings,
                  levels: tuple[int, int | None] | None = None, sample: int = 16,
                  min_psnr: float = 0.0, query_format: str | None = None,
-                 progress: ProgressCallback | None = None):
+                 progress: ProgressCallback | None = None, iiif: bool = False):
         self.client = client
+        self.iiif = iiif
         self.catalogue = build_catalogue(settings)
         self.levels = levels
         self.sample = sample
@@ -492,7 +536,69 @@ class Verifier:
         async with anyio.create_task_group() as tg:
             for result, lossless in tiles:
                 tg.start_soon(check, result, lossless)
+        if self.iiif:
+            await self.check_iiif(name, report, reference, policy)
         return report
+
+    async def check_iiif(self, name: str, report: SlideReport, reference: ReferenceSlide,
+                         policy: dict[str, Any]) -> None:
+        """``--iiif``: info.json, then declared tiles and full-resolution regions in PNG, each
+        bit for bit (see the module docstring); findings land in ``report.iiif``."""
+        report.iiif = []
+        base = f"/iiif/3/{quote(name)}"
+        info_response = await self.client.get(f"{base}/info.json")
+        if info_response.status_code != 200:
+            report.problems.append(f"{base}/info.json: HTTP {info_response.status_code}")
+            return
+        info = info_response.json()
+        width, height = reference.generator.level_dimensions[-1]
+        ts = policy["tile_size"]
+        if ((info.get("width"), info.get("height")) != (width, height)
+                or info.get("tiles", [{}])[0].get("width") != ts):
+            report.problems.append(f"{base}/info.json describes a {info.get('width')}x"
+                                   f"{info.get('height')} image, tiles {info.get('tiles')}; "
+                                   f"the DZI region is {width}x{height}, tiles {ts}")
+            return
+        top = reference.generator.level_count - 1
+        checks: list[tuple[TileResult, Callable[[], np.ndarray]]] = []
+        per_scale = min(self.sample or 4, 4)
+        for factor in info["tiles"][0]["scaleFactors"]:
+            level = top - int(math.log2(factor))
+            span = ts * factor
+            cols, rows = -(-width // span), -(-height // span)
+            level_w, level_h = reference.generator.level_dimensions[level]
+            for col, row in sample_addresses(cols, rows, per_scale, f"iiif-{name}-{factor}"):
+                x, y = col * span, row * span
+                region = f"{x},{y},{min(span, width - x)},{min(span, height - y)}"
+                size = f"{min(ts, level_w - col * ts)},{min(ts, level_h - row * ts)}"
+                result = TileResult(f"{base}/{region}/{size}/0/default.png", level, col, row, 0)
+                checks.append((result, functools.partial(reference.expected_iiif_tile, level,
+                                                         col, row)))
+        rng = random.Random(f"iiif-regions-{policy['quickhash'] or name}")
+        for _ in range(per_scale):
+            w, h = min(width, rng.randint(64, 512)), min(height, rng.randint(64, 512))
+            x, y = rng.randint(0, width - w), rng.randint(0, height - h)
+            result = TileResult(f"{base}/{x},{y},{w},{h}/max/0/default.png", top, -1, -1, 0)
+            checks.append((result, functools.partial(reference.expected_region, x, y, w, h)))
+        lossless = policy["color"]["transform"] == "none"
+
+        async def check(result: TileResult, expected: Callable[[], np.ndarray]) -> None:
+            async with self._limit:
+                response = await self.client.get(result.url)
+                result.status = response.status_code
+                result.format = response.headers.get("x-tile-format")
+                if response.status_code != 200:
+                    result.problem = f"HTTP {response.status_code}: {response.text[:300]}"
+                    return
+                pixels = await anyio.to_thread.run_sync(expected)
+                await anyio.to_thread.run_sync(compare, result, response.content,
+                                               response.headers, pixels, lossless,
+                                               self.min_psnr, None, reference.profile)
+
+        report.iiif = [result for result, _ in checks]
+        async with anyio.create_task_group() as tg:
+            for result, expected in checks:
+                tg.start_soon(check, result, expected)
 
     def _check_identity(self, name: str, report: SlideReport, reference: ReferenceSlide,
                         policy: dict[str, Any]) -> None:
@@ -616,7 +722,8 @@ async def http_client(url: str | None, settings: Settings) -> AsyncIterator[http
 async def run_verify(settings: Settings, names: list[str], url: str | None = None,
                      levels: str | None = None, sample: int = 16, min_psnr: float = 0.0,
                      query_format: str | None = None,
-                     progress: ProgressCallback | None = None) -> dict[str, Any]:
+                     progress: ProgressCallback | None = None,
+                     iiif: bool = False) -> dict[str, Any]:
     """Verify slides and return the JSON report (``passed`` says whether all passed).
 
     Args:
@@ -626,6 +733,7 @@ async def run_verify(settings: Settings, names: list[str], url: str | None = Non
         levels: ``--levels`` text; sample: tiles per level (0: all); min_psnr: dB.
         query_format: ``?format=`` for every tile (None: the policy's choice).
         progress: called after each tile (see :data:`ProgressCallback`).
+        iiif: check the IIIF Image API too (:meth:`Verifier.check_iiif`).
 
     Raises:
         VerifyError: cannot run (bad options, unknown slide, server unreachable, a slide file
@@ -638,7 +746,7 @@ async def run_verify(settings: Settings, names: list[str], url: str | None = Non
     t0 = time.perf_counter()
     async with http_client(url, settings) as client:
         verifier = Verifier(client, settings, level_range, sample, min_psnr, query_format,
-                            progress)
+                            progress, iiif)
         version = (await verifier.get_json("/api/version"))["version"]
         names = names or await verifier.slide_names()
         reports = [await verifier.verify(name) for name in names]
@@ -652,7 +760,7 @@ async def run_verify(settings: Settings, names: list[str], url: str | None = Non
                       "openslide_python": openslide.__version__,
                       "openslide": openslide.__library_version__},
         "options": {"levels": levels, "sample": sample, "min_psnr": min_psnr,
-                    "format": query_format},
+                    "format": query_format, "iiif": iiif},
         "passed": all(r.passed for r in reports),
         "slides": [r.to_json() for r in reports],
     }
@@ -698,6 +806,14 @@ def print_summary(report: dict[str, Any], file=None) -> None:
             console.print(f"[bold red]  {slide['name']}: {problem}[/]")
         for lv in slide["levels"]:
             for tile in lv["failures"]:
+                console.print(f"[bold red]  {tile['url']}: {tile['problem']}[/]")
+        iiif = slide.get("iiif")
+        if iiif is not None:
+            verdict = "[green]PASS[/]" if not iiif["failed"] else "[bold red]FAIL[/]"
+            console.print(f"{verdict} IIIF: {iiif['checked']} declared tiles and "
+                          f"full-resolution regions in PNG, {iiif['exact']} bit-exact, "
+                          f"{iiif['failed']} failed")
+            for tile in iiif["failures"]:
                 console.print(f"[bold red]  {tile['url']}: {tile['problem']}[/]")
     checked = sum(lv["tiles_checked"] for s in report["slides"] for lv in s["levels"])
     failed = sum(lv["failed"] for s in report["slides"] for lv in s["levels"])

@@ -206,3 +206,36 @@ def test_compare_flags_an_original_tile_that_is_not_the_stored_one():
     result = TileResult("/t", 0, 0, 0, 200)
     compare(result, body, headers, expected, False, 0.0, stored=b"\xff\xd8other\xff\xd9")
     assert "not the stored tile" in result.problem
+
+
+def test_verify_iiif_declared_tiles_and_full_resolution_regions(quick_svs, tmp_path, capsys,
+                                                                monkeypatch):
+    """--iiif: info.json, declared tiles of every scale factor and full-resolution regions in
+    PNG, bit for bit; a damaged cached IIIF tile is caught and named."""
+    monkeypatch.chdir(tmp_path)
+    cache = tmp_path / "cache"
+    args = ["Images:0:Name=g", f"Images:0:Path={quick_svs}", f"TileCachePath={cache}",
+            "--levels", "12-top", "--sample", "2", "--iiif"]
+    code, report, out = run_cli(args, tmp_path, capsys)
+    assert code == 0, out
+    iiif = report["slides"][0]["iiif"]
+    # 2 tiles at scale factors 1, 2, 4, 8, the one tile at 16, 2 full-resolution regions
+    assert iiif == {"checked": 11, "exact": 11, "failed": 0, "failures": []}
+    assert "PASS IIIF: 11 declared tiles and full-resolution regions in PNG" in out
+    # the IIIF tiles (no overlap) are a variant of their own beside the DZI tiles (overlap 1)
+    variant = next(d for d in (cache / "g").iterdir() if (d / "11").is_dir())
+    victim = next((variant / "11").glob("*.png"))
+    data = unseal(victim.read_bytes())[0]
+    with Image.open(io.BytesIO(data)) as im:
+        pixels = 255 - np.asarray(im.convert("RGB"))
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(pixels)).save(buf, "PNG")
+    victim.write_bytes(seal(buf.getvalue()))
+
+    code, report, out = run_cli(args, tmp_path, capsys)
+    assert code == 1 and "FAIL IIIF" in out
+    [failure] = report["slides"][0]["iiif"]["failures"]
+    col, row = (int(v) for v in victim.stem.split("_"))
+    assert (failure["level"], failure["col"], failure["row"]) == (11, col, row)
+    assert failure["url"].startswith("/iiif/3/g/") and failure["url"].endswith("/0/default.png")
+    assert "lossless tile differs" in failure["problem"]
