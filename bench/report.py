@@ -30,7 +30,8 @@ from bench.slide import SLIDE_SEED
 
 RATIOS = (("JPEG", "cold-jpeg", "baseline-jpeg"), ("lossless/PNG", "cold-lossless", "baseline-png"),
           ("passthrough / rendered", "aligned-original", "aligned-rendered"),
-          ("passthrough / iipsrv", "aligned-original", "iipsrv"))
+          ("passthrough / iipsrv", "aligned-original", "iipsrv"),
+          ("IIIF cold / iipsrv IIIF", "iiif-cold", "iipsrv-iiif"))
 """(label, our scenario, the other scenario) of every ratio reported where both ran."""
 
 

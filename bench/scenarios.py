@@ -31,7 +31,11 @@ from bench.slide import (
     cold_order,
     geometry_from_api,
     geometry_from_openslide,
+    iiif_tiles,
+    iiif_warm_tiles,
+    iipsrv_iiif_path,
     iipsrv_path,
+    ours_iiif_path,
     ours_path,
     warm_tiles,
 )
@@ -53,7 +57,7 @@ class Scenario:
     title: str
     server: str  # "ours" | "baseline" | "iipsrv"
     kind: str  # "cold" | "warm" | "uncached" (cycling over tiles with every cache off)
-    fmt: str  # what the URL asks for: "jpeg" | "lossless" | "png"
+    fmt: str  # what the URL asks for: "jpeg" | "lossless" | "png" | "iiif" (IIIF default.jpg)
     expect_type: str  # the Content-Type every tile response must have
     settings: dict[str, Any] | None = None  # appsettings of ours beside Images/TileCachePath
     source: str | None = None  # X-Tile-Source every sampled tile must have
@@ -79,6 +83,14 @@ SCENARIOS: dict[str, Scenario] = {s.key: s for s in (
              "jpeg", "image/jpeg", {**UNCACHED, "TileFormat": {"Passthrough": False}},
              "rendered"),
     Scenario("iipsrv", "uncached JPEG, aligned", "iipsrv", "uncached", "jpeg", "image/jpeg"),
+    # OpenSeadragon's IIIF tile requests of the deepest level, the slide's own 240 px tile
+    # size for both servers (ours: DeepZoom.Geometry aligned, so IIIF tiles are stored tiles)
+    Scenario("iiif-cold", "cold IIIF, aligned", "ours", "cold", "iiif", "image/jpeg",
+             {"DeepZoom": {"Geometry": "aligned"}}),
+    # warm: the default geometry, as ``warm``: IIIF tiles rendered once into the disk cache,
+    # so that both workers hit (stored tiles sent as they are never enter the disk cache)
+    Scenario("iiif-warm", "warm IIIF cache hits", "ours", "warm", "iiif", "image/jpeg"),
+    Scenario("iipsrv-iiif", "cold IIIF", "iipsrv", "cold", "iiif", "image/jpeg"),
 )}
 GROUPS: dict[str, list[str]] = {
     "all": list(SCENARIOS),
@@ -90,6 +102,7 @@ GROUPS: dict[str, list[str]] = {
     "png": ["cold-lossless", "baseline-png"],
     "lossless": ["cold-lossless", "baseline-png"],
     "passthrough": ["aligned-original", "aligned-rendered", "iipsrv"],
+    "iiif": ["iiif-cold", "iiif-warm", "iipsrv-iiif"],
 }
 
 
@@ -298,9 +311,65 @@ def run_iipsrv(scenario: Scenario, setup: Setup, seconds: int) -> Result:
     return result
 
 
+def iiif_info(server: ServerProcess, path: str) -> dict[str, Any]:
+    """An info.json of the server (ours or iipsrv)."""
+    response = httpx.get(server.base_url + path, timeout=60)
+    if response.status_code != 200:
+        raise BenchError(f"{server.name}: {path} answered {response.status_code}: "
+                         f"{response.text[:500]}\n{server.log_tail()}")
+    return response.json()
+
+
+def run_ours_iiif(scenario: Scenario, setup: Setup, seconds: int) -> Result:
+    """IIIF on a fresh server and cache: cold, each deepest-level tile once as OpenSeadragon
+    asks it; warm, the 2000 centred tiles pre-warmed, then cycled."""
+    with ours_server(scenario, setup, scenario.settings) as server:
+        info = iiif_info(server, f"/iiif/3/{SLIDE_NAME}/info.json")
+        width, height, size = info["width"], info["height"], info["tiles"][0]["width"]
+        if scenario.kind == "warm":
+            tiles = iiif_warm_tiles(width, height, size)
+            paths = [ours_iiif_path(region, s) for region, s in tiles]
+            responses = fetch_all(server.base_url, paths)
+            bad = [r for r in responses if r.status_code != 200]
+            if bad:
+                raise BenchError(f"pre-warm: {len(bad)} of {len(paths)} IIIF tiles failed, "
+                                 f"e.g. {bad[0].status_code} {bad[0].url}")
+            result = measure(server, scenario, paths, "cycle", seconds, setup.workdir)
+        else:
+            paths = [ours_iiif_path(region, s) for region, s in iiif_tiles(width, height, size)]
+            result = measure(server, scenario, paths, "once", seconds, setup.workdir)
+        sample = size_sample(server, result, spread(paths))
+        for header in ("x-tile-source", "x-tile-cache"):
+            values = [r.headers.get(header) for r in sample]
+            result.extra[header.replace("-", "_")] = {v: values.count(v) for v in set(values)}
+    result.extra["iiif_geometry"] = {"width": width, "height": height, "tile_size": size,
+                                     "tiles": len(paths)}
+    result.check()
+    return result
+
+
+def run_iipsrv_iiif(scenario: Scenario, setup: Setup, seconds: int) -> Result:
+    """iipsrv's IIIF over the same slide, each deepest-level tile once, at its tile size."""
+    slide = setup.slide
+    with iipsrv(slide, setup.workdir, scenario.key) as server:
+        info = iiif_info(server, f"/fcgi-bin/iipsrv.fcgi?IIIF={slide.name}/info.json")
+        width, height, size = info["width"], info["height"], info["tiles"][0]["width"]
+        paths = [iipsrv_iiif_path(slide, region, s)
+                 for region, s in iiif_tiles(width, height, size)]
+        result = measure(server, scenario, paths, "once", seconds, setup.workdir)
+        size_sample(server, result, spread(paths))
+    result.extra["iiif_geometry"] = {"width": width, "height": height, "tile_size": size,
+                                     "tiles": len(paths)}
+    result.check()
+    return result
+
+
 def run_scenario(scenario: Scenario, setup: Setup, seconds: int,
                  base_geo: Geometry | None) -> Result:
     """Run one scenario on a fresh server; ``base_geo`` is the baseline's DZI geometry."""
+    if scenario.fmt == "iiif":
+        return (run_iipsrv_iiif if scenario.server == "iipsrv" else run_ours_iiif)(
+            scenario, setup, seconds)
     if scenario.server == "iipsrv":
         return run_iipsrv(scenario, setup, seconds)
     if scenario.kind == "uncached":
@@ -399,10 +468,13 @@ def run_rounds(keys: list[str], setup: Setup, repeat: int,
 
 
 def check_geometry(results: dict[str, Result]) -> None:
-    """Ours and the baseline (and ours aligned and iipsrv) must have walked the same deepest
-    level; a note on every result where they did not."""
-    for key, who in (("geometry", "the baseline"), ("aligned_geometry", "iipsrv")):
-        geos = {(r.extra[key]["level"], r.extra[key]["cols"], r.extra[key]["rows"])
+    """Ours and the baseline (and ours aligned and iipsrv, and both IIIF servers) must have
+    walked the same deepest level; a note on every result where they did not."""
+    for key, who, fields in (("geometry", "the baseline", ("level", "cols", "rows")),
+                             ("aligned_geometry", "iipsrv", ("level", "cols", "rows")),
+                             ("iiif_geometry", "iipsrv (IIIF)",
+                              ("width", "height", "tile_size"))):
+        geos = {tuple(r.extra[key][f] for f in fields)
                 for r in results.values() if key in r.extra}
         if len(geos) > 1:
             for r in results.values():

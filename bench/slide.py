@@ -105,3 +105,37 @@ def baseline_path(level: int, col: int, row: int, fmt: str) -> str:
 def iipsrv_path(slide: Path, level: int, col: int, row: int) -> str:
     """An iipsrv DeepZoom tile URL path of ``slide``."""
     return f"/fcgi-bin/iipsrv.fcgi?DeepZoom={slide.name}_files/{level}/{col}_{row}.jpg"
+
+
+def iiif_tiles(width: int, height: int, tile_size: int) -> list[tuple[str, str]]:
+    """``(region, size)`` of every full-resolution IIIF tile OpenSeadragon asks for an image
+    of ``width`` x ``height`` with ``tile_size`` tiles, in :func:`cold_order`."""
+    cols, rows = -(-width // tile_size), -(-height // tile_size)
+    out = []
+    for col, row in cold_order(cols, rows):
+        x, y = col * tile_size, row * tile_size
+        w, h = min(tile_size, width - x), min(tile_size, height - y)
+        out.append((f"{x},{y},{w},{h}", f"{w},{h}"))
+    return out
+
+
+def iiif_warm_tiles(width: int, height: int, tile_size: int,
+                    count: int = WARM_TILES) -> list[tuple[str, str]]:
+    """``(region, size)`` of the IIIF warm set: the centred 50x40 full-resolution tiles."""
+    cols, rows = -(-width // tile_size), -(-height // tile_size)
+    w, h = min(WARM_REGION[0], cols), min(WARM_REGION[1], rows)
+    c0, r0 = (cols - w) // 2, (rows - h) // 2
+    wanted = {(c, r) for r in range(r0, r0 + h) for c in range(c0, c0 + w)}
+    tiles = iiif_tiles(width, height, tile_size)
+    order = [(c, r) for c, r in cold_order(cols, rows)]
+    return [t for t, address in zip(tiles, order, strict=True) if address in wanted][:count]
+
+
+def ours_iiif_path(region: str, size: str) -> str:
+    """An IIIF image URL path of our server (JPEG, OpenSeadragon's default quality)."""
+    return f"/iiif/3/{SLIDE_NAME}/{region}/{size}/0/default.jpg"
+
+
+def iipsrv_iiif_path(slide: Path, region: str, size: str) -> str:
+    """An iipsrv IIIF image URL path of ``slide``."""
+    return f"/fcgi-bin/iipsrv.fcgi?IIIF={slide.name}/{region}/{size}/0/default.jpg"

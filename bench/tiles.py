@@ -12,9 +12,13 @@ Scenarios (``--scenarios``, comma-separated keys or groups; default ``all``):
                    stops)
 ``baseline-jpeg``  openslide's ``deepzoom_server.py`` (Flask, gunicorn 2x4), ``.jpeg`` q90
 ``baseline-png``   the same baseline, ``.png``
+``iiif-cold``      ours, ``DeepZoom.Geometry`` aligned: OpenSeadragon's IIIF requests of every
+                   deepest-level tile (the slide's 240 px tiles) at most once
+``iiif-warm``      the same server: 2000 pre-warmed IIIF tiles requested over and over
+``iipsrv-iiif``    iipsrv's IIIF (nginx + FastCGI), the same tiles at its tile size, once each
 =================  =========================================================================
 
-Groups: ``all``, ``ours``, ``baseline``, ``cold``, ``jpeg``, ``png``.
+Groups: ``all``, ``ours``, ``baseline``, ``cold``, ``jpeg``, ``png``, ``iiif``.
 
 Every scenario gets a fresh server process group on a free port (and, for ours, a fresh
 empty tile cache directory); ``wrk -t 2 -c 16`` runs ``bench/tiles.lua`` against it. Cold

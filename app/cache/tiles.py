@@ -11,7 +11,6 @@ returned; a tile that failed is never cached.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import hashlib
 import logging
 import os
@@ -35,6 +34,9 @@ from app.core.slides import OpenSlide, SlideRegistry
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
+
+IIIF_PLAN_MEMO = 8192
+"""IIIF request plans kept per open slide (then forgotten at once and made again)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,6 +152,8 @@ class TileService:
 
         A request that is a tile of the pyramid is served as that tile (memory, disk cache,
         passthrough, one render); any other is rendered in a render thread and not cached.
+        Plans are memoised per open slide (:data:`IIIF_PLAN_MEMO`), so a viewer's repeated
+        requests cost what a DZI tile's do.
         ``Tile.plan`` is the :class:`~app.core.planner.RegionPlan`.
 
         Raises:
@@ -160,12 +164,18 @@ class TileService:
         handle = await self._open(name)
         source = (handle.source if associated is None
                   else await self.registry.associated(handle, associated))
-        width, height = source.pyramid.level_dimensions[-1]
-        request = parse_image_request(*segments, width, height, self.iiif_limits)
-        plan = self.planner.plan_region(handle, source, request)
+        memo = handle.iiif_plans
+        plan = memo.get((associated, segments))
+        if plan is None:
+            width, height = source.pyramid.level_dimensions[-1]
+            request = parse_image_request(*segments, width, height, self.iiif_limits)
+            plan = self.planner.plan_region(handle, source, request)
+            if len(memo) >= IIIF_PLAN_MEMO:
+                memo.clear()
+            memo[(associated, segments)] = plan
         if plan.tile is not None:
             tile = await self._planned(handle, source.without_overlap(), plan.tile)
-            return dataclasses.replace(tile, plan=plan)
+            return Tile(tile.data, plan, tile.cache, tile.digest, tile.source, tile.identity)
         loop = asyncio.get_running_loop()
         try:
             data = await loop.run_in_executor(self._render_threads, render_region, handle,

@@ -70,8 +70,11 @@ class OpenSlide:
             changes whenever the file can have changed (:func:`slide_identity`).
         signature: ``(size, mtime_ns, inode)`` of the file when opened.
         checked_at: ``time.monotonic()`` of the last stat that found the file unchanged.
-        variants: cache variants memoised by the planner, ``(Encoding, scope) -> hex``.
+        variants: cache variants memoised by the planner, ``(Encoding, scope, overlap) ->
+            hex``.
         associated: associated images' sources, opened on first use.
+        iiif_plans: IIIF request plans memoised by the tile service,
+            ``(associated or None, URL segments) -> RegionPlan``.
     """
 
     entry: SlideEntry
@@ -80,8 +83,9 @@ class OpenSlide:
     identity: str
     signature: tuple[int, int, int]
     checked_at: float = field(default_factory=time.monotonic)
-    variants: dict[tuple[Any, str], str] = field(default_factory=dict)
+    variants: dict[tuple[Any, ...], str] = field(default_factory=dict)
     associated: dict[str, ImageSource] = field(default_factory=dict)
+    iiif_plans: dict[tuple[Any, ...], Any] = field(default_factory=dict)
 
     @property
     def pyramid(self) -> SlidePyramid:
