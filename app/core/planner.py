@@ -11,6 +11,11 @@ one of its associated images) and what a request asked for (URL extension, ``?fo
 - the cache key (:class:`app.core.keys.TileKey`), whether ``Accept`` took part (``Vary``) and
   whether ``EnforceLossless`` refused an override.
 
+IIIF Image API requests are planned by :meth:`TilePlanner.plan_region` (a
+:class:`RegionPlan`): the same format policy at the DZI level of the request's scale, and a
+request that is a declared IIIF tile is planned by :meth:`TilePlanner.plan` as the DZI tile of
+the pyramid without overlap, so that it shares the DZI tiles' caches and render path.
+
 The server (:class:`app.cache.tiles.TileService`), pregeneration and export
 (:mod:`app.batch`) and the ``/api/slides/{name}/policy`` document (:func:`slide_policy`) all
 ask it; ``tileserver verify`` keeps an independent reference and never does. Pure: no I/O, no

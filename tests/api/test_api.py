@@ -95,8 +95,24 @@ def test_pages(client):
     page = client.get("/slide/boxes.html").text
     assert "/storage/boxes.dzi" in page and "/api/slides/boxes" in page
     assert "{{" not in page
+    assert "<title>boxes · boxes.tiff · WSI viewer</title>" in page
+    assert 'data-iiif-url="/iiif/3/boxes/info.json"' in page
+    assert 'href="/" hidden title="Slides">&larr; Slides</a>' in page
     osd = client.get("/static/openseadragon/openseadragon.min.js")
     assert osd.status_code == 200 and "OpenSeadragon" in osd.text[:5000]
+    mirador = client.get("/slide/boxes/mirador.html")
+    assert 'data-manifest-url="/iiif/3/boxes/manifest.json"' in mirador.text
+    assert "{{" not in mirador.text
+    bundle = client.get("/static/mirador/mirador.min.js")
+    assert bundle.status_code == 200 and "Mirador" in bundle.text[:2000]
+    # an unknown page: HTML for a browser, JSON for an API client
+    html_404 = client.get("/slide/nope.html", headers={"Accept": "text/html,*/*;q=0.8"})
+    assert html_404.status_code == 404 and html_404.headers["content-type"].startswith(
+        "text/html")
+    assert "404 Not Found" in html_404.text and "no slide named &#x27;nope&#x27;" in html_404.text
+    json_404 = client.get("/slide/nope.html")
+    assert json_404.json()["error"] == "slide_not_found"
+    assert client.get("/slide/nope/mirador.html").status_code == 404
     assert client.get("/docs").status_code == 200
     spec = client.get("/openapi.json").json()
     assert "/storage/{name}_files/{level}/{tile}" in spec["paths"]
@@ -107,6 +123,11 @@ def test_single_mode_index_is_the_viewer(client_for, generated_svs):
     page = client.get("/").text
     assert "/image.dzi" in page and "/api/slides/image" in page
     assert client.get("/api/slides/image").json()["dzi_url"] == "/image.dzi"
+    # no way back to an index that does not exist; an associated image links to the slide
+    assert 'id="index-link" class="back" href=""' in page
+    assert 'id="index-link" class="back" href=""' in client.get("/slide/image.html").text
+    label = client.get("/slide/image/associated/label.html").text
+    assert 'href="/" hidden title="image">&larr; image</a>' in label
 
 
 def test_policy_document(client_for, generated_svs, fixtures):
