@@ -431,7 +431,7 @@ def test_mirador_shows_the_slide_from_its_manifest(live_server, page_and_log,
                            "e => e.name.includes('/iiif/3/generated/') && "
                            "e.name.endsWith('/0/default.jpg')).length >= 4",
                            timeout=TIMEOUT_MS * 2)
-    page.wait_for_timeout(1500)  # OpenSeadragon blends tiles in
+    page.wait_for_timeout(500)  # OpenSeadragon blends tiles in
     assert "/iiif/3/generated/manifest.json" in paths
     assert "/iiif/3/generated/info.json" in paths
     shot = tmp_path / "mirador.png"
