@@ -210,7 +210,9 @@ class ServerSettings(Section):
     """``Server``: HTTP headers, concurrency and memory bounds of the serving process."""
 
     CacheControl: str = "public, max-age=86400"
-    AccessControlAllowOrigin: str = "*"
+    AccessControlAllowOrigin: str = Field(
+        "*", description="CORS: Access-Control-Allow-Origin of every response (tiles, DZIs, "
+        "JSON API, errors) and of preflight answers; * or one origin; empty: no CORS headers.")
     RenderThreads: int = Field(0, ge=0, le=256, description="0: two per CPU core.")
     MaxOpenSlides: int = Field(16, ge=1, le=4096)
     OpenSlideCacheBytes: int = Field(256 * 1024 * 1024, ge=0,

@@ -11,6 +11,7 @@ from fastapi.responses import HTMLResponse
 from app.assets import template
 from app.core.slides import SINGLE_SLIDE_NAME
 from app.server.dependencies import Registry
+from app.server.errors import error_response
 from app.server.urls import dzi_url, viewer_url
 
 router = APIRouter(tags=["pages"])
@@ -68,7 +69,7 @@ async def static(file: str) -> Response:
     """``viewer.js`` and ``viewer.css``."""
     media = {"viewer.js": "text/javascript", "viewer.css": "text/css"}.get(file)
     if media is None:
-        return Response(status_code=404)
+        return error_response(404, "not_found", "Not Found")
     return Response(template(file), media_type=media,
                     headers={"Cache-Control": "no-cache"})
 
