@@ -232,6 +232,16 @@ class PrivacySettings(Section):
         default_factory=list, description="Property-name glob patterns to withhold "
         "(case-insensitive), e.g. aperio.User, *.Filename, tiff.DateTime.")
 
+    SlideNames: Literal["file", "hash"] = Field(
+        "file", description="How SlideDirectory files are named in URLs: file (the file's stem) "
+        "or hash (24 hex digits derived from openslide.quickhash-1, else from the file's "
+        "SHA-256; no file name reaches a client). Image and Images keep their names.")
+
+    @field_validator("SlideNames", mode="before")
+    @classmethod
+    def _slide_names_lower(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value
+
     @field_validator("HideProperties", mode="before")
     @classmethod
     def _patterns(cls, value: Any) -> Any:

@@ -4,7 +4,8 @@
 
     OUTDIR/{name}.dzi            the DZI XML the server serves (DeepZoomGenerator.get_dzi)
     OUTDIR/{name}_files/{level}/{col}_{row}.{ext}
-    OUTDIR/{name}.json           per DZI level: format, lossless, extension, tiles
+    OUTDIR/{name}.json           the slide's quickhash and identity as the server shows them
+                                 (``Privacy``), per DZI level: format, lossless, tiles
     OUTDIR/{name}.html           an OpenSeadragon viewer of the export
     OUTDIR/openseadragon/        OpenSeadragon's build (from ``npm ci``), used by the page
 
@@ -75,10 +76,12 @@ def export_slide(settings: Settings, registry: SlideRegistry, name: str, outdir:
     formats = [{"level": lv.level, "format": lv.format, "lossless": lv.lossless,
                 "cols": lv.cols, "rows": lv.rows} for lv in level_policies(planner, handle)]
     width, height = pyramid.level_dimensions[-1]
+    privacy = registry.privacy
     description = {
         "name": name, "dzi": dzi.name, "tiles": files.name, "width": width, "height": height,
         "tile_size": handle.pyramid.tile_size, "overlap": handle.pyramid.overlap,
-        "limit_bounds": handle.pyramid.limit_bounds, "quickhash": handle.identity,
+        "limit_bounds": handle.pyramid.limit_bounds,
+        "quickhash": privacy.quickhash(handle), "identity": privacy.identity(handle.identity),
         "levels": formats,
     }
     write_atomic(outdir / f"{name}.json", (json.dumps(description, indent=1) + "\n").encode())

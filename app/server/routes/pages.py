@@ -39,9 +39,12 @@ async def index(registry: Registry) -> HTMLResponse:
     names = registry.names
     if names == [SINGLE_SLIDE_NAME]:
         return HTMLResponse(viewer_page(SINGLE_SLIDE_NAME, ""))
+    hide_file = registry.privacy.hide_file_names  # Privacy.SlideNames: hash
     rows = "\n".join(
         f'<li><a href="{html.escape(viewer_url(n), quote=True)}">{html.escape(n)}</a>'
-        f'<span class="file">{html.escape(registry.entry(n).path.name)}</span></li>'
+        + ("" if hide_file else
+           f'<span class="file">{html.escape(registry.entry(n).path.name)}</span>')
+        + "</li>"
         for n in names
     )
     return HTMLResponse(template("index.html").replace("{{ROWS}}", rows))
