@@ -127,6 +127,7 @@ class Encoding:
             return png.encode_rgb(pixels, self.compress_level or 0, icc_profile)
         if self.format is TileFormat.JPEG:
             data = imagecodecs.jpeg8_encode(pixels, level=self.quality)
+            assert isinstance(data, bytes)  # a bytearray only when given one as ``out``
             return jpeg_with_profile(data, icc_profile) if icc_profile else data
         if isinstance(image, np.ndarray):
             image = Image.fromarray(image)
