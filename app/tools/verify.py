@@ -43,7 +43,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import anyio
 import httpx
@@ -54,9 +54,8 @@ from openslide.deepzoom import DeepZoomGenerator
 from PIL import Image
 
 from app import __version__
-from app.cache.tiles import digest_of
 from app.core.colour import ColorMode, expected_profile, reference_pixels
-from app.core.digest import file_sha256
+from app.core.digest import digest_of, file_sha256
 from app.core.privacy import OPAQUE_IDENTITY_PREFIX
 from app.core.slides import build_catalogue
 from app.settings import Settings
@@ -156,7 +155,7 @@ class ReferenceSlide:
             try:
                 with tifffile.TiffFile(self.path) as tif:
                     for p in tif.pages:
-                        if p.is_tiled and p.compression == 7:
+                        if isinstance(p, tifffile.TiffPage) and p.is_tiled and p.compression == 7:
                             pages[(p.imagewidth, p.imagelength)] = _StoredPage(
                                 (p.tilewidth, p.tilelength), -(-p.imagewidth // p.tilewidth),
                                 tuple(p.dataoffsets), tuple(p.databytecounts))
@@ -550,7 +549,7 @@ class Verifier:
         if info.status_code != 200:
             report.problems.append(f"/api/slides/{name}: HTTP {info.status_code}")
             return None
-        dzi_url = info.json()["dzi_url"]
+        dzi_url: str = info.json()["dzi_url"]
         dzi = await self.client.get(dzi_url)
         if dzi.status_code != 200:
             report.problems.append(f"{dzi_url}: HTTP {dzi.status_code} {dzi.text[:300]}")
@@ -667,7 +666,7 @@ async def run_verify(settings: Settings, names: list[str], url: str | None = Non
     }
 
 
-def print_summary(report: dict[str, Any], file=None) -> None:
+def print_summary(report: dict[str, Any], file: TextIO | None = None) -> None:
     """The human summary of a report (rich tables; offending tiles named)."""
     from rich.console import Console
     from rich.table import Table
