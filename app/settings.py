@@ -210,7 +210,9 @@ class ServerSettings(Section):
     """``Server``: HTTP headers, concurrency and memory bounds of the serving process."""
 
     CacheControl: str = "public, max-age=86400"
-    AccessControlAllowOrigin: str = "*"
+    AccessControlAllowOrigin: str = Field(
+        "*", description="CORS: Access-Control-Allow-Origin of every response (tiles, DZIs, "
+        "JSON API, errors) and of preflight answers; * or one origin; empty: no CORS headers.")
     RenderThreads: int = Field(0, ge=0, le=256, description="0: two per CPU core.")
     MaxOpenSlides: int = Field(16, ge=1, le=4096)
     OpenSlideCacheBytes: int = Field(256 * 1024 * 1024, ge=0,
@@ -229,6 +231,16 @@ class PrivacySettings(Section):
     HideProperties: list[str] = Field(
         default_factory=list, description="Property-name glob patterns to withhold "
         "(case-insensitive), e.g. aperio.User, *.Filename, tiff.DateTime.")
+
+    SlideNames: Literal["file", "hash"] = Field(
+        "file", description="How SlideDirectory files are named in URLs: file (the file's stem) "
+        "or hash (24 hex digits derived from openslide.quickhash-1, else from the file's "
+        "SHA-256; no file name reaches a client). Image and Images keep their names.")
+
+    @field_validator("SlideNames", mode="before")
+    @classmethod
+    def _slide_names_lower(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value
 
     @field_validator("HideProperties", mode="before")
     @classmethod
@@ -376,7 +388,8 @@ def _read_json(path: Path) -> dict[str, Any] | None:
         raise ConfigError(f"{path}: not valid JSON ({exc})") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a JSON object")
-    return _lists_to_indexed(data)
+    indexed: dict[str, Any] = _lists_to_indexed(data)
+    return indexed
 
 
 def _lists_to_indexed(data: Any) -> Any:
@@ -388,9 +401,10 @@ def _lists_to_indexed(data: Any) -> Any:
 
 
 def _nested(path: list[str], value: str) -> dict[str, Any]:
-    """``["a", "b"], v`` -> ``{"a": {"b": v}}``."""
-    tree: Any = value
-    for part in reversed(path):
+    """``["a", "b"], v`` -> ``{"a": {"b": v}}`` (``path`` is not empty)."""
+    *parents, last = path
+    tree: dict[str, Any] = {last: value}
+    for part in reversed(parents):
         tree = {part: tree}
     return tree
 

@@ -102,9 +102,9 @@ class TileService:
         """The IIIF Image API's size limits (``Iiif`` settings)."""
         self.render_limiter = render_limiter
         self.io_limiter = io_limiter
-        self._flight = SingleFlight()
+        self._flight: SingleFlight[tuple[bytes, TileDigest, str]] = SingleFlight()
         self._swept: set[str] = set()
-        self._tasks: set[asyncio.Task] = set()
+        self._tasks: set[asyncio.Task[int]] = set()
         self.corrupt_tiles = 0
         """Disk-cache files this process found corrupt (never served; rendered again)."""
         # Tile loads hop to these threads with run_in_executor rather than anyio.to_thread,
@@ -242,7 +242,7 @@ class TileService:
                     original_tile, source, plan, limiter=self.render_limiter)
         except OSError as exc:
             self.registry.discard(handle.name, handle)
-            raise SlideReadError(f"cannot read {handle.entry.path.name}: {exc.strerror}",
+            raise SlideReadError(f"cannot read {handle.file_label}: {exc.strerror}",
                                  slide=handle.name) from None
 
     async def _load(self, handle: OpenSlide, source: ImageSource,

@@ -19,7 +19,6 @@ import openslide
 from iiif_prezi3 import Manifest
 
 from app.core.iiif import base_path
-from app.core.privacy import Privacy
 
 PHYSDIM_PROFILE = "http://iiif.io/api/annex/services/physdim"
 PHYSDIM_CONTEXT = "http://iiif.io/api/annex/services/physdim/1/context.json"
@@ -35,22 +34,23 @@ class CanvasImage:
     height: int
 
 
-def slide_manifest(base_url: str, name: str, slide: openslide.AbstractSlide, privacy: Privacy,
-                   images: list[CanvasImage], image_format: str) -> dict[str, Any]:
+def slide_manifest(base_url: str, name: str, dimensions: tuple[int, int],
+                   props: dict[str, str], images: list[CanvasImage],
+                   image_format: str) -> dict[str, Any]:
     """The manifest of a slide as a JSON-LD dict.
 
     Args:
         base_url: the server's absolute base URL, ending in ``/``.
         name: the slide name (its IIIF identifier).
-        slide: the open slide (its properties, filtered by ``privacy``).
-        privacy: what clients may see.
+        dimensions: the slide's level-0 size in pixels.
+        props: the slide's properties clients may see
+            (:meth:`app.core.privacy.Privacy.slide_properties`).
         images: the slide first, then the visible associated images.
         image_format: the IIIF format name of the painting images (``jpg``, ``png``, ...).
     """
-    props = privacy.properties(slide.properties)
     manifest_id = _uri(base_url, f"{base_path(name)}/manifest.json")
     manifest = Manifest(id=manifest_id, label={"none": [name]})
-    for label, value in _metadata(slide, props):
+    for label, value in _metadata(dimensions, props):
         manifest.add_metadata(label={"en": [label]}, value={"none": [value]})
     mpp = _mpp(props)
     for image in images:
@@ -67,7 +67,8 @@ def slide_manifest(base_url: str, name: str, slide: openslide.AbstractSlide, pri
             canvas.make_service(id=f"{canvas_id}/physdim", type="PhysicalDimensions",
                                 profile=PHYSDIM_PROFILE, physicalScale=mpp / 1000,
                                 physicalUnits="mm")
-    return json.loads(manifest.jsonld())
+    document: dict[str, Any] = json.loads(manifest.jsonld())
+    return document
 
 
 _MEDIA = {"jpg": "image/jpeg", "png": "image/png", "webp": "image/webp"}
@@ -84,9 +85,9 @@ def _mpp(props: dict[str, str]) -> float | None:
         return None
 
 
-def _metadata(slide: openslide.AbstractSlide, props: dict[str, str]) -> list[tuple[str, str]]:
+def _metadata(dimensions: tuple[int, int], props: dict[str, str]) -> list[tuple[str, str]]:
     """Label/value pairs of the slide's facts, from visible properties only."""
-    width, height = slide.dimensions
+    width, height = dimensions
     out = [("Dimensions", f"{width} x {height} px")]
     vendor = props.get(openslide.PROPERTY_NAME_VENDOR)
     if vendor:

@@ -11,6 +11,7 @@ full resolution. ``col``/``row`` address tiles within a DZI level.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -49,6 +50,9 @@ class SlidePyramid:
         self.overlap = overlap
         self.limit_bounds = limit_bounds
         self._dz = DeepZoomGenerator(slide, tile_size, overlap, limit_bounds)
+        # OpenSlide handles are thread-safe; an ImageSlide is one PIL image, whose lazy load
+        # and crop are not (concurrent reads of a PNG slide failed inside Pillow)
+        self._read_lock = threading.Lock() if isinstance(slide, ImageSlide) else None
         self.level_count: int = self._dz.level_count
         self.level_tiles: tuple[tuple[int, int], ...] = self._dz.level_tiles
         self.level_dimensions: tuple[tuple[int, int], ...] = self._dz.level_dimensions
@@ -139,8 +143,8 @@ class SlidePyramid:
             OSError: the file cannot be read.
         """
         stored_col, stored_row = self._original_cols[level][col], self._original_rows[level][row]
-        if stored_col is None or stored_row is None:
-            return None
+        if stored_col is None or stored_row is None or self.native is None:
+            return None  # (stored tiles are only known through a native reader)
         index = stored_row * self._stored_cols[level] + stored_col
         return self.native.original(self.slide_levels[level], index, nowait)
 
@@ -181,6 +185,9 @@ class SlidePyramid:
                 tile = Image.fromarray(region)
                 tile.thumbnail(z_size, Image.Resampling.LANCZOS)
                 return tile
+        if self._read_lock is not None:
+            with self._read_lock:
+                return self._dz.get_tile(level, (col, row))
         return self._dz.get_tile(level, (col, row))
 
     def dzi(self, tile_format: str) -> str:

@@ -43,8 +43,8 @@ def render_tile(handle: OpenSlide, source: ImageSource, plan: TilePlan) -> bytes
     except Exception as exc:  # OpenSlide, Pillow (ImageSlide), the native reader, the OS
         log.warning("slide %s (%s): tile %s cannot be read: %s: %s", handle.name,
                     handle.entry.path, key.relative_path(), type(exc).__name__, exc)
-        raise SlideReadError(f"OpenSlide cannot read {handle.entry.path.name}: "
-                             f"{describe_error(exc, handle.entry.path)}",
+        raise SlideReadError(f"OpenSlide cannot read {handle.file_label}: "
+                             f"{describe_error(exc, handle.entry.path, handle.file_label)}",
                              slide=handle.name) from None
     color = source.color
     return plan.encoding.encode(color.apply(image), color.embed_profile)
@@ -92,14 +92,14 @@ def render_region(handle: OpenSlide, source: ImageSource, plan: RegionPlan) -> b
     if request.rotation:
         image = image.transpose(_ROTATIONS[request.rotation])
     color = source.color
-    image = color.apply(image)
+    pixels = color.apply(image)
     if request.quality in ("gray", "bitonal"):
-        luma = np.asarray(image.convert("L") if isinstance(image, Image.Image)
-                          else Image.fromarray(image).convert("L"))
+        luma = np.asarray(pixels.convert("L") if isinstance(pixels, Image.Image)
+                          else Image.fromarray(pixels).convert("L"))
         if request.quality == "bitonal":
             luma = np.where(luma >= 128, 255, 0).astype(np.uint8)
-        image = np.repeat(luma[:, :, None], 3, axis=2)
-    return plan.encoding.encode(image, color.embed_profile)
+        pixels = np.repeat(luma[:, :, None], 3, axis=2)
+    return plan.encoding.encode(pixels, color.embed_profile)
 
 
 def _read_scaled(pyramid: SlidePyramid, level: int, region: tuple[int, int, int, int],

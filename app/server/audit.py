@@ -174,7 +174,7 @@ class AuditLog:
         self.pid = os.getpid()
         self.written = 0
         """Lines written by this process so far."""
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[TileRequestRecord] = queue.SimpleQueue()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._fd = -1

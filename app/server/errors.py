@@ -112,8 +112,9 @@ def error_page(status: int, detail: str,
 
 
 def install_handlers(app: FastAPI) -> None:
-    """Map domain errors, validation errors and Starlette's 404/405 to JSON bodies (HTML
-    pages for browsers, :func:`wants_html`)."""
+    """Map domain errors, validation errors, Starlette's 404/405 and any other exception (a
+    bug: 500 ``internal_error``, the traceback in the server's log) to JSON bodies; browsers
+    get HTML pages for domain and HTTP errors (:func:`wants_html`)."""
 
     @app.exception_handler(TileServerError)
     async def _domain(request: Request, exc: TileServerError) -> Response:
@@ -139,3 +140,8 @@ def install_handlers(app: FastAPI) -> None:
             return error_page(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
         return error_response(exc.status_code, code, str(exc.detail),
                               headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, exc: Exception) -> Response:
+        # Starlette's ServerErrorMiddleware logs the traceback and calls this for the body.
+        return error_response(500, TileServerError.code, "internal error")

@@ -57,6 +57,10 @@ ADDRESS_SCOPE_KEY = "tileserver.tile"
 
 _MAX_DIGITS = 9
 
+AuditAddress = tuple[int | None, int | None, int | None, str | None]
+"""What the audit line records of a request's address: DZI level, col, row (None where there
+is none) and the extension or IIIF format asked for."""
+
 
 @dataclass(frozen=True, slots=True)
 class TilePath:
@@ -136,13 +140,9 @@ def _number(what: str, text: str) -> int:
                        "zeros expected")
 
 
-_EXPOSED = (b"ETag, Content-Digest, Repr-Digest, X-Tile-Format, X-Tile-Lossless, "
-            b"X-Tile-Color-Transform, X-Tile-Cache, X-Tile-Source, X-Tile-Override")
-
-
-def tile_headers(tile: Tile, cache_control: str, allow_origin: str,
-                 head: bool = False) -> list[tuple[bytes, bytes]]:
-    """The response headers of a tile, as raw ASGI pairs (docs/api.md lists them).
+def tile_headers(tile: Tile, cache_control: str, head: bool = False) -> list[tuple[bytes, bytes]]:
+    """The response headers of a tile, as raw ASGI pairs (docs/api.md lists them); the CORS
+    fields are added by :class:`app.server.middleware.Cors`, as to every response.
 
     Integrity fields (RFC 9530): ``Repr-Digest`` is the SHA-256 of the tile (the selected
     representation); ``Content-Digest`` is that of the message content, so the same on a GET
@@ -151,7 +151,7 @@ def tile_headers(tile: Tile, cache_control: str, allow_origin: str,
     digest, plan = tile.digest, tile.plan
     headers = [
         *_fixed_headers(plan.encoding.format, tile.lossless, plan.color_transform, tile.cache,
-                        tile.source, cache_control, allow_origin),
+                        tile.source, cache_control),
         (b"etag", digest.etag.encode()),
         (b"content-digest", (EMPTY_DIGEST if head else digest).content_digest.encode()),
         (b"repr-digest", digest.content_digest.encode()),
@@ -165,8 +165,7 @@ def tile_headers(tile: Tile, cache_control: str, allow_origin: str,
 
 @functools.lru_cache(maxsize=256)
 def _fixed_headers(tile_format: TileFormat, lossless: bool, color_transform: str, cache: str,
-                   source: str, cache_control: str, allow_origin: str
-                   ) -> tuple[tuple[bytes, bytes], ...]:
+                   source: str, cache_control: str) -> tuple[tuple[bytes, bytes], ...]:
     """The headers of a tile that do not depend on its bytes, encoded once per combination
     (a handful per server) rather than on every response."""
     return (
@@ -177,8 +176,6 @@ def _fixed_headers(tile_format: TileFormat, lossless: bool, color_transform: str
         (b"x-tile-color-transform", color_transform.encode()),
         (b"x-tile-cache", cache.encode()),
         (b"x-tile-source", source.encode()),
-        (b"access-control-allow-origin", allow_origin.encode()),
-        (b"access-control-expose-headers", _EXPOSED),
     )
 
 
@@ -243,15 +240,14 @@ class TileRoute(BaseRoute):
             values = parse_qs(query, keep_blank_values=True).get("format")
             query_format = values[-1] if values else None
         audit = _AuditedRequest.start(services.audit, scope, query)
-        address = None
+        address: AuditAddress | None = None
         try:
             if isinstance(path, IiifPath):
                 tile = await services.tiles.get_region(path.slide, path.segments,
                                                        path.associated)
                 address = _iiif_address(tile)
             else:
-                address = parse_address(path.level, path.tile)
-                level, col, row, ext = address
+                level, col, row, ext = address = parse_address(path.level, path.tile)
                 tile = await services.tiles.get_tile(
                     path.slide, level, col, row, TileRequest(ext, query_format, accept),
                     path.associated)
@@ -268,10 +264,9 @@ class TileRoute(BaseRoute):
                 audit.record(path.slide, address, query_format, accept, if_none_match, head,
                              None, handle.identity if handle else None, status, None,
                              exc.code)
-            await _send(send, status, _json_headers(body, services), body, head)
+            await _send(send, status, _json_headers(body), body, head)
             return
-        server = services.settings.Server
-        headers = tile_headers(tile, server.CacheControl, server.AccessControlAllowOrigin, head)
+        headers = tile_headers(tile, services.settings.Server.CacheControl, head)
         if etag_matches(if_none_match, tile.etag):
             status, body = 304, b""
             headers = [h for h in headers if h[0] not in NOT_MODIFIED_DROPS]
@@ -284,18 +279,12 @@ class TileRoute(BaseRoute):
         await _send(send, status, headers, body, head)
 
 
-def _json_headers(body: bytes, services: Any = None) -> list[tuple[bytes, bytes]]:
-    """The headers of a JSON error body; with the services, CORS too (an IIIF viewer on
-    another origin reads the error)."""
-    headers = [(b"content-type", b"application/json"),
-               (b"content-length", str(len(body)).encode())]
-    if services is not None:
-        origin = services.settings.Server.AccessControlAllowOrigin
-        headers.append((b"access-control-allow-origin", origin.encode()))
-    return headers
+def _json_headers(body: bytes) -> list[tuple[bytes, bytes]]:
+    return [(b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode())]
 
 
-def _iiif_address(tile: Tile) -> tuple[int | None, int | None, int | None, str]:
+def _iiif_address(tile: Tile) -> AuditAddress:
     """What the audit line records of an IIIF request: the DZI address of the pyramid tile it
     is (None where it was rendered as a region) and the IIIF format asked for."""
     plan = tile.plan
@@ -332,7 +321,8 @@ class _AuditedRequest:
         return cls(log, client[0] if client else None, f"{path}?{query}" if query else path,
                    time.perf_counter(), time.time())
 
-    def record(self, slide: str, address: tuple | None, query_format: str | None,
+    def record(self, slide: str, address: AuditAddress | None,
+               query_format: str | None,
                accept: str | None, if_none_match: str | None, head: bool, tile: Tile | None,
                identity: str | None, status: int, body_bytes: int | None,
                error: str | None) -> None:

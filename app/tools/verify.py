@@ -13,8 +13,10 @@ with the pixels the reference gives for the same address:
   ``DeepZoomGenerator.get_dzi``.
 
 Before any tile, the slide file here must be the server's (same ``openslide.quickhash-1``, or
-file size where the format has none, and the same DZI pyramid size); otherwise verify cannot
-run (:class:`VerifyError`).
+file size where the format has none, and the same DZI pyramid size; the pyramid size only when
+the server's ``Privacy`` settings withhold its fingerprints); otherwise verify cannot run
+(:class:`VerifyError`). Slide names come from the server, so ``Privacy.SlideNames: hash`` needs
+the same setting here (names are derived from the files, the same on both sides).
 
 Tiles come over HTTP from a running server (``--url``) or from the app built in this process
 (the same ASGI app uvicorn runs, through httpx's ASGI transport). Either way the slide files come
@@ -48,7 +50,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 from urllib.parse import quote
 
 import anyio
@@ -60,14 +62,14 @@ from openslide.deepzoom import DeepZoomGenerator
 from PIL import Image
 
 from app import __version__
-from app.cache.content import file_sha256
-from app.cache.tiles import digest_of
 from app.core.colour import (
     ColorMode,
     expected_profile,
     reference_converted,
     reference_pixels,
 )
+from app.core.digest import digest_of, file_sha256
+from app.core.privacy import OPAQUE_IDENTITY_PREFIX
 from app.core.slides import build_catalogue
 from app.settings import Settings
 
@@ -189,7 +191,7 @@ class ReferenceSlide:
             try:
                 with tifffile.TiffFile(self.path) as tif:
                     for p in tif.pages:
-                        if p.is_tiled and p.compression == 7:
+                        if isinstance(p, tifffile.TiffPage) and p.is_tiled and p.compression == 7:
                             pages[(p.imagewidth, p.imagelength)] = _StoredPage(
                                 (p.tilewidth, p.tilelength), -(-p.imagewidth // p.tilewidth),
                                 tuple(p.dataoffsets), tuple(p.databytecounts))
@@ -604,23 +606,29 @@ class Verifier:
                         policy: dict[str, Any]) -> None:
         """The file here must be the server's slide: same SHA-256 when the server hashed its
         file whole (``Integrity.ContentSha256``), else same quickhash (or, for formats without
-        one, same file size); and same DZI pyramid size. Blocking (hashing).
+        one, same file size); and same DZI pyramid size. Blocking (hashing). When the server's
+        ``Privacy`` settings withhold its fingerprints (no quickhash, an ``opaque:`` identity),
+        only the pyramid size is compared, and the report says so.
 
         Raises:
             VerifyError: they differ (one line naming both sides).
         """
         differences = []
+        withheld = policy["identity"].startswith(OPAQUE_IDENTITY_PREFIX)
         if policy.get("sha256"):  # the server hashed its file whole: the strongest check
             report.sha256 = file_sha256(reference.path)
             report.identity_check = "SHA-256 of the whole file"
             if report.sha256 != policy["sha256"]:
                 differences.append(f"SHA-256 {report.sha256} here, {policy['sha256']} on the "
                                    "server")
-        elif policy["quickhash"] or reference.quickhash:
+        elif policy["quickhash"] or (reference.quickhash and not withheld):
             report.identity_check = "openslide.quickhash-1"
             if policy["quickhash"] != reference.quickhash:
                 differences.append(f"quickhash {reference.quickhash} here, "
                                    f"{policy['quickhash']} on the server")
+        elif withheld:
+            report.identity_check = ("none: the server's Privacy settings withhold its file "
+                                     "fingerprints (DZI pyramid size only)")
         else:
             fields = dict(part.split("=", 1) for part in policy["identity"].split(";")
                           if "=" in part)
@@ -647,7 +655,7 @@ class Verifier:
         if info.status_code != 200:
             report.problems.append(f"/api/slides/{name}: HTTP {info.status_code}")
             return None
-        dzi_url = info.json()["dzi_url"]
+        dzi_url: str = info.json()["dzi_url"]
         dzi = await self.client.get(dzi_url)
         if dzi.status_code != 200:
             report.problems.append(f"{dzi_url}: HTTP {dzi.status_code} {dzi.text[:300]}")
@@ -766,7 +774,7 @@ async def run_verify(settings: Settings, names: list[str], url: str | None = Non
     }
 
 
-def print_summary(report: dict[str, Any], file=None) -> None:
+def print_summary(report: dict[str, Any], file: TextIO | None = None) -> None:
     """The human summary of a report (rich tables; offending tiles named)."""
     from rich.console import Console
     from rich.table import Table

@@ -30,16 +30,16 @@ def base_uri(request: Request, path: str) -> str:
     return str(request.base_url).rstrip("/") + quote(path)
 
 
-def json_ld(request: Request, document: dict[str, Any], origin: str) -> Response:
+def json_ld(request: Request, document: dict[str, Any]) -> Response:
     """A IIIF JSON document: ``application/ld+json`` with the document's ``@context`` as
-    profile when the client's ``Accept`` asks for JSON-LD, else ``application/json``; CORS;
-    ``Vary: Accept``."""
+    profile when the client's ``Accept`` asks for JSON-LD, else ``application/json``;
+    ``Vary: Accept`` (CORS: the ``Cors`` middleware, as for every response)."""
     media = "application/json"
     if accepts_media(request.headers.get("accept"), "application/ld+json"):
         media = f'application/ld+json;profile="{document["@context"]}"'
 
-    return Response(json.dumps(document, separators=(",", ":")), media_type=media, headers={
-        "Access-Control-Allow-Origin": origin, "Vary": "Accept"})
+    return Response(json.dumps(document, separators=(",", ":")), media_type=media,
+                    headers={"Vary": "Accept"})
 
 
 def _info(request: Request, source: ImageSource, path: str, planner: Planner,
@@ -51,12 +51,11 @@ def _info(request: Request, source: ImageSource, path: str, planner: Planner,
                           pyramid.level_count, Limits(iiif.MaxWidth, iiif.MaxHeight,
                                                       iiif.MaxArea),
                           iiif_formats(planner))
-    return json_ld(request, document, settings.Server.AccessControlAllowOrigin)
+    return json_ld(request, document)
 
 
-def _redirect(request: Request, path: str, settings: AppSettings) -> Response:
-    return RedirectResponse(base_uri(request, f"{path}/info.json"), status_code=303, headers={
-        "Access-Control-Allow-Origin": settings.Server.AccessControlAllowOrigin})
+def _redirect(request: Request, path: str) -> Response:
+    return RedirectResponse(base_uri(request, f"{path}/info.json"), status_code=303)
 
 
 @router.get("/{name}/info.json", summary="IIIF Image API 3.0 information of a slide")
@@ -80,22 +79,21 @@ async def associated_info(name: str, associated: str, request: Request, registry
 
 @router.get("/{name}", summary="IIIF base URI of a slide: 303 to its info.json",
             status_code=303, response_class=RedirectResponse)
-async def slide_base(name: str, request: Request, registry: Registry,
-                     settings: AppSettings) -> Response:
+async def slide_base(name: str, request: Request, registry: Registry) -> Response:
     """Redirects (303 See Other) to ``/iiif/3/{name}/info.json``."""
     registry.entry(name)
-    return _redirect(request, base_path(name), settings)
+    return _redirect(request, base_path(name))
 
 
 @router.get("/{name}/associated/{associated}",
             summary="IIIF base URI of an associated image: 303 to its info.json",
             status_code=303, response_class=RedirectResponse)
-async def associated_base(name: str, associated: str, request: Request, registry: Registry,
-                          settings: AppSettings) -> Response:
+async def associated_base(name: str, associated: str, request: Request,
+                          registry: Registry) -> Response:
     """Redirects (303 See Other) to the associated image's info.json."""
     handle = await registry.get(name)
     await registry.associated(handle, associated)
-    return _redirect(request, base_path(name, associated), settings)
+    return _redirect(request, base_path(name, associated))
 
 
 @router.get("/{name}/manifest.json", summary="IIIF Presentation API 3.0 manifest of a slide")
@@ -110,6 +108,7 @@ async def manifest(name: str, request: Request, registry: Registry, planner: Pla
     images = [CanvasImage(None, width, height)] + [
         CanvasImage(item["name"], item["width"], item["height"])
         for item in describe_associated(planner, privacy, settings, handle)]
-    document = slide_manifest(str(request.base_url), name, handle.slide, privacy, images,
+    document = slide_manifest(str(request.base_url), name, handle.slide.dimensions,
+                              privacy.slide_properties(handle), images,
                               iiif_formats(planner)[0])
-    return json_ld(request, document, settings.Server.AccessControlAllowOrigin)
+    return json_ld(request, document)

@@ -14,8 +14,9 @@ from fastapi.responses import HTMLResponse
 from app.assets import template
 from app.cache.tiles import SlideCacheUse
 from app.core.iiif import base_path
-from app.core.slides import SINGLE_SLIDE_NAME, SlideEntry
+from app.core.slides import SINGLE_SLIDE_NAME, SlideEntry, SlideRegistry
 from app.server.dependencies import Registry, Tiles
+from app.server.errors import error_response
 from app.server.urls import dzi_url, viewer_url
 
 router = APIRouter(tags=["pages"])
@@ -32,14 +33,17 @@ def viewer_page(name: str, file: str, back_url: str, back_label: str,
     and API URLs filled in.
 
     Args:
-        name: the slide name; file: its file name (the page's title names both).
+        name: the slide name; file: its file name (the page's title names both), empty
+            when clients may not see it.
         back_url: the link back (the index, or the slide's viewer), empty for none.
         back_label: that link's text.
         associated: an associated image's name, or None for the slide.
     """
     api_url = f"/api/slides/{name}"
+    title = name if associated is None else f"{name} \u00b7 {associated}"
     values = {
-        "{{TITLE}}": name if associated is None else f"{name} \u00b7 {associated}",
+        "{{PAGE_TITLE}}": f"{title} \u00b7 {file}" if file else title,
+        "{{TITLE}}": title,
         "{{FILE}}": file,
         "{{DZI_URL}}": dzi_url(name, associated),
         "{{IIIF_URL}}": quote(f"{base_path(name, associated)}/info.json"),
@@ -63,13 +67,15 @@ async def index(registry: Registry, tiles: Tiles) -> HTMLResponse:
     power. No slide is opened to render it."""
     names = registry.names
     if names == [SINGLE_SLIDE_NAME]:
-        entry = registry.entry(SINGLE_SLIDE_NAME)
-        return HTMLResponse(viewer_page(SINGLE_SLIDE_NAME, entry.path.name, "", ""))
+        return HTMLResponse(viewer_page(SINGLE_SLIDE_NAME, _file(registry, SINGLE_SLIDE_NAME),
+                                        "", ""))
     usage = await tiles.usage()
     entries = [registry.entry(n) for n in names]
     sizes = await anyio.to_thread.run_sync(_file_sizes, [e.path for e in entries],
                                            limiter=tiles.io_limiter)
-    rows = "\n".join(_index_row(entry, size, usage.get(entry.name, SlideCacheUse()).bytes)
+    hide_file = registry.privacy.hide_file_names  # Privacy.SlideNames: hash
+    rows = "\n".join(_index_row(entry, size, usage.get(entry.name, SlideCacheUse()).bytes,
+                                hide_file)
                      for entry, size in zip(entries, sizes, strict=True))
     page = template("index.html").replace("{{COUNT}}", str(len(names)))
     return HTMLResponse(page.replace("{{ROWS}}", rows))
@@ -86,8 +92,14 @@ def _file_sizes(paths: list[Path]) -> list[int | None]:
     return out
 
 
-def _index_row(entry: SlideEntry, size: int | None, cache_bytes: int) -> str:
-    """One ``<li>`` of the index (every value escaped)."""
+def _file(registry: SlideRegistry, name: str) -> str:
+    """The file name of a slide as clients may see it: none with ``Privacy.SlideNames``
+    ``hash``."""
+    return "" if registry.privacy.hide_file_names else registry.entry(name).path.name
+
+
+def _index_row(entry: SlideEntry, size: int | None, cache_bytes: int, hide_file: bool) -> str:
+    """One ``<li>`` of the index (every value escaped; no file name when ``hide_file``)."""
     name = entry.name
     thumb = quote(f"{base_path(name)}/full/^!{THUMBNAIL[0]},{THUMBNAIL[1]}/0/default.jpg")
     link = html.escape(viewer_url(name), quote=True)
@@ -98,16 +110,17 @@ def _index_row(entry: SlideEntry, size: int | None, cache_bytes: int) -> str:
         f'width="{THUMBNAIL[0]}" height="{THUMBNAIL[1]}" src="{html.escape(thumb, quote=True)}">'
         f'</a><div class="about"><a href="{link}">{html.escape(name)}</a>'
         f'<span class="facts"></span>'
-        f'<span class="file">{html.escape(entry.path.name)} \u00b7 {size_text} \u00b7 cache '
-        f'{cache_bytes / MIB:,.1f} MiB</span></div></li>')
+        f'<span class="file">{"" if hide_file else html.escape(entry.path.name) + " · "}'
+        f'{size_text} \u00b7 cache {cache_bytes / MIB:,.1f} MiB</span></div></li>')
 
 
 @router.get("/slide/{name}.html", response_class=HTMLResponse, summary="Viewer of one slide")
 async def slide_page(name: str, registry: Registry) -> HTMLResponse:
     """The OpenSeadragon viewer of slide ``name`` (404 for an unknown name)."""
-    entry = registry.entry(name)
+    registry.entry(name)
     single = registry.names == [SINGLE_SLIDE_NAME]
-    return HTMLResponse(viewer_page(name, entry.path.name, "" if single else "/", "Slides"))
+    return HTMLResponse(viewer_page(name, _file(registry, name), "" if single else "/",
+                                    "Slides"))
 
 
 @router.get("/slide/{name}/mirador.html", response_class=HTMLResponse,
@@ -130,7 +143,7 @@ async def associated_page(name: str, associated: str, registry: Registry) -> HTM
     handle = await registry.get(name)
     await registry.associated(handle, associated)
     back = "/" if registry.names == [SINGLE_SLIDE_NAME] else viewer_url(name)
-    return HTMLResponse(viewer_page(name, handle.entry.path.name, back, name, associated))
+    return HTMLResponse(viewer_page(name, _file(registry, name), back, name, associated))
 
 
 @router.get("/static/{file}", include_in_schema=False)
@@ -139,7 +152,7 @@ async def static(file: str) -> Response:
     media = {"viewer.js": "text/javascript", "viewer.css": "text/css",
              "index.js": "text/javascript"}.get(file)
     if media is None:
-        return Response(status_code=404)
+        return error_response(404, "not_found", "Not Found")
     return Response(template(file), media_type=media,
                     headers={"Cache-Control": "no-cache"})
 
