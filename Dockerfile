@@ -10,7 +10,7 @@
 FROM node:20-slim AS viewer
 WORKDIR /build
 COPY package.json package-lock.json ./
-RUN npm ci --no-audit --no-fund --ignore-scripts --loglevel=error \
+RUN npm ci --omit=peer --no-audit --no-fund --ignore-scripts --loglevel=error \
     && test -f node_modules/openseadragon/build/openseadragon/openseadragon.min.js \
     && test -d node_modules/openseadragon/build/openseadragon/images
 
