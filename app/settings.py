@@ -323,8 +323,9 @@ class JwtSettings(Section):
                    "ES512", "EdDSA"}
         bad = [a for a in value if a not in allowed]
         if bad or not value:
-            raise ValueError(f"{bad or value}: only asymmetric algorithms ({', '.join(sorted(allowed))}) "
-                             "are accepted: none and HS* would let a public key sign tokens")
+            names = ", ".join(sorted(allowed))
+            raise ValueError(f"{bad or value}: only asymmetric algorithms ({names}) are "
+                             "accepted: none and HS* would let a public key sign tokens")
         return value
 
 

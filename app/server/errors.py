@@ -15,15 +15,20 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.core.errors import (
+    AccessDenied,
     AssociatedImageNotFound,
+    AuditUnavailable,
     BadJobRequest,
     BadTileRequest,
     CacheWriteError,
     ConfigError,
     DiskCacheDisabled,
+    HostNotAllowed,
     JobConflict,
     JobFinished,
     JobNotFound,
+    NotAuthenticated,
+    SignedUrlsDisabled,
     SlideNotFound,
     SlideOpenError,
     SlideReadError,
@@ -47,6 +52,11 @@ STATUS: dict[type[TileServerError], int] = {
     SlideOpenError: 500,
     SlideReadError: 500,
     ConfigError: 500,
+    NotAuthenticated: 401,
+    AccessDenied: 403,
+    HostNotAllowed: 400,
+    SignedUrlsDisabled: 409,
+    AuditUnavailable: 503,
     TileServerError: 500,
 }
 
@@ -57,6 +67,16 @@ def status_for(exc: TileServerError) -> int:
         if klass in STATUS:
             return STATUS[klass]
     return 500
+
+
+def headers_for(exc: TileServerError) -> dict[str, str] | None:
+    """Response headers an error needs beyond its body: ``WWW-Authenticate`` on a 401,
+    ``Retry-After`` on a 503 of the audit log."""
+    if isinstance(exc, NotAuthenticated):
+        return {"WWW-Authenticate": exc.challenge}
+    if isinstance(exc, AuditUnavailable):
+        return {"Retry-After": "1"}
+    return None
 
 
 def error_body(code: str, detail: str, slide: str | None = None,
@@ -93,7 +113,8 @@ def install_handlers(app: FastAPI) -> None:
         status = status_for(exc)
         if status >= 500:
             log.warning("%s %s -> %d %s", request.method, request.url.path, status, exc.detail)
-        return error_response(status, exc.code, exc.detail, exc.slide, exc.extra)
+        return error_response(status, exc.code, exc.detail, exc.slide, exc.extra,
+                              headers_for(exc))
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> Response:

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from app.server.audit import FIELDS, AuditLog, TileRequestRecord, audit_files
+from app.server.audit import FIELDS, AuditLog, Caller, TileRequestRecord, audit_files
 from app.settings import AuditSettings
 
 LINES_PER_PROCESS = 3000
@@ -14,9 +14,9 @@ LINES_PER_PROCESS = 3000
 
 def record(seq: int) -> TileRequestRecord:
     return TileRequestRecord(
-        time.time(), "10.0.0.1", "GET", f"/storage/s_files/12/{seq}_0.jpeg", "s",
-        "quickhash-1:ab", 12, seq, 0, "jpeg", None, "image/webp", None, "png", True, None,
-        "hit", 200, 1234, "0" * 64, 0.0004, None)
+        time.time(), Caller("10.0.0.1", "anonymous", "none", f"/storage/s_files/12/{seq}_0.jpeg",
+                            ()), "GET", "s", "quickhash-1:ab", 12, seq, 0, "jpeg", None,
+        "image/webp", None, "png", True, None, "hit", 200, 1234, "0" * 64, 0.0004, None)
 
 
 def writer(path: str, max_bytes: int, start) -> None:
@@ -80,15 +80,16 @@ def test_a_full_disk_is_reported_and_never_blocks(caplog):
 
 def test_lines_are_json_whatever_the_request_holds():
     odd = TileRequestRecord(
-        1700000000.000123, None, "HEAD", '/storage/a"b\\c\u00e9\u2603\ud800_files/1/0_0.jpeg',
-        'a"b\\c\u00e9\u2603\ud800', None, None, None, None, None, "", "text/\x01\n\t", 'W/"x"',
-        None, None, None, None, 400, None, None, 1e-7, "bad_request")
+        1700000000.000123, Caller(None, "anonymous", "none",
+                                  '/storage/a"b\\c\u00e9\u2603\ud800_files/1/0_0.jpeg', ()),
+        "HEAD", 'a"b\\c\u00e9\u2603\ud800', None, None, None, None, None, "",
+        "text/\x01\n\t", 'W/"x"', None, None, None, None, 400, None, None, 1e-7, "bad_request")
     line = odd.to_line(7)
     assert line.endswith(b"\n") and line.count(b"\n") == 1 and line.isascii()
     parsed = json.loads(line)
     assert list(parsed) == list(FIELDS)
     assert parsed["time"] == "2023-11-14T22:13:20.000123Z"
-    assert (parsed["path"], parsed["slide"]) == (odd.path, odd.slide)
+    assert (parsed["path"], parsed["slide"]) == (odd.caller.path, odd.slide)
     assert parsed["requested"] == {"extension": None, "format": "", "accept": "text/\x01\n\t",
                                    "if_none_match": 'W/"x"'}
     assert parsed["served"] is None and parsed["level"] is None and parsed["client"] is None
