@@ -149,14 +149,38 @@ def serve(args: argparse.Namespace) -> int:
     for line in changed_settings(settings):
         logging.getLogger("tileserver.settings").info("%s", line)
     os.environ[SETTINGS_ENV] = settings.model_dump_json()
-    from app.server.http import HTTP_PROTOCOL
+    from app.server.guard import Limits, guarded
+    from app.server.http import HTTP_PROTOCOL_CLASS
 
+    server = settings.Server
+    raise_open_files_limit(server.MaxConnections)
     log.info("open %s in a browser", browser_url(args.host, args.port))
+    # proxy_headers off: only ForwardedHeaders (app.server.proxy) decides whom to believe
     uvicorn.run("app.server.app:create_app_from_env", factory=True, host=args.host, port=args.port,
                 workers=args.workers, log_level=args.log_level, access_log=False,
                 log_config=log_config(args.log_level), timeout_graceful_shutdown=5,
-                http=HTTP_PROTOCOL)
+                http=guarded(HTTP_PROTOCOL_CLASS, Limits(
+                    server.MaxRequestHeadBytes, server.HeaderTimeoutSeconds,
+                    server.MaxConnections)),
+                proxy_headers=False, timeout_keep_alive=server.KeepAliveTimeoutSeconds)
     return 0
+
+
+def raise_open_files_limit(connections: int) -> None:
+    """Raise this process's (and its workers') open-file limit to what ``connections`` sockets
+    and the slides and cache files need, within the hard limit (a soft limit of 1024 would
+    otherwise refuse connections long before ``Server:MaxConnections``)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = connections + 1024
+    if hard != resource.RLIM_INFINITY:
+        want = min(want, hard)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    if want < connections + 64:
+        log.warning("open-file limit %d: fewer than Server:MaxConnections (%d) connections "
+                    "will be served", want, connections)
 
 
 def verify(args: argparse.Namespace) -> int:
