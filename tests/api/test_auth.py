@@ -220,3 +220,84 @@ def test_changes_of_state_need_an_admin_on_the_same_site_and_are_audited(world):
         "jwt", "signed-url"}
     text = world["audit"].read_text()
     assert ADMIN_KEY not in text and "k" * 48 not in text  # no secret is ever written
+
+
+PERMISSIONS = {
+    ("GET", "/"): "list", ("GET", "/api/images"): "list",
+    ("GET", "/slide/{name}.html"): "view",
+    ("GET", "/slide/{name}/associated/{associated}.html"): "view",
+    ("GET", "/image.dzi"): "view", ("GET", "/storage/{name}.dzi"): "view",
+    ("GET", "/storage/{name}/associated/{associated}.dzi"): "view",
+    ("GET", "/image/associated/{associated}.dzi"): "view",
+    ("GET", "/api/slides/{name}"): "view", ("GET", "/api/slides/{name}/policy"): "view",
+    ("GET", "/api/slides/{name}/associated/{associated}"): "view",
+    ("GET", "/api/slides/{name}/token"): "token",
+    ("GET", "/api/tiles/stats"): "admin", ("GET", "/api/tiles/{name}/stats"): "admin",
+    ("GET", "/api/jobs"): "admin", ("GET", "/api/jobs/{job_id}"): "admin",
+    ("GET", "/api/jobs/{job_id}/events"): "admin",
+    ("DELETE", "/api/tiles/cache"): "change", ("DELETE", "/api/tiles/{name}/cache"): "change",
+    ("POST", "/api/tiles/generate"): "change", ("POST", "/api/tiles/generate-all"): "change",
+    ("POST", "/api/tiles/{name}/generate"): "change", ("DELETE", "/api/jobs/{job_id}"): "change",
+    ("GET", "/static/{file}"): "public", ("GET", "/healthz"): "public",
+    ("GET", "/api/version"): "public", ("GET", "/openapi.json"): "public",
+    ("GET", "/docs"): "public", ("GET", "/redoc"): "public",
+}
+EXAMPLE = {"name": "small", "associated": "thumbnail", "job_id": "nosuch", "file": "viewer.js",
+           "level": "0", "tile": "0_0.jpeg"}
+
+
+def concrete(template: str) -> str:
+    for key, value in EXAMPLE.items():
+        template = template.replace("{" + key + "}", value)
+    return template
+
+
+def test_no_route_escapes(world):
+    """Every route of the app, walked: each declares the permission of the table (a new
+    route must be added to it), and without credentials each answers 401 unless public; every
+    tile family of the tile route too."""
+    from starlette.routing import Mount
+
+    from app.server.app import app_routes
+    from app.server.auth import GuardedRoute
+    from app.server.tiles import TileRoute, openapi_paths
+
+    client = world["client"]
+    app = client.app
+    seen = {}
+    for route in app_routes(app):
+        if isinstance(route, Mount | TileRoute):
+            continue
+        assert isinstance(route, GuardedRoute), route
+        for method in route.methods:
+            seen[(method, route.path)] = route.requirement.permission.value
+    assert seen == PERMISSIONS
+    for (method, path), permission in seen.items():
+        if "{name}" in path or path.startswith(("/image.", "/image/")):
+            assert permission in ("view", "token", "admin", "change"), path
+        if method in ("POST", "DELETE"):
+            assert permission == "change", path
+        r = client.request(method, concrete(path))
+        if permission == "public":
+            assert r.status_code in (200, 404), (method, path, r.status_code)
+        else:
+            assert r.status_code == 401, (method, path, r.status_code)
+            assert r.headers["www-authenticate"].startswith("Bearer")
+    families = list(openapi_paths())
+    assert len(families) >= 4
+    for family in families:
+        assert client.get(concrete(family)).status_code == 401, family
+        signed_for_boxes = world["client"].get(concrete(family).replace("small", "boxes"))
+        assert signed_for_boxes.status_code == 401
+    for mount in [r for r in app_routes(app) if isinstance(r, Mount)]:
+        assert mount.path.startswith("/static/")  # static assets only
+
+
+def test_openapi_declares_the_schemes(world):
+    doc = world["client"].get("/openapi.json").json()
+    assert set(doc["components"]["securitySchemes"]) == {"bearer", "apiKey", "signedUrl"}
+    assert doc["servers"] == [{"url": "/"}]
+    tiles = doc["paths"]["/storage/{name}_files/{level}/{tile}"]["get"]
+    assert {"signedUrl": []} in tiles["security"] and "401" in tiles["responses"]
+    assert doc["paths"]["/healthz"]["get"]["security"] == []
+    assert {"signedUrl": []} not in doc["paths"]["/api/jobs"]["get"]["security"]
