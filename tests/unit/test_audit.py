@@ -6,7 +6,16 @@ import time
 
 import pytest
 
-from app.server.audit import FIELDS, AuditLog, Caller, TileRequestRecord, audit_files
+from app.cli import main
+from app.server.audit import (
+    FIELDS,
+    GENESIS,
+    AuditLog,
+    Caller,
+    TileRequestRecord,
+    audit_files,
+    verify_chain,
+)
 from app.settings import AuditSettings
 
 LINES_PER_PROCESS = 3000
@@ -52,6 +61,9 @@ def test_processes_share_one_rotating_file_without_losing_or_mixing_lines(tmp_pa
     assert len(by_pid) == 3
     for seqs in by_pid.values():  # every line of every process, in its order
         assert seqs == list(range(LINES_PER_PROCESS))
+    report = verify_chain([path])  # one hash chain through 3 processes and every rotation
+    assert report.broken is None and report.lines == 3 * LINES_PER_PROCESS
+    assert report.start == GENESIS
 
 
 def test_line_format(tmp_path):
@@ -94,3 +106,44 @@ def test_lines_are_json_whatever_the_request_holds():
                                    "if_none_match": 'W/"x"'}
     assert parsed["served"] is None and parsed["level"] is None and parsed["client"] is None
     assert parsed["duration_ms"] == 0.0 and parsed["error"] == "bad_request"
+
+
+def write_log(path, lines: int, max_bytes: int) -> None:
+    log = AuditLog(AuditSettings(Enabled=True, Path=str(path), MaxBytes=max_bytes,
+                                 BackupCount=100))
+    log.open()
+    for seq in range(lines):
+        log.record(record(seq))
+    log.close()
+
+
+def test_the_chain_reports_a_removed_or_edited_line(tmp_path, capsys):
+    path = tmp_path / "tiles.jsonl"
+    write_log(path, 40, 4000)
+    files = audit_files(path)
+    assert len(files) >= 3
+    assert main(["audit", "verify", str(path)]) == 0
+    assert "40 line(s)" in capsys.readouterr().out
+    middle = files[1]
+    lines = middle.read_bytes().splitlines(keepends=True)
+    middle.write_bytes(b"".join(lines[:2] + lines[3:]))  # one line removed
+    assert main(["audit", "verify", str(path)]) == 1
+    assert f"BROKEN at {middle}:3" in capsys.readouterr().out
+    middle.write_bytes(b"".join(lines))
+    assert main(["audit", "verify", str(path)]) == 0
+    edited = lines[1].replace(b'"status":200', b'"status":404')
+    assert edited != lines[1]
+    middle.write_bytes(b"".join([lines[0], edited, *lines[2:]]))
+    report = verify_chain([path])
+    assert report.broken is not None and report.broken[:2] == (str(middle), 3)
+    assert main(["audit", "verify", str(files[0]), str(middle)]) == 1
+    # a rotated file given alone is its own anchor (the log's path stands for the whole set)
+    assert main(["audit", "verify", str(files[-2])]) == 0
+
+
+def test_the_queue_is_bounded(tmp_path):
+    log = AuditLog(AuditSettings(Enabled=True, Path="/dev/full", MaxBytes=0, QueueLines=16))
+    log._queue.put(record(0))  # the writer thread is not started: nothing drains the queue
+    accepted = [log.record(record(seq)) for seq in range(40)]
+    assert accepted == [True] * 15 + [False] * 25
+    assert not log.accepting and log.dropped == 25
