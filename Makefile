@@ -34,8 +34,10 @@ bench: install
 bench-pregen: install
 	$(BIN)/python -m bench.pregen $(ARGS)
 
+# ruff (style, imports, docstrings) and mypy (types of app/; [tool.mypy] in pyproject.toml)
 lint: install
 	$(BIN)/ruff check app tests bench
+	$(BIN)/mypy
 
 # what `make install` and `make run` create (the demo slide, the tile cache, the audit log)
 clean:

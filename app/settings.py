@@ -544,7 +544,8 @@ def _read_json(path: Path) -> dict[str, Any] | None:
         raise ConfigError(f"{path}: not valid JSON ({exc})") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a JSON object")
-    return _lists_to_indexed(data)
+    indexed: dict[str, Any] = _lists_to_indexed(data)
+    return indexed
 
 
 def _lists_to_indexed(data: Any) -> Any:
@@ -556,9 +557,10 @@ def _lists_to_indexed(data: Any) -> Any:
 
 
 def _nested(path: list[str], value: str) -> dict[str, Any]:
-    """``["a", "b"], v`` -> ``{"a": {"b": v}}``."""
-    tree: Any = value
-    for part in reversed(path):
+    """``["a", "b"], v`` -> ``{"a": {"b": v}}`` (``path`` is not empty)."""
+    *parents, last = path
+    tree: dict[str, Any] = {last: value}
+    for part in reversed(parents):
         tree = {part: tree}
     return tree
 

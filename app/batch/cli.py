@@ -21,7 +21,9 @@ import argparse
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from rich.console import Console
 
@@ -33,8 +35,10 @@ from app.core.slides import SlideEntry, SlideRegistry, build_catalogue
 from app.settings import Settings, load_settings
 from app.tools.progress import ProgressBars
 
+T = TypeVar("T")
 
-def add_commands(commands: argparse._SubParsersAction) -> None:
+
+def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``pregenerate`` and ``export`` to the ``tileserver`` parser."""
     pre = commands.add_parser(
         "pregenerate", help="render whole pyramids into the tile cache (worker processes)",
@@ -171,7 +175,8 @@ def _export(args: argparse.Namespace, settings: Settings, levels: tuple[int, ...
     return 0
 
 
-def _with_bar(console: Console, label: str, work):
+def _with_bar(console: Console, label: str,
+              work: Callable[[threading.Event, Callable[[Progress], None]], T]) -> T:
     """Run ``work(cancel, report)`` under a progress bar labelled ``label``; Ctrl-C cancels it.
 
     Raises:

@@ -27,6 +27,7 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypedDict
 
 from app.assets import openseadragon_dir, template
 from app.batch.pregenerate import Pregenerator, Progress, target_for
@@ -36,6 +37,34 @@ from app.core.slides import SlideRegistry
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
+
+
+class ExportLevel(TypedDict):
+    """One DZI level of an export's ``{name}.json``: its format, and its tiles in columns and
+    rows."""
+
+    level: int
+    format: str
+    lossless: bool
+    cols: int
+    rows: int
+
+
+class ExportDescription(TypedDict):
+    """The ``{name}.json`` document of an export: file names, the level-0 size in pixels, the
+    DZI geometry, the levels (DZI level 0, 1x1 px, first) and, in ``quickhash``, the slide's
+    identity (:func:`app.core.slides.slide_identity`)."""
+
+    name: str
+    dzi: str
+    tiles: str
+    width: int
+    height: int
+    tile_size: int
+    overlap: int
+    limit_bounds: bool
+    quickhash: str
+    levels: list[ExportLevel]
 
 
 @dataclass(frozen=True)
@@ -72,10 +101,10 @@ def export_slide(settings: Settings, registry: SlideRegistry, name: str, outdir:
     write_atomic(dzi, pyramid.dzi(planner.declared.value).encode())
     with Pregenerator(settings, workers, scheduler) as pregenerator:
         progress = pregenerator.run([target], overwrite, cancel, on_progress)
-    formats = [{"level": lv.level, "format": lv.format, "lossless": lv.lossless,
-                "cols": lv.cols, "rows": lv.rows} for lv in level_policies(planner, handle)]
+    formats = [ExportLevel(level=lv.level, format=lv.format, lossless=lv.lossless,
+                           cols=lv.cols, rows=lv.rows) for lv in level_policies(planner, handle)]
     width, height = pyramid.level_dimensions[-1]
-    description = {
+    description: ExportDescription = {
         "name": name, "dzi": dzi.name, "tiles": files.name, "width": width, "height": height,
         "tile_size": handle.pyramid.tile_size, "overlap": handle.pyramid.overlap,
         "limit_bounds": handle.pyramid.limit_bounds, "quickhash": handle.identity,
@@ -93,14 +122,14 @@ def export_slide(settings: Settings, registry: SlideRegistry, name: str, outdir:
     return Export(dzi, page, progress)
 
 
-def export_page(description: dict[str, object]) -> str:
+def export_page(description: ExportDescription) -> str:
     """The viewer page of an export: OpenSeadragon with a tile source that knows the file
     extension of every level (``description`` is the ``{name}.json`` document)."""
     source = {
         "width": description["width"], "height": description["height"],
         "tileSize": description["tile_size"], "tileOverlap": description["overlap"],
         "tilesUrl": f"{description['tiles']}/",
-        "formats": [item["format"] for item in description["levels"]],  # type: ignore[union-attr]
+        "formats": [item["format"] for item in description["levels"]],
     }
     return (template("export.html")
             .replace("{{TITLE}}", html.escape(str(description["name"])))

@@ -22,7 +22,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from enum import StrEnum
 from typing import Any
 
@@ -203,8 +203,8 @@ class JobManager:
         self.settings = settings
         self._jobs: OrderedDict[str, Job] = OrderedDict()
         self._queue: asyncio.Queue[Job] = asyncio.Queue()
-        self._runner: asyncio.Task | None = None
-        self._current: asyncio.Task | None = None  # the running job's task
+        self._runner: asyncio.Task[None] | None = None  # set by start()
+        self._current: asyncio.Task[None] | None = None  # the running job's task
         self._limiter = CapacityLimiter(1)
 
     def start(self) -> None:
@@ -376,7 +376,7 @@ class JobManager:
         handle = await self.registry.get(name)
         return target_for(handle.entry, handle.pyramid.level_tiles, levels)
 
-    def _drive(self, targets: list[SlideTarget], job: Job, report,
+    def _drive(self, targets: list[SlideTarget], job: Job, report: Callable[[Progress], None],
                errors: list[TileServerError] | None) -> None:
         """The job's driver (worker thread): a fresh pool per job, closed at its end so that
         an idle server holds no worker processes. With ``errors``, a broken slide is recorded

@@ -35,7 +35,7 @@ import signal
 import sqlite3
 import threading
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from concurrent.futures import (
     FIRST_COMPLETED,
     Future,
@@ -130,13 +130,14 @@ class _WorkerState:
             update={"OpenSlideCacheBytes": cache_bytes})})
         self.settings = settings
         self.planner = TilePlanner(settings)
-        index: CacheIndex | None = CacheIndex(settings.TileCachePath)
+        index = CacheIndex(settings.TileCachePath)
+        opened: CacheIndex | None = index
         try:
             index.open(writer=False)  # flushed at the end of every batch
         except (sqlite3.Error, OSError) as exc:  # counts only; tile writes will report
             log.warning("cache index of %s: %s", settings.TileCachePath, exc)
-            index = None
-        self.disk = DiskTileCache(settings.TileCachePath, True, index)
+            opened = None
+        self.disk = DiskTileCache(settings.TileCachePath, True, opened)
         self.geometry = geometry_fingerprint(settings.DeepZoom.model_dump_json())
         self.registry = SlideRegistry({}, settings)
         self.lock = threading.Lock()
@@ -193,7 +194,7 @@ def render_batch(task: BatchTask) -> BatchResult:
     """
     state = _state_for(task.settings_json)
     done = skipped = written = 0
-    pending: deque[Future] = deque()
+    pending: deque[Future[None]] = deque()
     try:
         with state.lock:
             entry = state.registry.catalogue.get(task.slide)
@@ -328,7 +329,7 @@ class LocalPool:
         return executor
 
     def run(self, tasks: Sequence[BatchTask],
-            cancel: threading.Event) -> Iterator[BatchResult]:
+            cancel: threading.Event) -> Generator[BatchResult, None, None]:
         """Run the tasks; yield each result as it completes. On ``cancel`` (checked between
         results) queued tasks are dropped and the running ones stop after their current tile
         (a shared stop event), so an interrupted job ends within about a tile's time.
@@ -338,7 +339,7 @@ class LocalPool:
         """
         spans = split_contiguous([task.batch.count for task in tasks], self.workers)
         bands = [deque(range(start, end)) for start, end in spans]
-        running: dict[Future, int] = {}
+        running: dict[Future[BatchResult], int] = {}
         queued = [0] * len(bands)
 
         def next_index(worker: int) -> int | None:
@@ -404,7 +405,7 @@ class DaskPool:
         self.workers = max(1, len(self.client.scheduler_info().get("workers", {})))
 
     def run(self, tasks: Sequence[BatchTask],
-            cancel: threading.Event) -> Iterator[BatchResult]:
+            cancel: threading.Event) -> Generator[BatchResult, None, None]:
         """Submit every task; yield results as they complete; cancel the rest on ``cancel``."""
         from distributed import as_completed
 

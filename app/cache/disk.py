@@ -393,14 +393,14 @@ def open_disk_cache(settings: Settings, catalogue: Mapping[str, SlideEntry],
     cache = DiskTileCache(settings.TileCachePath, True)
     cache.prepare()
     if index and os.path.isfile(os.path.join(cache._root, MARKER)):
-        index = CacheIndex(settings.TileCachePath)
+        tile_index = CacheIndex(settings.TileCachePath)
         try:
-            fresh = index.open()
+            fresh = tile_index.open()
         except (sqlite3.Error, OSError) as exc:  # a full or read-only disk: as for tiles
             log.warning("tile cache %s: its index cannot be opened (%s); cache statistics "
                         "are off", settings.TileCachePath, exc)
             return cache
-        cache.index = index
+        cache.index = tile_index
         if fresh:
             threading.Thread(target=cache.rebuild_index, name="cache-index-rebuild",
                              daemon=True).start()

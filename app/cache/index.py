@@ -100,10 +100,14 @@ class LevelCount:
     origin: VariantOrigin | None
 
 
+RowKey = tuple[str, str, int, int, int, str]
+"""A tile's key columns in the index: slide, variant, DZI level, col, row, extension."""
+
+
 @dataclass
 class _Pending:
-    writes: dict[tuple, tuple[int, float]] = field(default_factory=dict)
-    touches: dict[tuple, float] = field(default_factory=dict)
+    writes: dict[RowKey, tuple[int, float]] = field(default_factory=dict)
+    touches: dict[RowKey, float] = field(default_factory=dict)
     origins: dict[tuple[str, str], VariantOrigin] = field(default_factory=dict)
     corrupt: int = 0
 
@@ -282,7 +286,7 @@ class CacheIndex:
                 db.execute("DELETE FROM tiles")
                 db.execute("DELETE FROM levels")
             count = 0
-            batch: list[tuple] = []
+            batch: list[tuple[str, str, int, int, int, str, int, float]] = []
             for key, size, atime in files:
                 batch.append((*_row_key(key), size, atime))
                 if len(batch) >= REBUILD_CHUNK:
@@ -350,7 +354,7 @@ class CacheIndex:
         return self._db
 
 
-def _row_key(key: TileKey) -> tuple[str, str, int, int, int, str]:
+def _row_key(key: TileKey) -> RowKey:
     return (key.slide, key.variant, key.level, key.col, key.row, key.ext)
 
 

@@ -94,9 +94,9 @@ class TileService:
         self.memory = MemoryTileCache(settings.Server.MemoryCacheBytes)
         self.render_limiter = render_limiter
         self.io_limiter = io_limiter
-        self._flight = SingleFlight()
+        self._flight: SingleFlight[tuple[bytes, TileDigest, str]] = SingleFlight()
         self._swept: set[str] = set()
-        self._tasks: set[asyncio.Task] = set()
+        self._tasks: set[asyncio.Task[int]] = set()
         self.corrupt_tiles = 0
         """Disk-cache files this process found corrupt (never served; rendered again)."""
         # Tile loads hop to these threads with run_in_executor rather than anyio.to_thread,

@@ -26,6 +26,7 @@ import hashlib
 import io
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Any
 
 import numpy as np
 from openslide import AbstractSlide
@@ -161,15 +162,15 @@ class ColorTransform:
             image = Image.fromarray(image)
         elif image.mode != "RGB":
             image = image.convert("RGB")
-        return ImageCms.applyTransform(image, self._transform)
+        return self._transform.apply(image)
 
-    def describe(self) -> dict:
+    def describe(self) -> dict[str, Any]:
         """The ``color`` block of ``/api/slides/{name}``."""
         profile = None
         if self.source_profile is not None:
             parsed = ImageCms.ImageCmsProfile(io.BytesIO(self.source_profile)).profile
             profile = {
-                "description": parsed.profile_description.strip(),
+                "description": (parsed.profile_description or "").strip(),
                 "bytes": len(self.source_profile),
                 "version": parsed.version,
                 "rendering_intent": INTENT_NAMES.get(
@@ -198,7 +199,8 @@ def stored_profile(slide: AbstractSlide) -> bytes | None:
     """
     if slide.color_profile is None:
         return None
-    return slide.read_region((0, 0), 0, (1, 1)).info["icc_profile"]
+    stored: bytes = slide.read_region((0, 0), 0, (1, 1)).info["icc_profile"]
+    return stored
 
 
 def expected_profile(slide: AbstractSlide, mode: ColorMode | str) -> bytes | None:
@@ -245,7 +247,9 @@ def reference_pixels(slide: AbstractSlide, level: int, col: int, row: int, *,
     tile = dz.get_tile(level, (col, row))
     profile = slide.color_profile
     intent = conversion_intent(color_mode, profile)
-    if intent is not None:
-        tile = ImageCms.profileToProfile(tile, profile, _SRGB, renderingIntent=intent,
-                                         outputMode="RGB")
+    if profile is not None and intent is not None:  # no intent without a profile
+        converted = ImageCms.profileToProfile(tile, profile, _SRGB, renderingIntent=intent,
+                                              outputMode="RGB")
+        assert converted is not None  # None only with inPlace=True
+        tile = converted
     return np.asarray(tile.convert("RGB"))

@@ -3,7 +3,7 @@
 :class:`TileFormat` owns each format's facts (extension, media type, whether it can be
 lossless). :class:`Encoding` is one concrete encoder configuration; its ``key`` enters the cache
 variant. :class:`FormatPolicy` is a pure function from (DZI level, level count, request) to the
-encoding to serve, following the rules of the README's "Format policy" section.
+encoding to serve, following the rules of docs/api.md's "The format policy".
 
 AVIF is served as a lossy format only. Pillow's AVIF encoder has no lossless mode: it always
 converts RGB to YCbCr (no identity matrix coefficients), ignores ``lossless=True`` (the tile is then
@@ -127,6 +127,7 @@ class Encoding:
             return png.encode_rgb(pixels, self.compress_level or 0, icc_profile)
         if self.format is TileFormat.JPEG:
             data = imagecodecs.jpeg8_encode(pixels, level=self.quality)
+            assert isinstance(data, bytes)  # a bytearray only when given one as ``out``
             return jpeg_with_profile(data, icc_profile) if icc_profile else data
         if isinstance(image, np.ndarray):
             image = Image.fromarray(image)

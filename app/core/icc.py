@@ -22,9 +22,11 @@ from __future__ import annotations
 
 import struct
 import zlib
+from collections.abc import Iterable
 from functools import lru_cache
 
 import numpy as np
+import numpy.typing as npt
 
 D50_XYZ = (0.9642, 1.0, 0.8249)
 """The ICC profile connection space white, as ICC.1 encodes it (s15Fixed16 0xF6D6, 1, 0xD32D)."""
@@ -35,25 +37,25 @@ SRGB_PRIMARIES = ((0.64, 0.33), (0.30, 0.60), (0.15, 0.06))
 D65_XY = (0.3127, 0.3290)
 """D65 white chromaticity (x, y), IEC 61966-2-1."""
 
-_BRADFORD = np.array([[0.8951, 0.2664, -0.1614],
-                      [-0.7502, 1.7135, 0.0367],
-                      [0.0389, -0.0685, 1.0296]])
+_BRADFORD: npt.NDArray[np.float64] = np.array([[0.8951, 0.2664, -0.1614],
+                                               [-0.7502, 1.7135, 0.0367],
+                                               [0.0389, -0.0685, 1.0296]])
 _DATE = (2026, 1, 1, 0, 0, 0)  # fixed, so the bytes never change
 _SRGB_TRC_POINTS = 64  # the smallest table with margin that converts every 8-bit colour exactly
 
 
-def srgb_to_linear(v: np.ndarray) -> np.ndarray:
+def srgb_to_linear(v: npt.ArrayLike) -> npt.NDArray[np.float64]:
     """The sRGB transfer function (IEC 61966-2-1): encoded 0..1 -> linear light 0..1."""
     v = np.asarray(v, np.float64)
     return np.where(v <= 0.04045, v / 12.92, ((v + 0.055) / 1.055) ** 2.4)
 
 
-def _xy_to_xyz(x: float, y: float) -> np.ndarray:
+def _xy_to_xyz(x: float, y: float) -> npt.NDArray[np.float64]:
     return np.array([x / y, 1.0, (1 - x - y) / y])
 
 
 def d50_colorants(primaries: tuple[tuple[float, float], ...],
-                  white: tuple[float, float]) -> np.ndarray:
+                  white: tuple[float, float]) -> npt.NDArray[np.float64]:
     """The ``rXYZ``, ``gXYZ``, ``bXYZ`` columns of an RGB space, Bradford-adapted to D50.
 
     Args:
@@ -75,7 +77,7 @@ def _s15f16(v: float) -> bytes:
     return struct.pack(">i", round(v * 65536))
 
 
-def _xyz_tag(xyz) -> bytes:
+def _xyz_tag(xyz: Iterable[float]) -> bytes:
     return b"XYZ \0\0\0\0" + b"".join(_s15f16(v) for v in xyz)
 
 
@@ -91,7 +93,7 @@ def _text_tag(text: str) -> bytes:
     return b"text\0\0\0\0" + text.encode("ascii") + b"\0"
 
 
-def _curve_tag(trc: float | np.ndarray) -> bytes:
+def _curve_tag(trc: float | npt.NDArray[np.float64]) -> bytes:
     if isinstance(trc, float | int):
         return b"curv\0\0\0\0" + struct.pack(">IH", 1, round(trc * 256))
     table = np.round(np.clip(trc, 0, 1) * 65535).astype(">u2")
@@ -99,7 +101,7 @@ def _curve_tag(trc: float | np.ndarray) -> bytes:
 
 
 def rgb_matrix_profile(description: str, primaries: tuple[tuple[float, float], ...],
-                       white: tuple[float, float], trc: float | np.ndarray,
+                       white: tuple[float, float], trc: float | npt.NDArray[np.float64],
                        copyright: str = "No copyright, use freely") -> bytes:
     """An ICC v2 RGB display profile (matrix + one tone curve for all three channels).
 

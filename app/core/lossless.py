@@ -56,7 +56,8 @@ class RoundTrip:
 @lru_cache(maxsize=1)
 def sample_images() -> tuple[tuple[str, np.ndarray], ...]:
     """``(name, (H, W, 3) uint8 RGB)`` test images; read once per process."""
-    with Image.open(resources.files("wsidicom_data") / "data" / "test_tile.png") as im:
+    source = resources.files("wsidicom_data") / "data" / "test_tile.png"
+    with source.open("rb") as fh, Image.open(fh) as im:
         tile = np.asarray(im.convert("RGB"))
     rng = np.random.default_rng(4)
     return (

@@ -131,6 +131,10 @@ class NativeReader:
         """The slide levels this reader serves."""
         return [i for i, level in enumerate(self._levels) if level is not None]
 
+    def _level(self, slide_level: int) -> _Level | None:
+        """The stored layout of a slide level, or None where the level is not native."""
+        return self._levels[slide_level] if slide_level < len(self._levels) else None
+
     def read(self, l0_location: tuple[int, int], slide_level: int,
              size: tuple[int, int]) -> np.ndarray | None:
         """The RGB pixels ``read_region(l0_location, slide_level, size)`` gives, or None.
@@ -147,7 +151,7 @@ class NativeReader:
         Raises:
             OSError: the file cannot be read.
         """
-        level = self._levels[slide_level] if slide_level < len(self._levels) else None
+        level = self._level(slide_level)
         if level is None:
             return None
         ds = self._downsamples[slide_level]
@@ -173,7 +177,7 @@ class NativeReader:
 
     def stored_cols(self, slide_level: int) -> int:
         """Stored tiles per row of a slide level; 0 where the level is not native."""
-        level = self._levels[slide_level] if slide_level < len(self._levels) else None
+        level = self._level(slide_level)
         return level.cols if level is not None else 0
 
     def original_index(self, l0_location: tuple[int, int], slide_level: int,
@@ -190,7 +194,7 @@ class NativeReader:
             slide_level: the OpenSlide level.
             size: ``(width, height)`` in pixels of that level.
         """
-        level = self._levels[slide_level] if slide_level < len(self._levels) else None
+        level = self._level(slide_level)
         if level is None:
             return None
         tw, th = level.tile_width, level.tile_height
@@ -224,8 +228,11 @@ class NativeReader:
             BlockingIOError: ``nowait`` and the data is not all in the page cache (or the
                 platform has no ``RWF_NOWAIT``).
             OSError: the file cannot be read.
+            ValueError: ``slide_level`` is not native.
         """
-        level = self._levels[slide_level]
+        level = self._level(slide_level)
+        if level is None:
+            raise ValueError(f"slide level {slide_level} is not a native level")
         count, offset = level.counts[index], level.offsets[index]
         if count <= 4:
             return None
@@ -262,8 +269,9 @@ class NativeReader:
     def _agrees_with(self, slide: openslide.AbstractSlide) -> bool:
         """Compare one off-grid region per native level with OpenSlide's ``read_region``;
         a level whose region this reader declines is no longer native."""
-        for slide_level in self.native_levels:
-            level = self._levels[slide_level]
+        for slide_level, level in enumerate(self._levels):
+            if level is None:
+                continue
             ds = self._downsamples[slide_level]
             w, h = min(300, level.width), min(300, level.height)
             x, y = min(level.tile_width // 2, level.width - w), min(7, level.height - h)

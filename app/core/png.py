@@ -53,6 +53,7 @@ def encode_rgb(pixels: np.ndarray, level: int = 1, icc_profile: bytes | None = N
     filtered[0, 1:] = rows[0]
     np.subtract(rows[1:], rows[:-1], out=filtered[1:, 1:])  # modulo 256, as PNG defines
     idat = imagecodecs.deflate_encode(filtered.tobytes(), level=level)
+    assert isinstance(idat, bytes)  # a bytearray only when given one as ``out``
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     iccp = png_iccp_chunk(icc_profile) if icc_profile else b""
     return (SIGNATURE + _chunk(b"IHDR", header) + iccp + _chunk(b"IDAT", idat)

@@ -133,8 +133,8 @@ class SlidePyramid:
             OSError: the file cannot be read.
         """
         stored_col, stored_row = self._original_cols[level][col], self._original_rows[level][row]
-        if stored_col is None or stored_row is None:
-            return None
+        if stored_col is None or stored_row is None or self.native is None:
+            return None  # (stored tiles are only known through a native reader)
         index = stored_row * self._stored_cols[level] + stored_col
         return self.native.original(self.slide_levels[level], index, nowait)
 

@@ -253,6 +253,10 @@ class DroppedRecord(NamedTuple):
                 f'"count":{self.count},"prev":"{prev}"}}\n').encode("ascii")
 
 
+Record = TileRequestRecord | ActionRecord | DroppedRecord
+"""What the writer thread formats: one line each."""
+
+
 def _s(value: str | None) -> str:
     return "null" if value is None else encode_basestring_ascii(value)
 
@@ -329,7 +333,7 @@ class AuditLog:
         """Lines written by this process so far."""
         self.dropped = 0
         """Lines this process refused (queue full or log failing) so far."""
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[Record] = queue.SimpleQueue()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._fd = -1

@@ -55,8 +55,9 @@ class Services:
 
 
 def services(request: Request) -> Services:
-    """The app's :class:`Services`."""
-    return request.app.state.services
+    """The app's :class:`Services` (``app.state`` is untyped: the lifespan put them there)."""
+    built: Services = request.app.state.services
+    return built
 
 
 def _settings(request: Request) -> Settings:

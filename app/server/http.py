@@ -18,16 +18,20 @@ is closed, so no path can lose it. Used by ``tileserver serve`` (``uvicorn.run(h
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 log = logging.getLogger(__name__)
 
 
-class HeadHoldingTransport:
+class HeadHoldingTransport(asyncio.Transport):
     """The transport one uvicorn ``RequestResponseCycle`` writes to (see the module docstring).
+
+    The cycle calls ``write``, ``close`` and ``is_closing``; ``get_extra_info`` and any other
+    attribute not defined by :class:`asyncio.Transport` go to the connection's transport.
 
     Args:
         transport: the connection's asyncio transport.
@@ -40,20 +44,21 @@ class HeadHoldingTransport:
 
     _WAITING, _HOLDING, _PASSING = 0, 1, 2
 
-    def __init__(self, transport: Any, cycle: Any):
+    def __init__(self, transport: asyncio.Transport, cycle: RequestResponseCycle):
+        super().__init__()
         self._transport = transport
         self._cycle = cycle
         self._head: bytes | None = None
         self._state = self._WAITING
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | bytearray | memoryview) -> None:
         """Hold the head of a response with a body; write it with the next write."""
         if self._state == self._WAITING and self._cycle.response_started:
             cycle = self._cycle
             self._state = self._PASSING
             if (cycle.chunked_encoding is False and cycle.expected_content_length > 0
                     and cycle.scope["method"] != "HEAD"):
-                self._head, self._state = data, self._HOLDING
+                self._head, self._state = bytes(data), self._HOLDING
                 return
         if self._head is not None:
             data, self._head = self._head + data, None
@@ -70,6 +75,14 @@ class HeadHoldingTransport:
         error or on ``Connection: close``)."""
         self.flush()
         self._transport.close()
+
+    def is_closing(self) -> bool:
+        """Whether the connection is closing or closed."""
+        return self._transport.is_closing()
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        """The connection transport's extra information (``peername``, ``socket``, ...)."""
+        return self._transport.get_extra_info(name, default)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._transport, name)

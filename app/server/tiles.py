@@ -314,7 +314,8 @@ class _AuditedRequest:
         return cls(log, services.settings.audit_fail_closed, Caller.of(scope, log.field_chars),
                    time.perf_counter(), time.time())
 
-    def record(self, slide: str, address: tuple | None, query_format: str | None,
+    def record(self, slide: str, address: tuple[int, int, int, str | None] | None,
+               query_format: str | None,
                accept: str | None, if_none_match: str | None, head: bool, tile: Tile | None,
                identity: str | None, status: int, body_bytes: int | None,
                error: str | None) -> bool:

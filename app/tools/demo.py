@@ -42,6 +42,7 @@ from typing import Any
 
 import imagecodecs
 import numpy as np
+import numpy.typing as npt
 import tifffile
 from PIL import Image, ImageDraw, ImageFont
 
@@ -62,6 +63,9 @@ _THUMB_WIDTH = 1024
 _SOFTWARE = "Aperio Image Library v12.0.15 "
 _WORKERS = 2
 
+FloatArray = npt.NDArray[np.floating[Any]]
+"""A float32 or float64 array (the pixel model's fields)."""
+
 
 # ----------------------------------------------------------------------------- pixels
 
@@ -76,8 +80,8 @@ def _he_texture() -> np.ndarray:
     """
     src = files("wsidicom_data") / "data" / "test_tile.png"
     with src.open("rb") as fh:
-        tile = Image.open(fh).convert("RGB")
-    tile = np.asarray(tile.resize((_BLOCK, _BLOCK)) if tile.size != (_BLOCK,) * 2 else tile)
+        image = Image.open(fh).convert("RGB")
+    tile = np.asarray(image.resize((_BLOCK, _BLOCK)) if image.size != (_BLOCK,) * 2 else image)
     rng = np.random.default_rng(12345)
     variants = [np.rot90(tile[:, ::-1] if k & 4 else tile, k & 3) for k in range(8)]
 
@@ -125,7 +129,7 @@ def _he_texture() -> np.ndarray:
 
 def _noise_field(
     rng: np.random.Generator, shape: tuple[int, int], cells: tuple[float, float]
-) -> np.ndarray:
+) -> FloatArray:
     """Smooth random field of `shape` (rows, cols) with ~`cells` (y, x) features.
 
     Zero mean, unit standard deviation, float32.
@@ -136,10 +140,11 @@ def _noise_field(
         (shape[1], shape[0]), Image.Resampling.BICUBIC, box=(1, 1, cx + 1, cy + 1)
     )
     field = np.asarray(img, np.float32)
-    return (field - field.mean()) / (field.std() + 1e-6)
+    normalised: FloatArray = (field - field.mean()) / (field.std() + 1e-6)
+    return normalised
 
 
-def _smoothstep(x: np.ndarray) -> np.ndarray:
+def _smoothstep(x: FloatArray) -> FloatArray:
     x = np.clip(x, 0.0, 1.0)
     return x * x * (3.0 - 2.0 * x)
 
@@ -332,13 +337,15 @@ class _TileEncoder:
 
     def encode_full(self, rgb: np.ndarray) -> bytes:
         """Return a complete (interchange) JPEG of `rgb`."""
-        return imagecodecs.jpeg8_encode(
+        data = imagecodecs.jpeg8_encode(
             np.ascontiguousarray(rgb),
             level=self.quality,
             colorspace="RGB",
             optimize=False,  # standard Huffman tables: identical for every tile
             **self.kwargs,
         )
+        assert isinstance(data, bytes)  # a bytearray only when given one as ``out``
+        return data
 
     def encode_tile(self, rgb: np.ndarray) -> bytes:
         """Return the abbreviated JPEG stream of one tile (tables checked)."""
@@ -655,7 +662,8 @@ def _write_slide(
 
             for size, img in zip(sizes[1:], levels, strict=False):
                 desc = f"{head} -> {size[0]}x{size[1]} {jpeg_kind}"
-                reduced = {} if aperio else {"subfiletype": 1}  # generic: reduced-resolution
+                # generic TIFF: marked reduced-resolution (TiffWriter.write keywords)
+                reduced: dict[str, Any] = {} if aperio else {"subfiletype": 1}
                 tif.write(**tiled(_tiles_of(img, tile_size, enc, pool), size, desc), **reduced)
 
             if aperio:  # associated images: label (LZW), macro (JPEG)

@@ -43,7 +43,8 @@ def free_port(host: str = LOOPBACK) -> int:
     """A TCP port on ``host`` that is free right now (the kernel picks it)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
-        return sock.getsockname()[1]
+        port: int = sock.getsockname()[1]
+        return port
 
 
 def server_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -156,24 +157,23 @@ class ServerProcess:
             OSError: the command could not be started.
         """
         with self.log_path.open("wb") as log:
-            self.process = subprocess.Popen(self.argv, cwd=self.cwd, env=self.env, stdout=log,
-                                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                            start_new_session=True)
+            self.process = process = subprocess.Popen(
+                self.argv, cwd=self.cwd, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, start_new_session=True)
         try:
-            self._wait_ready()
+            self._wait_ready(process)
         except BaseException:
             self.stop()
             raise
         return self
 
-    def _wait_ready(self) -> None:
-        assert self.process is not None
+    def _wait_ready(self, process: subprocess.Popen[bytes]) -> None:
         deadline = time.monotonic() + self.ready_timeout
         with httpx.Client(base_url=self.base_url, timeout=5.0) as client:
             while True:
-                if self.process.poll() is not None:
+                if process.poll() is not None:
                     raise ServerStartError(
-                        f"{self.name} exited with {self.process.returncode} before it was "
+                        f"{self.name} exited with {process.returncode} before it was "
                         f"ready:\n{self.log_tail()}")
                 with contextlib.suppress(httpx.TransportError):
                     if client.get(self.ready_path).status_code == 200:

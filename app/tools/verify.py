@@ -41,7 +41,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import anyio
 import httpx
@@ -53,8 +53,8 @@ from PIL import Image
 
 from app import __version__
 from app.cache.content import file_sha256
-from app.cache.tiles import digest_of
 from app.core.colour import ColorMode, expected_profile, reference_pixels
+from app.core.digest import digest_of
 from app.core.slides import build_catalogue
 from app.settings import Settings
 
@@ -153,7 +153,7 @@ class ReferenceSlide:
             try:
                 with tifffile.TiffFile(self.path) as tif:
                     for p in tif.pages:
-                        if p.is_tiled and p.compression == 7:
+                        if isinstance(p, tifffile.TiffPage) and p.is_tiled and p.compression == 7:
                             pages[(p.imagewidth, p.imagelength)] = _StoredPage(
                                 (p.tilewidth, p.tilelength), -(-p.imagewidth // p.tilewidth),
                                 tuple(p.dataoffsets), tuple(p.databytecounts))
@@ -541,7 +541,7 @@ class Verifier:
         if info.status_code != 200:
             report.problems.append(f"/api/slides/{name}: HTTP {info.status_code}")
             return None
-        dzi_url = info.json()["dzi_url"]
+        dzi_url: str = info.json()["dzi_url"]
         dzi = await self.client.get(dzi_url)
         if dzi.status_code != 200:
             report.problems.append(f"{dzi_url}: HTTP {dzi.status_code} {dzi.text[:300]}")
@@ -658,7 +658,7 @@ async def run_verify(settings: Settings, names: list[str], url: str | None = Non
     }
 
 
-def print_summary(report: dict[str, Any], file=None) -> None:
+def print_summary(report: dict[str, Any], file: TextIO | None = None) -> None:
     """The human summary of a report (rich tables; offending tiles named)."""
     from rich.console import Console
     from rich.table import Table
