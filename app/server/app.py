@@ -73,11 +73,8 @@ def create_app(settings: Settings, clock: Callable[[], float] | None = None) -> 
     timing: dict[str, Any] = {} if clock is None else {"clock": clock}
     secret = read_secret(auth.SignedUrls)
     signer = UrlSigner(secret, auth.SignedUrls, **timing) if secret else None
-    verifiers = {
-        "api_keys": ApiKeys(auth.AdminApiKeys) if "apikey" in auth.modes else None,
-        "jwt": JwtVerifier(auth.Jwt, **timing) if "jwt" in auth.modes else None,
-        "signer": signer,
-    }
+    api_keys = ApiKeys(auth.AdminApiKeys) if "apikey" in auth.modes else None
+    jwt = JwtVerifier(auth.Jwt, **timing) if "jwt" in auth.modes else None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -128,7 +125,7 @@ def create_app(settings: Settings, clock: Callable[[], float] | None = None) -> 
             log.warning("%s not found (run `npm ci`): %s will not load", marker, what)
     check_routes(app)
     app.add_middleware(HeadAsGet)
-    app.add_middleware(AuthLayer, settings=settings, **verifiers)
+    app.add_middleware(AuthLayer, settings=settings, api_keys=api_keys, jwt=jwt, signer=signer)
     if ProxyLayer.needed(settings):
         app.add_middleware(ProxyLayer, settings=settings)
 
@@ -180,7 +177,7 @@ def declare_security(schema: dict[str, Any], app: FastAPI, settings: Settings) -
     and every route that needs a slide grant also accept signed URLs; public routes need
     nothing; with ``Auth:Mode none`` every operation also accepts no credentials)."""
     schema.setdefault("components", {})["securitySchemes"] = SECURITY_SCHEMES
-    anonymous = [{}] if not settings.Auth.modes else []
+    anonymous: list[dict[str, list[str]]] = [{}] if not settings.Auth.modes else []
     needs: dict[tuple[str, str], Permission] = {}
     for route in app_routes(app):
         if isinstance(route, GuardedRoute):
@@ -192,7 +189,7 @@ def declare_security(schema: dict[str, Any], app: FastAPI, settings: Settings) -
             if permission is Permission.PUBLIC:
                 operation["security"] = []
                 continue
-            accepted = [{"bearer": []}, {"apiKey": []}]
+            accepted: list[dict[str, list[str]]] = [{"bearer": []}, {"apiKey": []}]
             if permission in (Permission.VIEW, Permission.LIST):
                 accepted.append({"signedUrl": []})
             operation["security"] = accepted + anonymous

@@ -245,12 +245,12 @@ class DroppedRecord(NamedTuple):
     line it wrote."""
 
     time: float
-    count: int
+    lines: int
 
     def to_line(self, pid: int, prev: str = GENESIS) -> bytes:
         """The JSON line: ``{"time", "pid", "kind": "dropped", "count", "prev"}``."""
         return (f'{{"time":"{_utc(self.time)}","pid":{pid},"kind":"dropped",'
-                f'"count":{self.count},"prev":"{prev}"}}\n').encode("ascii")
+                f'"count":{self.lines},"prev":"{prev}"}}\n').encode("ascii")
 
 
 Record = TileRequestRecord | ActionRecord | DroppedRecord
@@ -340,7 +340,7 @@ class AuditLog:
         self._ino = -1
         self._lock_fd = -1
         self._failed: str | None = None
-        self._pending: list = []
+        self._pending: list[Record] = []
         self._unreported = 0
         self._drops = threading.Lock()
         self._tail: tuple[int, int, str] | None = None
@@ -435,7 +435,7 @@ class AuditLog:
         except OSError:
             pass
 
-    def _write(self, records: list) -> None:
+    def _write(self, records: list[Record]) -> None:
         """Chain and append records under the lock; rotate between writes as the size limit
         asks. On a disk error keep the unwritten records (formatted again, with the right
         ``prev``, on the next try)."""

@@ -291,7 +291,8 @@ class AuthLayer:
 def principal_of(request: Request) -> Principal:
     """The request's principal (a KeyError, hence a 500, if :class:`AuthLayer` did not run:
     a request is never served unauthenticated by mistake)."""
-    return request.scope[PRINCIPAL_KEY]
+    principal: Principal = request.scope[PRINCIPAL_KEY]
+    return principal
 
 
 # ------------------------------------------------------------------------------ FastAPI
@@ -359,8 +360,8 @@ class GuardedRoute(APIRoute):
         """The handler, wrapped in the audit of audited routes."""
         found = [d.call for d in self.dependant.dependencies if isinstance(d.call, Requirement)]
         if len(found) != 1:
-            raise TypeError(f"{sorted(self.methods)} {self.path}: every route declares exactly "
-                            f"one require(...) dependency; found {len(found)}")
+            raise TypeError(f"{sorted(self.methods or ())} {self.path}: every route declares "
+                            f"exactly one require(...) dependency; found {len(found)}")
         self.requirement: Requirement = found[0]
         handler = super().get_route_handler()
         if not self.requirement.audited:

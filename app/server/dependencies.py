@@ -96,7 +96,8 @@ def path_base(request: Request) -> str:
     """The path the app is served under (``root_path``: ``PathBase`` or a known proxy's
     ``X-Forwarded-Prefix``, see app.server.proxy); empty at the root. Every URL the app gives
     out starts with it."""
-    return request.scope.get("root_path", "")
+    base: str = request.scope.get("root_path", "")
+    return base
 
 
 AppSettings = Annotated[Settings, Depends(_settings)]

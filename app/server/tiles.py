@@ -204,7 +204,8 @@ class TileRoute(BaseRoute):
     def route_path(scope: Scope) -> str:
         """The path the app routes: ``path`` without the ``root_path`` it starts with (as
         Starlette's router reads it; :mod:`app.server.proxy` sets ``root_path``)."""
-        path, root = scope["path"], scope.get("root_path", "")
+        path: str = scope["path"]
+        root: str = scope.get("root_path", "")
         if root and path.startswith(root) and path[len(root):len(root) + 1] == "/":
             return path[len(root):]
         return path
