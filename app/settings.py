@@ -316,6 +316,13 @@ class JwtSettings(Section):
     TokenCacheSize: int = Field(10000, ge=0, description="Verified tokens kept (until their "
                                 "exp) so a token is checked once, not per tile.")
 
+    @field_validator("SlideGrants", mode="before")
+    @classmethod
+    def _grant_lists(cls, value: Any) -> Any:
+        if isinstance(value, Mapping):  # files and the environment give lists as index dicts
+            return {k: _indexed_to_list(v) for k, v in value.items()}
+        return value
+
     @field_validator("Algorithms")
     @classmethod
     def _asymmetric(cls, value: list[str]) -> list[str]:

@@ -200,6 +200,18 @@ def declare_security(schema: dict[str, Any], app: FastAPI, settings: Settings) -
                                          "(JSON error)"})
 
 
+DOCS_CSP = ("default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' "
+            "'unsafe-inline'; img-src 'self' data: blob:; worker-src 'self' blob:; "
+            "connect-src 'self'; font-src 'self' data:")
+"""The Content-Security-Policy of /docs and /redoc: nothing from another host (ReDoc's footer
+would otherwise fetch its logo from the vendor's CDN on an air-gapped network)."""
+
+
+def _same_origin_only(page: HTMLResponse) -> HTMLResponse:
+    page.headers["Content-Security-Policy"] = DOCS_CSP
+    return page
+
+
 def _docs_router(app: FastAPI) -> APIRouter:
     """``/openapi.json`` (with ``servers`` naming the request's path base), ``/docs`` (Swagger
     UI) and ``/redoc``, their scripts served from ``/static`` (npm packages), never a CDN."""
@@ -215,21 +227,21 @@ def _docs_router(app: FastAPI) -> APIRouter:
     async def swagger_ui(request: Request) -> HTMLResponse:
         """Swagger UI."""
         base = path_base(request)
-        return get_swagger_ui_html(
+        return _same_origin_only(get_swagger_ui_html(
             openapi_url=f"{base}/openapi.json", title=f"{app.title} - Swagger UI",
             swagger_js_url=f"{base}/static/swagger-ui/swagger-ui-bundle.js",
             swagger_css_url=f"{base}/static/swagger-ui/swagger-ui.css",
-            swagger_favicon_url=f"{base}/static/swagger-ui/favicon-32x32.png")
+            swagger_favicon_url=f"{base}/static/swagger-ui/favicon-32x32.png"))
 
     @router.get("/redoc")
     async def redoc(request: Request) -> HTMLResponse:
         """ReDoc."""
         base = path_base(request)
-        return get_redoc_html(
+        return _same_origin_only(get_redoc_html(
             openapi_url=f"{base}/openapi.json", title=f"{app.title} - ReDoc",
             redoc_js_url=f"{base}/static/redoc/redoc.standalone.js",
             redoc_favicon_url=f"{base}/static/swagger-ui/favicon-32x32.png",
-            with_google_fonts=False)
+            with_google_fonts=False))
 
     return router
 
