@@ -45,7 +45,7 @@ from app.server.auth import AuthLayer, GuardedRoute, Permission, require
 from app.server.credentials import ApiKeys, JwtVerifier, UrlSigner, read_secret
 from app.server.dependencies import Services, path_base
 from app.server.errors import install_handlers
-from app.server.middleware import HeadAsGet
+from app.server.middleware import Cors, HeadAsGet
 from app.server.proxy import ProxyLayer
 from app.server.routes import api, dzi, jobs, pages
 from app.settings import Settings, settings_from
@@ -108,7 +108,8 @@ def create_app(settings: Settings, clock: Callable[[], float] | None = None) -> 
 
     app = FastAPI(title="WSI tile server", version=__version__, lifespan=lifespan,
                   description="DeepZoom tiles of whole-slide images read with OpenSlide.",
-                  openapi_url=None, docs_url=None, redoc_url=None)
+                  openapi_url=None, docs_url=None, redoc_url=None,
+                  redirect_slashes=False)  # one URL per resource: a trailing slash is a 404
     install_handlers(app)
     app.add_exception_handler(pages.SignInRequired, pages.sign_in_page)
     app.router.routes.insert(0, tiles.TileRoute())  # first: tile requests match at once
@@ -126,8 +127,9 @@ def create_app(settings: Settings, clock: Callable[[], float] | None = None) -> 
     check_routes(app)
     app.add_middleware(HeadAsGet)
     app.add_middleware(AuthLayer, settings=settings, api_keys=api_keys, jwt=jwt, signer=signer)
+    app.add_middleware(Cors, allow_origin=settings.Server.AccessControlAllowOrigin)
     if ProxyLayer.needed(settings):
-        app.add_middleware(ProxyLayer, settings=settings)
+        app.add_middleware(ProxyLayer, settings=settings)  # outermost
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:

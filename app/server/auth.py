@@ -3,8 +3,8 @@
 :class:`AuthLayer` is a pure ASGI middleware: for every HTTP request it reads the credentials
 (``Authorization: Bearer``, ``X-Api-Key``, a signed URL's query) with the verifiers of
 :mod:`app.server.credentials` and puts the resulting :class:`Principal` in the scope under
-:data:`PRINCIPAL_KEY`. It also answers CORS preflight requests (``OPTIONS`` with
-``Access-Control-Request-Method``), which carry no credentials.
+:data:`PRINCIPAL_KEY`. (CORS preflights, which carry no credentials, are answered before it by
+:class:`app.server.middleware.Cors`.)
 
 :func:`authorize` is the one decision of what a principal may do. The tile route
 (:class:`app.server.tiles.TileRoute`) calls it for every tile family; every FastAPI route declares
@@ -189,7 +189,7 @@ class AuthLayer:
 
     Args:
         app: the application.
-        settings: ``Auth:Mode``, and ``Server.AccessControlAllowOrigin`` for preflights.
+        settings: ``Auth:Mode``.
         api_keys, jwt, signer: the verifiers of the methods on (built by the app factory).
     """
 
@@ -200,24 +200,14 @@ class AuthLayer:
         self.api_keys = api_keys
         self.jwt = jwt
         self.signer = signer
-        origin = settings.Server.AccessControlAllowOrigin
-        self.preflight_headers = [
-            (b"access-control-allow-origin", origin.encode("latin-1")),
-            (b"access-control-allow-methods", b"GET, HEAD"),
-            (b"access-control-allow-headers",
-             b"Authorization, X-Api-Key, Accept, If-None-Match, Range"),
-            (b"access-control-max-age", b"600"),
-            (b"content-length", b"0"),
-        ] if origin else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """ASGI entry: put the principal in the scope; answer CORS preflights."""
+        """ASGI entry: put the principal in the scope."""
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         authorization = api_key = origin = fetch_site = host = None
         forwarded = scope.get(FORWARDED_KEY, False)
-        preflight = False
         for name, value in scope["headers"]:
             if name == b"authorization":
                 authorization = value
@@ -231,14 +221,7 @@ class AuthLayer:
                 host = value
             elif name in (b"x-forwarded-for", b"forwarded", b"x-real-ip"):
                 forwarded = True
-            elif name == b"access-control-request-method":
-                preflight = True
         method = scope["method"]
-        if preflight and method == "OPTIONS" and self.preflight_headers is not None:
-            await send({"type": "http.response.start", "status": 204,
-                        "headers": self.preflight_headers})
-            await send({"type": "http.response.body", "body": b""})
-            return
         if not self.modes:
             client = scope.get("client")
             local = (not forwarded and client is not None and is_loopback(client[0])

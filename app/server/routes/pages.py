@@ -28,6 +28,7 @@ from app.server.auth import (
 )
 from app.server.credentials import Principal
 from app.server.dependencies import Base, Caller, Registry, path_base
+from app.server.errors import error_response
 from app.server.urls import dzi_url, viewer_url
 
 router = APIRouter(tags=["pages"], route_class=GuardedRoute)
@@ -96,9 +97,12 @@ async def index(registry: Registry, caller: Caller, base: Base) -> HTMLResponse:
     names = visible(caller, registry.names)
     if registry.names == [SINGLE_SLIDE_NAME] and names:
         return HTMLResponse(viewer_page(SINGLE_SLIDE_NAME, "", base=base))
+    hide_file = registry.privacy.hide_file_names  # Privacy.SlideNames: hash
     rows = "\n".join(
         f'<li><a href="{html.escape(viewer_url(n, base=base), quote=True)}">{html.escape(n)}'
-        f'</a><span class="file">{html.escape(registry.entry(n).path.name)}</span></li>'
+        + "</a>" + ("" if hide_file else
+                    f'<span class="file">{html.escape(registry.entry(n).path.name)}</span>')
+        + "</li>"
         for n in names
     )
     page = template("index.html").replace("{{BASE}}", html.escape(base, quote=True))
@@ -129,7 +133,7 @@ async def static(file: str) -> Response:
     """``viewer.js`` and ``viewer.css``."""
     media = {"viewer.js": "text/javascript", "viewer.css": "text/css"}.get(file)
     if media is None:
-        return Response(status_code=404)
+        return error_response(404, "not_found", "Not Found")
     return Response(template(file), media_type=media,
                     headers={"Cache-Control": "no-cache"})
 
