@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 from playwright.sync_api import Browser, Request
 
-from app.tools.launch import ServerProcess, free_port
+from app.tools.launch import ServerProcess, free_port, nginx_config
 from tests.auth_helpers import ADMIN_KEY, JwksServer, Signer, auth_settings
 from tests.conftest import ROOT, start_server, stop_server
 from tests.e2e.test_browser import TIMEOUT_MS, browser  # noqa: F401 (the fixture)
@@ -28,24 +28,9 @@ def start_nginx(tmp: Path, upstream_port: int) -> ServerProcess:
     prefix = tmp / "nginx"
     prefix.mkdir()
     port = free_port()
-    (prefix / "nginx.conf").write_text(f"""
-worker_processes 1;
-pid {prefix}/nginx.pid;
-error_log {prefix}/error.log;
-daemon off;
-events {{ worker_connections 256; }}
-http {{
-  access_log off;
-  client_body_temp_path {prefix}; fastcgi_temp_path {prefix}; proxy_temp_path {prefix};
-  uwsgi_temp_path {prefix}; scgi_temp_path {prefix};
-  upstream tileserver {{ server 127.0.0.1:{upstream_port}; keepalive 8; }}
-  server {{
-    listen 127.0.0.1:{port};
-    include {LOCATION};
-  }}
-}}
-""")
-    return ServerProcess([NGINX, "-p", str(prefix), "-c", str(prefix / "nginx.conf")], port,
+    conf = nginx_config(prefix, port, f"upstream tileserver {{ server 127.0.0.1:{upstream_port}; "
+                        "keepalive 8; }", f"include {LOCATION};")
+    return ServerProcess([NGINX, "-p", str(prefix), "-c", str(conf)], port,
                          prefix / "out.log", name="nginx", ready_path="/wsi/healthz").start()
 
 
