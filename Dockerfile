@@ -10,7 +10,7 @@
 FROM node:20-slim AS viewer
 WORKDIR /build
 COPY package.json package-lock.json ./
-RUN npm ci --no-audit --no-fund --ignore-scripts --loglevel=error \
+RUN npm ci --omit=peer --no-audit --no-fund --ignore-scripts --loglevel=error \
     && test -f node_modules/openseadragon/build/openseadragon/openseadragon.min.js \
     && test -d node_modules/openseadragon/build/openseadragon/images \
     && test -f node_modules/mirador/dist/mirador.min.js
@@ -47,6 +47,8 @@ COPY --from=viewer /build/node_modules/openseadragon/build/openseadragon \
      /app/node_modules/openseadragon/build/openseadragon
 COPY --from=viewer /build/node_modules/mirador/dist/mirador.min.js \
      /app/node_modules/mirador/dist/mirador.min.js
+COPY --from=viewer /build/node_modules/swagger-ui-dist /app/node_modules/swagger-ui-dist
+COPY --from=viewer /build/node_modules/redoc/bundles /app/node_modules/redoc/bundles
 COPY appsettings.json /app/appsettings.json
 RUN mkdir -p /app/tile_cache /app/audit /data \
     && chown tileserver:tileserver /app/tile_cache /app/audit /data

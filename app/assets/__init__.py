@@ -8,7 +8,6 @@ from importlib import resources
 from pathlib import Path
 
 OPENSEADRAGON_PARTS = ("node_modules", "openseadragon", "build", "openseadragon")
-MIRADOR_PARTS = ("node_modules", "mirador", "dist")
 
 
 @lru_cache(maxsize=16)
@@ -17,20 +16,22 @@ def template(name: str) -> str:
     return (resources.files(__name__) / name).read_text(encoding="utf-8")
 
 
-def openseadragon_dir() -> Path | None:
-    """Where ``npm ci`` put OpenSeadragon's build: the working directory or the project root."""
-    return _npm_dir(OPENSEADRAGON_PARTS, "openseadragon.min.js")
+SWAGGER_UI_PARTS = ("node_modules", "swagger-ui-dist")
+REDOC_PARTS = ("node_modules", "redoc", "bundles")
+MIRADOR_PARTS = ("node_modules", "mirador", "dist")
+"""Mirador's bundle (``mirador.min.js``, React included)."""
 
 
-def mirador_dir() -> Path | None:
-    """Where ``npm ci`` put Mirador's bundle (``mirador.min.js``, React included)."""
-    return _npm_dir(MIRADOR_PARTS, "mirador.min.js")
-
-
-def _npm_dir(parts: tuple[str, ...], marker: str) -> Path | None:
-    """The first of ``{cwd}/parts`` and ``{project root}/parts`` that holds ``marker``."""
+def npm_dir(parts: tuple[str, ...], marker: str) -> Path | None:
+    """Where ``npm ci`` put a package's folder ``parts`` (holding file ``marker``): under the
+    working directory or the project root; None when neither has it."""
     for base in (Path.cwd(), Path(__file__).resolve().parents[2]):
         candidate = base.joinpath(*parts)
         if (candidate / marker).is_file():
             return candidate
     return None
+
+
+def openseadragon_dir() -> Path | None:
+    """Where ``npm ci`` put OpenSeadragon's build: the working directory or the project root."""
+    return npm_dir(OPENSEADRAGON_PARTS, "openseadragon.min.js")

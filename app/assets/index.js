@@ -6,6 +6,14 @@
 (function () {
   'use strict';
 
+  var base = document.body.getAttribute('data-base') || '';
+  var headers = { Accept: 'application/json' };
+  try {  // the bearer token a viewer page of this tab was handed, if any
+    var token = window.sessionStorage.getItem('tileserver.token');
+    if (token) {
+      headers.Authorization = 'Bearer ' + token;
+    }
+  } catch (e) { /* no session storage: no token */ }
   var list = document.getElementById('slides');
   var filter = document.getElementById('filter');
   var shown = document.getElementById('shown');
@@ -45,7 +53,7 @@
 
   function load(row) {
     var name = row.getAttribute('data-name');
-    fetch('/api/slides/' + encodeURIComponent(name), { headers: { Accept: 'application/json' } })
+    fetch(base + '/api/slides/' + encodeURIComponent(name), { headers: headers })
       .then(function (response) {
         return response.json().then(function (body) {
           if (!response.ok) {

@@ -18,16 +18,21 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.assets import template
 from app.core.errors import (
+    AccessDenied,
     AssociatedImageNotFound,
+    AuditUnavailable,
     BadJobRequest,
     BadTileRequest,
     CacheWriteError,
     ConfigError,
     DiskCacheDisabled,
     FeatureNotImplemented,
+    HostNotAllowed,
     JobConflict,
     JobFinished,
     JobNotFound,
+    NotAuthenticated,
+    SignedUrlsDisabled,
     SlideNotFound,
     SlideOpenError,
     SlideReadError,
@@ -52,6 +57,11 @@ STATUS: dict[type[TileServerError], int] = {
     SlideOpenError: 500,
     SlideReadError: 500,
     ConfigError: 500,
+    NotAuthenticated: 401,
+    AccessDenied: 403,
+    HostNotAllowed: 400,
+    SignedUrlsDisabled: 409,
+    AuditUnavailable: 503,
     TileServerError: 500,
 }
 
@@ -62,6 +72,16 @@ def status_for(exc: TileServerError) -> int:
         if klass in STATUS:
             return STATUS[klass]
     return 500
+
+
+def headers_for(exc: TileServerError) -> dict[str, str] | None:
+    """Response headers an error needs beyond its body: ``WWW-Authenticate`` on a 401,
+    ``Retry-After`` on a 503 of the audit log."""
+    if isinstance(exc, NotAuthenticated):
+        return {"WWW-Authenticate": exc.challenge}
+    if isinstance(exc, AuditUnavailable):
+        return {"Retry-After": "1"}
+    return None
 
 
 def error_body(code: str, detail: str, slide: str | None = None,
@@ -122,8 +142,9 @@ def install_handlers(app: FastAPI) -> None:
         if status >= 500:
             log.warning("%s %s -> %d %s", request.method, request.url.path, status, exc.detail)
         if wants_html(request):
-            return error_page(status, exc.detail)
-        return error_response(status, exc.code, exc.detail, exc.slide, exc.extra)
+            return error_page(status, exc.detail, headers_for(exc))
+        return error_response(status, exc.code, exc.detail, exc.slide, exc.extra,
+                              headers_for(exc))
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> Response:

@@ -40,12 +40,14 @@ from starlette.types import Receive, Scope, Send
 
 from app.cache.tiles import Tile
 from app.core.digest import EMPTY_DIGEST
-from app.core.errors import BadTileRequest, TileNotFound, TileServerError
+from app.core.errors import AuditUnavailable, BadTileRequest, TileNotFound, TileServerError
 from app.core.formats import TileFormat
 from app.core.planner import RegionPlan, TileRequest
 from app.core.slides import SINGLE_SLIDE_NAME
-from app.server.audit import AuditLog, TileRequestRecord
-from app.server.errors import error_json, status_for
+from app.server.audit import AuditLog, Caller, TileRequestRecord, cap
+from app.server.auth import Permission, authorize
+from app.server.credentials import PRINCIPAL_KEY
+from app.server.errors import error_json, headers_for, status_for
 
 log = logging.getLogger(__name__)
 
@@ -212,11 +214,21 @@ class TileRoute(BaseRoute):
         """FULL for a GET/HEAD of a tile URL, PARTIAL for another method, else NONE."""
         if scope["type"] != "http":
             return Match.NONE, {}
-        path = match_tile_path(scope["path"])
+        path = match_tile_path(self.route_path(scope))
         if path is None:
             return Match.NONE, {}
         match = Match.FULL if scope["method"] in ("GET", "HEAD") else Match.PARTIAL
         return match, {ADDRESS_SCOPE_KEY: path}
+
+    @staticmethod
+    def route_path(scope: Scope) -> str:
+        """The path the app routes: ``path`` without the ``root_path`` it starts with (as
+        Starlette's router reads it; :mod:`app.server.proxy` sets ``root_path``)."""
+        path: str = scope["path"]
+        root: str = scope.get("root_path", "")
+        if root and path.startswith(root) and path[len(root):len(root) + 1] == "/":
+            return path[len(root):]
+        return path
 
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Answer the tile request whose URL :meth:`matches` parsed."""
@@ -239,32 +251,23 @@ class TileRoute(BaseRoute):
         if query:
             values = parse_qs(query, keep_blank_values=True).get("format")
             query_format = values[-1] if values else None
-        audit = _AuditedRequest.start(services.audit, scope, query)
+        audit = _AuditedRequest.start(services, scope)
         address: AuditAddress | None = None
         try:
             if isinstance(path, IiifPath):
+                authorize(scope[PRINCIPAL_KEY], Permission.VIEW, path.slide)
                 tile = await services.tiles.get_region(path.slide, path.segments,
                                                        path.associated)
                 address = _iiif_address(tile)
             else:
                 level, col, row, ext = address = parse_address(path.level, path.tile)
+                authorize(scope[PRINCIPAL_KEY], Permission.VIEW, path.slide)
                 tile = await services.tiles.get_tile(
                     path.slide, level, col, row, TileRequest(ext, query_format, accept),
                     path.associated)
         except Exception as exc:
-            if not isinstance(exc, TileServerError):  # a bug: answer 500, keep serving
-                log.exception("GET %s failed", scope["path"])
-                exc = TileServerError("internal error", slide=path.slide)
-            status, body = error_json(status_for(exc), exc.code, exc.detail, exc.slide,
-                                      exc.extra)
-            if status >= 500:
-                log.warning("GET %s -> %d %s", scope["path"], status, exc.detail)
-            if audit is not None:
-                handle = services.registry.peek(path.slide)
-                audit.record(path.slide, address, query_format, accept, if_none_match, head,
-                             None, handle.identity if handle else None, status, None,
-                             exc.code)
-            await _send(send, status, _json_headers(body), body, head)
+            await self._error(send, services, scope, path, exc, audit, head, address,
+                              query_format, accept, if_none_match)
             return
         headers = tile_headers(tile, services.settings.Server.CacheControl, head)
         if etag_matches(if_none_match, tile.etag):
@@ -273,9 +276,37 @@ class TileRoute(BaseRoute):
         else:
             status, body = 200, tile.data
             headers.append((b"content-length", str(len(body)).encode()))
+        if audit is not None and not audit.record(
+                path.slide, address, query_format, accept, if_none_match, head, tile,
+                tile.identity, status, 0 if head else len(body), None):
+            await self._error(send, services, scope, path, AuditUnavailable(
+                "the audit log cannot record this tile now"), None, head)
+            return
+        await _send(send, status, headers, body, head)
+
+    @staticmethod
+    async def _error(send: Send, services: Any, scope: Scope, path: TilePath | IiifPath,
+                     exc: Exception,
+                     audit: _AuditedRequest | None, head: bool, *request: Any) -> None:
+        """Answer an error as JSON (a bug as 500), with its audit line when ``audit`` is
+        given; a line that cannot be queued under ``Audit:FailClosed`` makes it a 503."""
+        if not isinstance(exc, TileServerError):  # a bug: answer 500, keep serving
+            log.exception("GET %s failed", scope["path"])
+            exc = TileServerError("internal error", slide=path.slide)
         if audit is not None:
-            audit.record(path.slide, address, query_format, accept, if_none_match, head, tile,
-                         tile.identity, status, 0 if head else len(body), None)
+            handle = services.registry.peek(path.slide)
+            address, query_format, accept, if_none_match = request
+            if not audit.record(path.slide, address, query_format, accept, if_none_match, head,
+                                None, handle.identity if handle else None, status_for(exc),
+                                None, exc.code):
+                exc = AuditUnavailable("the audit log cannot record this request now")
+        status, body = error_json(status_for(exc), exc.code, exc.detail, exc.slide, exc.extra)
+        if status >= 500:
+            log.warning("GET %s -> %d %s", scope["path"], status, exc.detail)
+        extra = headers_for(exc)
+        headers = _json_headers(body)
+        if extra:
+            headers += [(k.lower().encode(), v.encode("latin-1")) for k, v in extra.items()]
         await _send(send, status, headers, body, head)
 
 
@@ -303,41 +334,48 @@ async def _send(send: Send, status: int, headers: list[tuple[bytes, bytes]], bod
 
 @dataclass(frozen=True, slots=True)
 class _AuditedRequest:
-    """What the audit log needs of a request beyond its tile: arrival and client."""
+    """What the audit log needs of a request beyond its tile: arrival and caller."""
 
     log: AuditLog
-    client: str | None
-    path: str
+    fail_closed: bool
+    caller: Caller
     started: float
     arrived: float
 
     @classmethod
-    def start(cls, log: AuditLog | None, scope: Scope, query: str) -> _AuditedRequest | None:
+    def start(cls, services: Any, scope: Scope) -> _AuditedRequest | None:
         """The record of a request arriving now, or None when the audit log is off."""
+        log = services.audit
         if log is None:
             return None
-        client = scope.get("client")
-        path = scope["path"]
-        return cls(log, client[0] if client else None, f"{path}?{query}" if query else path,
+        return cls(log, services.settings.audit_fail_closed, Caller.of(scope, log.field_chars),
                    time.perf_counter(), time.time())
 
     def record(self, slide: str, address: AuditAddress | None,
                query_format: str | None,
                accept: str | None, if_none_match: str | None, head: bool, tile: Tile | None,
                identity: str | None, status: int, body_bytes: int | None,
-               error: str | None) -> None:
-        """Queue the request's audit line (200, 304, HEAD and errors alike)."""
+               error: str | None) -> bool:
+        """Queue the request's audit line (200, 304, HEAD and errors alike). False when the
+        line was refused and ``Audit:FailClosed`` asks for a 503 instead."""
         level, col, row, ext = address if address is not None else (None, None, None, None)
         plan = tile.plan if tile is not None else None
-        self.log.record(TileRequestRecord(
-            self.arrived, self.client, "HEAD" if head else "GET", self.path, slide, identity,
-            level, col, row, ext, query_format, accept, if_none_match,
+        limit = self.log.field_chars
+        cut: list[str] = []
+        accepted = self.log.record(TileRequestRecord(
+            self.arrived, self.caller, "HEAD" if head else "GET",
+            cap(slide, limit, "slide", cut) or "", identity,
+            level, col, row, cap(ext, limit, "requested.extension", cut),
+            cap(query_format, limit, "requested.format", cut),
+            cap(accept, limit, "requested.accept", cut),
+            cap(if_none_match, limit, "requested.if_none_match", cut),
             plan.encoding.format.value if plan else None,
             tile.lossless if tile is not None else None,
             "refused" if plan is not None and plan.override_refused else None,
             tile.cache if tile is not None else None, status, body_bytes,
             tile.digest.sha256 if tile is not None else None,
-            time.perf_counter() - self.started, error))
+            time.perf_counter() - self.started, error, tuple(cut)))
+        return accepted or not self.fail_closed
 
 
 # ------------------------------------------------------------------------------ OpenAPI

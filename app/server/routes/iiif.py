@@ -19,10 +19,12 @@ from app.core.iiif import PREFIX, Limits, base_path, image_info
 from app.core.manifest import CanvasImage, slide_manifest
 from app.core.planner import iiif_formats
 from app.core.pyramid import ImageSource
+from app.server.auth import GuardedRoute, Permission, require
 from app.server.dependencies import AppSettings, Planner, PrivacyFilter, Registry
 from app.server.routes.api import describe_associated
 
-router = APIRouter(prefix=PREFIX, tags=["iiif"])
+router = APIRouter(prefix=PREFIX, tags=["iiif"], route_class=GuardedRoute)
+VIEW = require(Permission.VIEW)
 
 
 def base_uri(request: Request, path: str) -> str:
@@ -58,7 +60,8 @@ def _redirect(request: Request, path: str) -> Response:
     return RedirectResponse(base_uri(request, f"{path}/info.json"), status_code=303)
 
 
-@router.get("/{name}/info.json", summary="IIIF Image API 3.0 information of a slide")
+@router.get("/{name}/info.json", summary="IIIF Image API 3.0 information of a slide",
+            dependencies=[VIEW])
 async def slide_info(name: str, request: Request, registry: Registry, planner: Planner,
                      settings: AppSettings) -> Response:
     """``ImageService3`` at level 2: the slide's DZI region as the image, the DZI tile size
@@ -68,7 +71,8 @@ async def slide_info(name: str, request: Request, registry: Registry, planner: P
 
 
 @router.get("/{name}/associated/{associated}/info.json",
-            summary="IIIF Image API 3.0 information of an associated image")
+            summary="IIIF Image API 3.0 information of an associated image",
+            dependencies=[VIEW])
 async def associated_info(name: str, associated: str, request: Request, registry: Registry,
                           planner: Planner, settings: AppSettings) -> Response:
     """As for a slide; 404 when the slide has no such image or ``Privacy`` withholds it."""
@@ -78,7 +82,7 @@ async def associated_info(name: str, associated: str, request: Request, registry
 
 
 @router.get("/{name}", summary="IIIF base URI of a slide: 303 to its info.json",
-            status_code=303, response_class=RedirectResponse)
+            status_code=303, response_class=RedirectResponse, dependencies=[VIEW])
 async def slide_base(name: str, request: Request, registry: Registry) -> Response:
     """Redirects (303 See Other) to ``/iiif/3/{name}/info.json``."""
     registry.entry(name)
@@ -87,7 +91,7 @@ async def slide_base(name: str, request: Request, registry: Registry) -> Respons
 
 @router.get("/{name}/associated/{associated}",
             summary="IIIF base URI of an associated image: 303 to its info.json",
-            status_code=303, response_class=RedirectResponse)
+            status_code=303, response_class=RedirectResponse, dependencies=[VIEW])
 async def associated_base(name: str, associated: str, request: Request,
                           registry: Registry) -> Response:
     """Redirects (303 See Other) to the associated image's info.json."""
@@ -96,7 +100,8 @@ async def associated_base(name: str, associated: str, request: Request,
     return _redirect(request, base_path(name, associated))
 
 
-@router.get("/{name}/manifest.json", summary="IIIF Presentation API 3.0 manifest of a slide")
+@router.get("/{name}/manifest.json", summary="IIIF Presentation API 3.0 manifest of a slide",
+            dependencies=[VIEW])
 async def manifest(name: str, request: Request, registry: Registry, planner: Planner,
                    privacy: PrivacyFilter, settings: AppSettings) -> Response:
     """A canvas for the slide and one for each associated image ``Privacy`` shows, each
