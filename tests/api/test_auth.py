@@ -226,6 +226,11 @@ PERMISSIONS = {
     ("GET", "/"): "list", ("GET", "/api/images"): "list",
     ("GET", "/slide/{name}.html"): "view",
     ("GET", "/slide/{name}/associated/{associated}.html"): "view",
+    ("GET", "/slide/{name}/mirador.html"): "view",
+    ("GET", "/iiif/3/{name}"): "view", ("GET", "/iiif/3/{name}/info.json"): "view",
+    ("GET", "/iiif/3/{name}/associated/{associated}"): "view",
+    ("GET", "/iiif/3/{name}/associated/{associated}/info.json"): "view",
+    ("GET", "/iiif/3/{name}/manifest.json"): "view",
     ("GET", "/image.dzi"): "view", ("GET", "/storage/{name}.dzi"): "view",
     ("GET", "/storage/{name}/associated/{associated}.dzi"): "view",
     ("GET", "/image/associated/{associated}.dzi"): "view",
@@ -243,7 +248,8 @@ PERMISSIONS = {
     ("GET", "/docs"): "public", ("GET", "/redoc"): "public",
 }
 EXAMPLE = {"name": "small", "associated": "thumbnail", "job_id": "nosuch", "file": "viewer.js",
-           "level": "0", "tile": "0_0.jpeg"}
+           "level": "0", "tile": "0_0.jpeg", "region": "full", "size": "max", "rotation": "0",
+           "quality": "default", "format": "jpg"}
 
 
 def concrete(template: str) -> str:
