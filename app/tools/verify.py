@@ -46,6 +46,7 @@ import json
 import math
 import random
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass, field
@@ -139,10 +140,15 @@ class ReferenceSlide:
         self.quickhash = self.slide.properties.get(openslide.PROPERTY_NAME_QUICKHASH1)
         self.profile = expected_profile(self.slide, color_mode)
         self._pages: dict[tuple[int, int], _StoredPage] | None = None
+        # An ImageSlide is one PIL image whose lazy load is not thread-safe (the checks read
+        # from several worker threads); OpenSlide handles are.
+        self._read_lock = (threading.Lock() if isinstance(self.slide, openslide.ImageSlide)
+                           else contextlib.nullcontext())
 
     def expected(self, level: int, col: int, row: int) -> np.ndarray:
         """:func:`expected_tile` of this slide (blocking)."""
-        return expected_tile(self.slide, self.generator, level, col, row, self.color_mode)
+        with self._read_lock:
+            return expected_tile(self.slide, self.generator, level, col, row, self.color_mode)
 
     def expected_iiif_tile(self, level: int, col: int, row: int) -> np.ndarray:
         """An IIIF declared tile: :func:`expected_tile` of the same grid without overlap
@@ -151,7 +157,8 @@ class ReferenceSlide:
             g = self.generator
             self._unlapped = DeepZoomGenerator(self.slide, self.tile_size, 0, self.limit_bounds)
             assert g.level_dimensions == self._unlapped.level_dimensions
-        return expected_tile(self.slide, self._unlapped, level, col, row, self.color_mode)
+        with self._read_lock:
+            return expected_tile(self.slide, self._unlapped, level, col, row, self.color_mode)
 
     def expected_region(self, x: int, y: int, w: int, h: int) -> np.ndarray:
         """A full-resolution IIIF region ``(x, y, w, h)`` of the DZI region: ``read_region``
@@ -159,7 +166,8 @@ class ReferenceSlide:
         composites its tiles, then the colour mode (blocking)."""
         top = self.generator.level_count - 1
         ox, oy = self.generator.get_tile_coordinates(top, (0, 0))[0]
-        region = self.slide.read_region((ox + x, oy + y), 0, (w, h))
+        with self._read_lock:
+            region = self.slide.read_region((ox + x, oy + y), 0, (w, h))
         background = "#" + self.slide.properties.get(
             openslide.PROPERTY_NAME_BACKGROUND_COLOR, "ffffff")
         opaque = Image.composite(region, Image.new("RGB", region.size, background), region)
