@@ -11,6 +11,7 @@ tile URL; the FastAPI routes (DZI descriptors, JSON API, jobs, pages) follow.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -28,7 +29,11 @@ from app.assets import openseadragon_dir
 from app.batch.jobs import JobManager
 from app.cache.content import ContentHasher
 from app.cache.disk import open_disk_cache
+from app.cache.eviction import cache_limit
 from app.cache.tiles import TileService, default_render_threads
+from app.coordination import COORDINATION_NAME, Coordination, open_coordination
+from app.coordination.embedded import EmbeddedCoordination
+from app.core.errors import ConfigError
 from app.core.lossless import check_round_trips
 from app.core.planner import TilePlanner
 from app.core.slides import SlideRegistry, build_catalogue
@@ -36,8 +41,10 @@ from app.server import tiles
 from app.server.audit import AuditLog
 from app.server.dependencies import Services
 from app.server.errors import install_handlers
-from app.server.middleware import HeadAsGet
-from app.server.routes import api, dzi, jobs, pages
+from app.server.metrics import SAMPLE_SECONDS, Metrics
+from app.server.middleware import HeadAsGet, RequestId
+from app.server.readiness import Readiness
+from app.server.routes import api, dzi, jobs, ops, pages
 from app.settings import Settings, settings_from
 
 log = logging.getLogger(__name__)
@@ -71,18 +78,32 @@ def create_app(settings: Settings) -> FastAPI:
             log.info("audit log: %s", audit.path)
         content = (ContentHasher(disk.index, settings.TileCachePath)
                    if settings.Integrity.ContentSha256 else None)
+        store = await open_store(settings)
+        metrics = Metrics() if settings.Metrics.Enabled else None
+        limit = await anyio.to_thread.run_sync(cache_limit, settings)
+        tile_service = TileService(registry, planner, disk, settings, render,
+                                   CapacityLimiter(IO_THREADS), store, metrics, limit)
         services = Services(
-            settings, registry, planner,
-            TileService(registry, planner, disk, settings, render, CapacityLimiter(IO_THREADS)),
-            JobManager(registry, settings), audit, content)
+            settings, registry, planner, tile_service, JobManager(registry, settings, store),
+            audit, content, store, metrics, Readiness(settings, tile_service))
         app.state.services = services
+        await tile_service.start()
         services.jobs.start()
+        assert services.readiness is not None
+        services.readiness.start()
+        sampler = asyncio.ensure_future(_sample(services)) if metrics is not None else None
         log.info("serving %d slide(s): %s", len(catalogue), ", ".join(catalogue))
         try:
             yield
         finally:
+            if sampler is not None:
+                sampler.cancel()
+            services.readiness.stop()
             await services.jobs.close()
             await services.tiles.close()
+            await store.close()
+            if metrics is not None:
+                metrics.close()
             if audit is not None:
                 await anyio.to_thread.run_sync(audit.close)
 
@@ -90,7 +111,7 @@ def create_app(settings: Settings) -> FastAPI:
                   description="DeepZoom tiles of whole-slide images read with OpenSlide.")
     install_handlers(app)
     app.router.routes.insert(0, tiles.TileRoute())  # first: tile requests match at once
-    for module in (dzi, api, jobs, pages):
+    for module in (dzi, api, jobs, pages, ops):
         app.include_router(module.router)
     osd = openseadragon_dir()
     if osd is not None:
@@ -98,6 +119,7 @@ def create_app(settings: Settings) -> FastAPI:
     else:
         log.warning("OpenSeadragon not found (run `npm ci`); the viewer pages will not load")
     app.add_middleware(HeadAsGet)
+    app.add_middleware(RequestId)
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
@@ -109,6 +131,41 @@ def create_app(settings: Settings) -> FastAPI:
 
     app.openapi = openapi  # type: ignore[method-assign]
     return app
+
+
+async def open_store(settings: Settings) -> Coordination:
+    """The coordination store of ``settings``, opened (:func:`app.coordination.open_coordination`).
+
+    Redis must answer (else :class:`~app.core.errors.ConfigError`: start-up stops). The
+    embedded store needs a disk cache; without one, or where its file cannot be opened (a
+    read-only cache folder), jobs and invalidations are shared by this process alone (logged).
+
+    Raises:
+        ConfigError: ``Coordination.RedisUrl`` does not answer.
+    """
+    store = open_coordination(settings)
+    if store.kind == "embedded" and not settings.EnableDiskCache:
+        store = EmbeddedCoordination(":memory:")
+    try:
+        await store.open()
+    except Exception as exc:
+        if store.kind != "embedded":
+            raise ConfigError(f"Coordination:RedisUrl = {store.where!r}: {exc}") from None
+        log.warning("coordination store %s cannot be opened (%s): jobs and cache invalidations "
+                    "are this process's alone", os.path.join(settings.TileCachePath,
+                                                                COORDINATION_NAME), exc)
+        store = EmbeddedCoordination(":memory:")
+        await store.open()
+    log.info("coordination: %s %s", store.kind, store.where)
+    return store
+
+
+async def _sample(services: Services) -> None:
+    """Write this process's metrics gauges every :data:`~app.server.metrics.SAMPLE_SECONDS`."""
+    assert services.metrics is not None
+    while True:
+        services.metrics.sample(services)
+        await asyncio.sleep(SAMPLE_SECONDS)
 
 
 def create_app_from_env() -> FastAPI:

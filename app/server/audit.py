@@ -194,6 +194,11 @@ class AuditLog:
         self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
         self._thread.start()
 
+    @property
+    def pending(self) -> int:
+        """Lines queued and not yet written (approximate: ``qsize``)."""
+        return self._queue.qsize()
+
     def record(self, entry: TileRequestRecord) -> None:
         """Queue one line (event loop; never blocks, never drops)."""
         self._queue.put(entry)

@@ -24,6 +24,7 @@ from app.core.errors import (
     JobConflict,
     JobFinished,
     JobNotFound,
+    Overloaded,
     SlideNotFound,
     SlideOpenError,
     SlideReadError,
@@ -47,6 +48,7 @@ STATUS: dict[type[TileServerError], int] = {
     SlideOpenError: 500,
     SlideReadError: 500,
     ConfigError: 500,
+    Overloaded: 503,
     TileServerError: 500,
 }
 
@@ -77,6 +79,13 @@ def error_json(status: int, code: str, detail: str, slide: str | None = None,
                               separators=(",", ":")).encode()
 
 
+def error_headers(exc: TileServerError) -> dict[str, str]:
+    """Headers an error's response carries beyond the body's: ``Retry-After`` of a 503."""
+    if isinstance(exc, Overloaded):
+        return {"Retry-After": str(exc.retry_after)}
+    return {}
+
+
 def error_response(status: int, code: str, detail: str, slide: str | None = None,
                    extra: dict[str, str] | None = None,
                    headers: dict[str, str] | None = None) -> Response:
@@ -93,7 +102,8 @@ def install_handlers(app: FastAPI) -> None:
         status = status_for(exc)
         if status >= 500:
             log.warning("%s %s -> %d %s", request.method, request.url.path, status, exc.detail)
-        return error_response(status, exc.code, exc.detail, exc.slide, exc.extra)
+        return error_response(status, exc.code, exc.detail, exc.slide, exc.extra,
+                              error_headers(exc))
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> Response:

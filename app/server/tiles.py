@@ -32,6 +32,7 @@ from urllib.parse import parse_qs
 from starlette.routing import BaseRoute, Match
 from starlette.types import Receive, Scope, Send
 
+from app.cache.flight import ClientGone
 from app.cache.tiles import Tile
 from app.core.digest import EMPTY_DIGEST
 from app.core.errors import BadTileRequest, TileNotFound, TileServerError
@@ -39,7 +40,7 @@ from app.core.formats import TileFormat
 from app.core.planner import TileRequest
 from app.core.slides import SINGLE_SLIDE_NAME
 from app.server.audit import AuditLog, TileRequestRecord
-from app.server.errors import error_json, status_for
+from app.server.errors import error_headers, error_json, status_for
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,11 @@ HEAD_SCOPE_KEY = "tileserver.head"
 as GET."""
 ADDRESS_SCOPE_KEY = "tileserver.tile"
 """ASGI scope key under which :meth:`TileRoute.matches` hands the parsed URL to ``handle``."""
+REQUEST_ID_SCOPE_KEY = "tileserver.request_id"
+"""ASGI scope key of the request id (:class:`app.server.middleware.RequestId`)."""
+CLIENT_CLOSED = 499
+"""The status audit lines and metrics give a request whose client went before its tile was
+there (nginx's convention; nothing is sent)."""
 
 _MAX_DIGITS = 9
 
@@ -220,27 +226,44 @@ class TileRoute(BaseRoute):
             values = parse_qs(query, keep_blank_values=True).get("format")
             query_format = values[-1] if values else None
         audit = _AuditedRequest.start(services.audit, scope, query)
+        metrics = services.metrics
+        started = time.perf_counter() if metrics is not None else 0.0
+        request_id = scope.get(REQUEST_ID_SCOPE_KEY)
         address = None
         try:
             address = parse_address(path.level, path.tile)
             level, col, row, ext = address
             tile = await services.tiles.get_tile(
                 path.slide, level, col, row, TileRequest(ext, query_format, accept),
-                path.associated)
+                path.associated, _Client(receive))
         except Exception as exc:
-            if not isinstance(exc, TileServerError):  # a bug: answer 500, keep serving
-                log.exception("GET %s failed", scope["path"])
-                exc = TileServerError("internal error", slide=path.slide)
-            status, body = error_json(status_for(exc), exc.code, exc.detail, exc.slide,
-                                      exc.extra)
-            if status >= 500:
-                log.warning("GET %s -> %d %s", scope["path"], status, exc.detail)
+            gone = isinstance(exc, ClientGone)
+            if gone:
+                status, code, body = CLIENT_CLOSED, "client_closed_request", b""
+            else:
+                if not isinstance(exc, TileServerError):  # a bug: answer 500, keep serving
+                    log.exception("GET %s failed", scope["path"])
+                    exc = TileServerError("internal error", slide=path.slide)
+                status, body = error_json(status_for(exc), exc.code, exc.detail, exc.slide,
+                                          exc.extra)
+                code = exc.code
+                if status >= 500 and status != 503:
+                    log.warning("GET %s -> %d %s", scope["path"], status, exc.detail)
             if audit is not None:
                 handle = services.registry.peek(path.slide)
                 audit.record(path.slide, address, query_format, accept, if_none_match, head,
-                             None, handle.identity if handle else None, status, None,
-                             exc.code)
-            await _send(send, status, _json_headers(body), body, head)
+                             None, handle.identity if handle else None, status, None, code)
+            if metrics is not None:
+                metrics.tile("", False, "", "", status, time.perf_counter() - started)
+            if gone:
+                return  # nobody to answer
+            headers = _json_headers(body)
+            if isinstance(exc, TileServerError):
+                headers += [(k.lower().encode(), v.encode())
+                            for k, v in error_headers(exc).items()]
+            if request_id is not None:
+                headers.append((b"x-request-id", request_id.encode()))
+            await _send(send, status, headers, body, head)
             return
         server = services.settings.Server
         headers = tile_headers(tile, server.CacheControl, server.AccessControlAllowOrigin, head)
@@ -250,10 +273,32 @@ class TileRoute(BaseRoute):
         else:
             status, body = 200, tile.data
             headers.append((b"content-length", str(len(body)).encode()))
+        if request_id is not None:
+            headers.append((b"x-request-id", request_id.encode()))
         if audit is not None:
             audit.record(path.slide, address, query_format, accept, if_none_match, head, tile,
                          tile.identity, status, 0 if head else len(body), None)
+        if metrics is not None:
+            plan = tile.plan
+            metrics.tile(plan.encoding.format.value, tile.lossless, tile.cache, tile.source,
+                         status, time.perf_counter() - started)
         await _send(send, status, headers, body, head)
+
+
+class _Client:
+    """The requesting client as the tile service sees it
+    (:class:`app.cache.flight.Client`): gone once ``receive`` says ``http.disconnect``.
+    Only awaited while a tile waits for a render thread."""
+
+    __slots__ = ("_receive",)
+
+    def __init__(self, receive: Receive):
+        self._receive = receive
+
+    async def disconnected(self) -> None:
+        """Return when the connection is closed (the request's body messages skipped)."""
+        while (await self._receive())["type"] != "http.disconnect":
+            pass
 
 
 def _json_headers(body: bytes) -> list[tuple[bytes, bytes]]:
@@ -319,6 +364,7 @@ _TILE_HEADERS = {
         ("X-Tile-Cache", "hit or miss"),
         ("X-Tile-Source", "original (the slide's stored JPEG tile) or rendered"),
         ("X-Tile-Override", "refused when EnforceLossless refused a lossy ?format="),
+        ("X-Request-Id", "the request's id (the client's X-Request-Id when valid)"),
     )}
 
 
@@ -348,6 +394,8 @@ def openapi_paths() -> dict[str, dict[str, Any]]:
         "400": {"description": "malformed address or format (JSON error)"},
         "404": {"description": "unknown slide, image, level or tile (JSON error)"},
         "500": {"description": "the slide cannot be read (JSON error)"},
+        "503": {"description": "the render queue is full (Server.MaxQueuedRenders): try "
+                "again after Retry-After seconds; cached tiles are still served"},
     }
 
     def item(summary: str, *parameters: dict[str, Any]) -> dict[str, Any]:
