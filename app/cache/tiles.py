@@ -325,12 +325,15 @@ class TileService:
         Returns:
             ``(bytes, digest, hit|miss)``.
         """
-        loop = asyncio.get_running_loop()
+        queued = self._render_threads.submit(self._load_blocking, handle, source, plan)
         try:
-            data, digest, status, corrupt = await loop.run_in_executor(
-                self._render_threads, self._load_blocking, handle, source, plan)
+            data, digest, status, corrupt = await asyncio.wrap_future(queued)
         except SlideReadError:
             self.registry.discard(handle.name, handle)
+            raise
+        except asyncio.CancelledError:
+            if queued.cancelled():  # every client went while it waited for a thread
+                self.events.abandoned()
             raise
         self.corrupt_tiles += corrupt
         self.memory.put(plan.key, data, (digest, "rendered"))
