@@ -154,8 +154,6 @@ def serve(args: argparse.Namespace) -> int:
     """
     import uvicorn
 
-    from app.server.app import SETTINGS_ENV
-
     logging.getLogger().setLevel(args.log_level.upper())
     settings = prepare_settings(args.config, args.settings, announce_demo=True)
     if settings.Logging.Format == "json":
@@ -171,7 +169,6 @@ def serve(args: argparse.Namespace) -> int:
     open_disk_cache(settings, build_catalogue(settings), index=False)
     for line in changed_settings(settings):
         logging.getLogger("tileserver.settings").info("%s", line)
-    os.environ[SETTINGS_ENV] = settings.model_dump_json()
     metrics_dir = None  # the folder this command made, removed at exit
     if settings.Metrics.Enabled:
         # before uvicorn imports the app (and prometheus_client) in any process
@@ -181,6 +178,9 @@ def serve(args: argparse.Namespace) -> int:
         if not given:
             metrics_dir = tempfile.mkdtemp(prefix="tileserver-metrics-")
         prepare_multiprocess_directory(given or metrics_dir or "")
+    from app.server.app import SETTINGS_ENV
+
+    os.environ[SETTINGS_ENV] = settings.model_dump_json()
     from app.server.http import HTTP_PROTOCOL
 
     log.info("open %s in a browser", browser_url(args.host, args.port))
