@@ -214,7 +214,9 @@ class ServerSettings(Section):
     """``Server``: HTTP headers, concurrency and memory bounds of the serving process."""
 
     CacheControl: str = "public, max-age=86400"
-    AccessControlAllowOrigin: str = "*"
+    AccessControlAllowOrigin: str = Field(
+        "*", description="CORS: Access-Control-Allow-Origin of every response (tiles, DZIs, "
+        "JSON API, errors) and of preflight answers; * or one origin; empty: no CORS headers.")
     RenderThreads: int = Field(0, ge=0, le=256, description="0: two per CPU core.")
     MaxOpenSlides: int = Field(16, ge=1, le=4096)
     OpenSlideCacheBytes: int = Field(256 * 1024 * 1024, ge=0,
@@ -237,6 +239,16 @@ class PrivacySettings(Section):
     HideProperties: list[str] = Field(
         default_factory=list, description="Property-name glob patterns to withhold "
         "(case-insensitive), e.g. aperio.User, *.Filename, tiff.DateTime.")
+
+    SlideNames: Literal["file", "hash"] = Field(
+        "file", description="How SlideDirectory files are named in URLs: file (the file's stem) "
+        "or hash (24 hex digits derived from openslide.quickhash-1, else from the file's "
+        "SHA-256; no file name reaches a client). Image and Images keep their names.")
+
+    @field_validator("SlideNames", mode="before")
+    @classmethod
+    def _slide_names_lower(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value
 
     @field_validator("HideProperties", mode="before")
     @classmethod

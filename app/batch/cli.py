@@ -31,7 +31,7 @@ from app.batch.pregenerate import Cancelled, Pregenerator, Progress, open_target
 from app.batch.walk import parse_levels
 from app.cache.disk import open_disk_cache
 from app.core.errors import ConfigError, TileServerError
-from app.core.slides import SlideEntry, SlideRegistry, build_catalogue
+from app.core.slides import SlideEntry, SlideRegistry, build_catalogue, file_slide_name
 from app.settings import Settings, load_settings
 from app.tools.progress import ProgressBars
 
@@ -111,13 +111,16 @@ def run_command(args: argparse.Namespace) -> int:
         return 1
 
 
-def slide_names(catalogue: dict[str, SlideEntry], words: list[str]) -> list[str]:
+def slide_names(catalogue: dict[str, SlideEntry], words: list[str],
+                settings: Settings) -> list[str]:
     """The slides ``words`` name: configured names as they are; a slide file joins
-    ``catalogue`` under its stem (its name in the cache and the export).
+    ``catalogue`` under the name the server gives a ``SlideDirectory`` file
+    (:func:`app.core.slides.file_slide_name`: its stem, or its hash name with
+    ``Privacy.SlideNames: hash``), its name in the cache and the export.
 
     Raises:
-        ConfigError: a word is neither a configured name nor a file, or a file's stem is the
-            name of another configured slide.
+        ConfigError: a word is neither a configured name nor a readable file, or a file's name
+            is the name of another configured slide.
     """
     names = []
     for word in words:
@@ -125,11 +128,15 @@ def slide_names(catalogue: dict[str, SlideEntry], words: list[str]) -> list[str]
             path = Path(word)
             if not path.is_file():
                 raise ConfigError(f"no slide named {word!r} and no such file")
-            known = catalogue.setdefault(path.stem, SlideEntry(path.stem, path))
+            try:
+                name = file_slide_name(path, settings.Privacy.SlideNames)
+            except OSError as exc:
+                raise ConfigError(f"{word}: {exc.strerror}") from None
+            known = catalogue.setdefault(name, SlideEntry(name, path))
             if known.path.resolve() != path.resolve():
-                raise ConfigError(f"{word}: its name {path.stem!r} is a configured slide's "
+                raise ConfigError(f"{word}: its name {name!r} is a configured slide's "
                                   f"({known.path})")
-            word = path.stem
+            word = name
         names.append(word)
     return names
 
@@ -139,7 +146,7 @@ def _pregenerate(args: argparse.Namespace, settings: Settings,
     if not settings.EnableDiskCache:
         raise ConfigError("EnableDiskCache = false: pregeneration fills the disk cache")
     catalogue = build_catalogue(settings)
-    names = slide_names(catalogue, args.words)
+    names = slide_names(catalogue, args.words, settings)
     open_disk_cache(settings, catalogue, index=False)  # the location checked, the cache marked
     registry = SlideRegistry(catalogue, settings)
     if args.all:
@@ -164,7 +171,7 @@ def _export(args: argparse.Namespace, settings: Settings, levels: tuple[int, ...
     from app.batch.export import export_slide
 
     catalogue = build_catalogue(settings)
-    [name] = slide_names(catalogue, args.words[:1])
+    [name] = slide_names(catalogue, args.words[:1], settings)
     registry = SlideRegistry(catalogue, settings)
     started = time.monotonic()
     result = _with_bar(console, name, lambda cancel, report: export_slide(

@@ -4,7 +4,8 @@
 
     OUTDIR/{name}.dzi            the DZI XML the server serves (DeepZoomGenerator.get_dzi)
     OUTDIR/{name}_files/{level}/{col}_{row}.{ext}
-    OUTDIR/{name}.json           per DZI level: format, lossless, extension, tiles
+    OUTDIR/{name}.json           the slide's quickhash and identity as the server shows them
+                                 (``Privacy``), per DZI level: format, lossless, tiles
     OUTDIR/{name}.html           an OpenSeadragon viewer of the export
     OUTDIR/openseadragon/        OpenSeadragon's build (from ``npm ci``), used by the page
 
@@ -52,8 +53,10 @@ class ExportLevel(TypedDict):
 
 class ExportDescription(TypedDict):
     """The ``{name}.json`` document of an export: file names, the level-0 size in pixels, the
-    DZI geometry, the levels (DZI level 0, 1x1 px, first) and, in ``quickhash``, the slide's
-    identity (:func:`app.core.slides.slide_identity`)."""
+    DZI geometry, the levels (DZI level 0, 1x1 px, first), and the slide's
+    ``openslide.quickhash-1`` and identity (:func:`app.core.slides.slide_identity`) as the
+    server shows them to clients (:mod:`app.core.privacy`: null, and ``opaque:...``, when
+    ``Privacy`` withholds them)."""
 
     name: str
     dzi: str
@@ -63,7 +66,8 @@ class ExportDescription(TypedDict):
     tile_size: int
     overlap: int
     limit_bounds: bool
-    quickhash: str
+    quickhash: str | None
+    identity: str
     levels: list[ExportLevel]
 
 
@@ -104,10 +108,12 @@ def export_slide(settings: Settings, registry: SlideRegistry, name: str, outdir:
     formats = [ExportLevel(level=lv.level, format=lv.format, lossless=lv.lossless,
                            cols=lv.cols, rows=lv.rows) for lv in level_policies(planner, handle)]
     width, height = pyramid.level_dimensions[-1]
+    privacy = registry.privacy
     description: ExportDescription = {
         "name": name, "dzi": dzi.name, "tiles": files.name, "width": width, "height": height,
         "tile_size": handle.pyramid.tile_size, "overlap": handle.pyramid.overlap,
-        "limit_bounds": handle.pyramid.limit_bounds, "quickhash": handle.identity,
+        "limit_bounds": handle.pyramid.limit_bounds,
+        "quickhash": privacy.quickhash(handle), "identity": privacy.identity(handle.identity),
         "levels": formats,
     }
     write_atomic(outdir / f"{name}.json", (json.dumps(description, indent=1) + "\n").encode())

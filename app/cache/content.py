@@ -14,7 +14,6 @@ and the policy document, and ``tileserver verify`` compares it with the local fi
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import logging
 import os
 import queue
@@ -22,21 +21,12 @@ import threading
 from pathlib import Path
 
 from app.cache.index import INDEX_NAME, CacheIndex
+from app.core.digest import file_sha256
 from app.core.slides import SlideEntry
 
 log = logging.getLogger(__name__)
 
-CHUNK = 4 * 1024 * 1024
 MAX_QUEUED = 10_000
-
-
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    """SHA-256 (hex) of a whole file, read in :data:`CHUNK`-byte pieces. Blocking."""
-    digest = hashlib.sha256()
-    with open(path, "rb", buffering=0) as f:
-        while chunk := f.read(CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 class ContentHasher:

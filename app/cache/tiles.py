@@ -314,7 +314,7 @@ class TileService:
                     original_tile, source, plan, limiter=self.render_limiter)
         except OSError as exc:
             self.registry.discard(handle.name, handle)
-            raise SlideReadError(f"cannot read {handle.entry.path.name}: {exc.strerror}",
+            raise SlideReadError(f"cannot read {handle.file_label}: {exc.strerror}",
                                  slide=handle.name) from None
 
     async def _load(self, handle: OpenSlide, source: ImageSource,

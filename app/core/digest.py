@@ -1,10 +1,14 @@
-"""The SHA-256 of a tile's bytes, and what is made of it: ETag and RFC 9530 digest fields."""
+"""The SHA-256 of a tile's bytes, and what is made of it: ETag and RFC 9530 digest fields; and
+the SHA-256 of a whole file."""
 
 from __future__ import annotations
 
 import base64
 import hashlib
+import os
 from dataclasses import dataclass
+
+CHUNK = 4 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,3 +42,16 @@ def digest_from_sha256(digest: bytes) -> TileDigest:
 EMPTY_DIGEST = digest_of(b"")
 """The digest of empty content: RFC 9530's ``Content-Digest`` of a HEAD response (its Appendix
 B.2), whose message has no content."""
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """SHA-256 (hex) of a whole file, read in :data:`CHUNK`-byte pieces. Blocking.
+
+    Raises:
+        OSError: the file cannot be read.
+    """
+    digest = hashlib.sha256()
+    with open(path, "rb", buffering=0) as f:
+        while chunk := f.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()

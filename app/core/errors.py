@@ -119,20 +119,27 @@ class Overloaded(TileServerError):
 _ABSOLUTE_PATH = re.compile(r"(?<![\w.~-])/(?:[^/\s'\"]+/)+(?=[^/\s'\"]*)")
 
 
-def describe_error(exc: BaseException, path: str | os.PathLike[str] | None = None) -> str:
+def describe_error(exc: BaseException, path: str | os.PathLike[str] | None = None,
+                   label: str | None = None) -> str:
     """A foreign exception's message as a client may see it: no absolute server path.
 
     OpenSlide, Pillow and the OS name files by their full path (``cannot identify image file
-    '/srv/slides/x.svs'``); the folders are dropped and the file name kept. The server's log
-    keeps the full message.
+    '/srv/slides/x.svs'``); the folders are dropped and the file name kept, or replaced by
+    ``label``. The server's log keeps the full message.
 
     Args:
         exc: the exception (its type name stands in for an empty message).
         path: the slide file the exception is about, when known.
+        label: what stands for that file (default its name; ``Privacy.SlideNames: hash``
+            gives words without it, :meth:`app.core.privacy.Privacy.file_label`).
     """
     text = str(exc) or type(exc).__name__
     if path is not None:
         full = os.path.abspath(path)
-        for variant in {full, os.fspath(path), os.path.realpath(full)}:
-            text = text.replace(variant, Path(variant).name)
+        variants = {full, os.fspath(path), os.path.realpath(full)}
+        for variant in sorted(variants, key=len, reverse=True):
+            text = text.replace(variant, Path(variant).name if label is None else label)
+        if label is not None:
+            for name in {Path(variant).name for variant in variants}:
+                text = text.replace(name, label)
     return _ABSOLUTE_PATH.sub("", text)

@@ -171,11 +171,15 @@ class SlidePolicy(BaseModel):
     """The format policy of a slide: settings that shape it and one record per DZI level."""
 
     name: str
-    quickhash: str | None = Field(description="openslide.quickhash-1 of the slide")
+    quickhash: str | None = Field(description="openslide.quickhash-1 of the slide (null when "
+                                  "the format has none or Privacy withholds it)")
     identity: str = Field(description="quickhash-1:<hex>;size=<bytes>;mtime_ns=<ns> "
-                          "(without the quickhash part for formats that have none)")
+                          "(without the quickhash part for formats that have none); when "
+                          "Privacy.HideProperties withholds anything, opaque:<32 hex digits>, "
+                          "which changes exactly when that identity does")
     sha256: str | None = Field(None, description="the whole file's SHA-256 "
-                               "(Integrity.ContentSha256; null until computed or when off)")
+                               "(Integrity.ContentSha256; null until computed, when off, or "
+                               "when Privacy withholds openslide.quickhash-1)")
     tile_size: int = Field(description="DZI tile size of this slide (DeepZoom.Geometry)")
     overlap: int
     limit_bounds: bool
@@ -222,8 +226,8 @@ def slide_policy(planner: TilePlanner, privacy: Privacy, settings: Settings,
     pyramid = handle.pyramid
     return SlidePolicy(
         name=handle.name,
-        quickhash=privacy.properties(handle.slide.properties).get("openslide.quickhash-1"),
-        identity=handle.identity, tile_size=pyramid.tile_size, overlap=pyramid.overlap,
+        quickhash=privacy.quickhash(handle), identity=privacy.identity(handle.identity),
+        tile_size=pyramid.tile_size, overlap=pyramid.overlap,
         limit_bounds=pyramid.limit_bounds, geometry=dz.Geometry,
         color=handle.source.color.describe(), declared_format=planner.declared.value,
         lossless_format=fmt.LosslessFormat.value, lossless_level_count=fmt.LosslessLevelCount,

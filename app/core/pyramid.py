@@ -11,6 +11,7 @@ full resolution. ``col``/``row`` address tiles within a DZI level.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -47,6 +48,9 @@ class SlidePyramid:
         self.overlap = overlap
         self.limit_bounds = limit_bounds
         self._dz = DeepZoomGenerator(slide, tile_size, overlap, limit_bounds)
+        # OpenSlide handles are thread-safe; an ImageSlide is one PIL image, whose lazy load
+        # and crop are not (concurrent reads of a PNG slide failed inside Pillow)
+        self._read_lock = threading.Lock() if isinstance(slide, ImageSlide) else None
         self.level_count: int = self._dz.level_count
         self.level_tiles: tuple[tuple[int, int], ...] = self._dz.level_tiles
         self.level_dimensions: tuple[tuple[int, int], ...] = self._dz.level_dimensions
@@ -175,6 +179,9 @@ class SlidePyramid:
                 tile = Image.fromarray(region)
                 tile.thumbnail(z_size, Image.Resampling.LANCZOS)
                 return tile
+        if self._read_lock is not None:
+            with self._read_lock:
+                return self._dz.get_tile(level, (col, row))
         return self._dz.get_tile(level, (col, row))
 
     def dzi(self, tile_format: str) -> str:

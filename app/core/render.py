@@ -38,8 +38,8 @@ def render_tile(handle: OpenSlide, source: ImageSource, plan: TilePlan) -> bytes
     except Exception as exc:  # OpenSlide, Pillow (ImageSlide), the native reader, the OS
         log.warning("slide %s (%s): tile %s cannot be read: %s: %s", handle.name,
                     handle.entry.path, key.relative_path(), type(exc).__name__, exc)
-        raise SlideReadError(f"OpenSlide cannot read {handle.entry.path.name}: "
-                             f"{describe_error(exc, handle.entry.path)}",
+        raise SlideReadError(f"OpenSlide cannot read {handle.file_label}: "
+                             f"{describe_error(exc, handle.entry.path, handle.file_label)}",
                              slide=handle.name) from None
     color = source.color
     return plan.encoding.encode(color.apply(image), color.embed_profile)

@@ -14,6 +14,7 @@ handle is dead after one).
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
 import time
@@ -28,6 +29,7 @@ import openslide
 from anyio import CapacityLimiter
 
 from app.core.colour import ColorTransform
+from app.core.digest import file_sha256
 from app.core.errors import (
     AssociatedImageNotFound,
     SlideGone,
@@ -70,6 +72,8 @@ class OpenSlide:
         identity: what the cache key, ETags' variants and audit lines name the file by; it
             changes whenever the file can have changed (:func:`slide_identity`).
         signature: ``(size, mtime_ns, inode)`` of the file when opened.
+        file_label: how error details name the file (its name, or words without it under
+            ``Privacy.SlideNames: hash``: :meth:`app.core.privacy.Privacy.file_label`).
         checked_at: ``time.monotonic()`` of the last stat that found the file unchanged.
         variants: cache variants memoised by the planner, ``(Encoding, scope) -> hex``.
         associated: associated images' sources, opened on first use.
@@ -80,6 +84,7 @@ class OpenSlide:
     source: ImageSource
     identity: str
     signature: tuple[int, int, int]
+    file_label: str
     checked_at: float = field(default_factory=time.monotonic)
     variants: dict[tuple[Any, str], str] = field(default_factory=dict)
     associated: dict[str, ImageSource] = field(default_factory=dict)
@@ -141,10 +146,12 @@ def build_catalogue(settings: Settings) -> dict[str, SlideEntry]:
     """Every configured slide by name. Blocking (lists ``SlideDirectory``).
 
     ``Image.Path`` is served as ``image`` (the single-slide routes); ``Images`` keep their names
-    (validated with the settings); ``SlideDirectory`` adds its slide files under their stem
-    unless the name is taken. A file of ``SlideDirectory`` is skipped, with a warning, when its
-    stem is not a valid slide name (:mod:`app.core.names`) or when it is a symbolic link to a
-    file outside ``SlideDirectory`` and ``SlideDirectoryFollowSymlinks`` is false.
+    (validated with the settings); ``SlideDirectory`` adds its slide files under
+    :func:`file_slide_name` unless the name is taken (a second copy of one slide, under
+    ``SlideNames: hash``: skipped with a warning). A file of ``SlideDirectory`` is skipped, with a
+    warning, when its stem is not a valid slide name (:mod:`app.core.names`), or it is a
+    symbolic link to a file outside ``SlideDirectory`` and ``SlideDirectoryFollowSymlinks`` is
+    false, or (``SlideNames: hash``) it cannot be read.
     """
     entries: dict[str, SlideEntry] = {}
     if settings.Image.Path:
@@ -152,13 +159,58 @@ def build_catalogue(settings: Settings) -> dict[str, SlideEntry]:
     for item in settings.Images:
         entries[item.Name] = SlideEntry(item.Name, Path(item.Path))
     if settings.SlideDirectory:
-        for entry in _directory_slides(Path(settings.SlideDirectory),
-                                       settings.SlideDirectoryFollowSymlinks):
-            entries.setdefault(entry.name, entry)
+        for path in _directory_slides(Path(settings.SlideDirectory),
+                                      settings.SlideDirectoryFollowSymlinks):
+            try:
+                name = file_slide_name(path, settings.Privacy.SlideNames)
+            except OSError as exc:
+                log.warning("SlideDirectory: skipping %r: %s", path.name, exc.strerror)
+                continue
+            known = entries.setdefault(name, SlideEntry(name, path))
+            if known.path != path:
+                log.warning("SlideDirectory: skipping %r: its name %r is %s's", path.name, name,
+                            known.path.name)
+            elif name != path.stem:
+                log.info("slide %s: %s", name, path.name)  # the server log maps hash names
     return entries
 
 
-def _directory_slides(folder: Path, follow_symlinks: bool) -> list[SlideEntry]:
+def file_slide_name(path: Path, slide_names: str) -> str:
+    """The name of a slide file that no setting names (``SlideDirectory``, a file given to
+    ``tileserver pregenerate``): its stem, or with ``Privacy.SlideNames: hash`` its
+    :func:`opaque_slide_name`. Blocking for ``hash``.
+
+    Raises:
+        OSError: ``hash``, and the file cannot be read.
+    """
+    return opaque_slide_name(path) if slide_names == "hash" else path.stem
+
+
+def opaque_slide_name(path: Path) -> str:
+    """A slide file's name under ``Privacy.SlideNames: hash``: the first 24 hex digits of a
+    SHA-256 over its fingerprint, which carries nothing of the file's name and is the same for
+    every copy of the file, wherever it lies and whatever its timestamps.
+
+    The fingerprint is ``openslide.quickhash-1`` (a SHA-256 OpenSlide computes over the file's
+    header and lowest-resolution level, so opening the file is enough) when OpenSlide opens the
+    file and has one; otherwise the SHA-256 of the whole file (the images openslide-python
+    opens with Pillow, which have no quickhash and are read whole anyway, and files nothing can
+    open, which stay listed with their error). The name is not the quickhash itself, so a
+    withheld quickhash stays withheld. Blocking.
+
+    Raises:
+        OSError: the file cannot be read.
+    """
+    try:
+        with openslide.open_slide(path) as slide:
+            quickhash = slide.properties.get(openslide.PROPERTY_NAME_QUICKHASH1)
+    except Exception:  # any format, any damage: the file's bytes are its fingerprint then
+        quickhash = None
+    fingerprint = f"quickhash-1:{quickhash}" if quickhash else f"sha256:{file_sha256(path)}"
+    return hashlib.sha256(b"tileserver slide name\0" + fingerprint.encode()).hexdigest()[:24]
+
+
+def _directory_slides(folder: Path, follow_symlinks: bool) -> list[Path]:
     root = folder.resolve()
     out = []
     for path in sorted(folder.iterdir()):
@@ -174,7 +226,7 @@ def _directory_slides(folder: Path, follow_symlinks: bool) -> list[SlideEntry]:
                         "folder (SlideDirectoryFollowSymlinks is false)", path.name)
             continue
         if path.is_file():
-            out.append(SlideEntry(path.stem, path))
+            out.append(path)
     return out
 
 
@@ -289,8 +341,8 @@ class SlideRegistry:
                 log.warning("slide %s (%s): the %s image cannot be read: %s", handle.name,
                             handle.entry.path, name, exc)
                 raise SlideReadError(f"OpenSlide cannot read the {name} image of "
-                                     f"{handle.entry.path.name}: "
-                                     f"{describe_error(exc, handle.entry.path)}",
+                                     f"{handle.file_label}: "
+                                     f"{describe_error(exc, handle.entry.path, handle.file_label)}",
                                      slide=handle.name) from None
 
         source = await anyio.to_thread.run_sync(load, limiter=self._limiter)
@@ -332,7 +384,8 @@ class SlideRegistry:
             raise SlideGone(f"no slide named {entry.name!r}: its file is gone",
                             slide=entry.name) from None
         except OSError as exc:
-            raise SlideOpenError(f"cannot open {entry.path.name}: {exc.strerror}",
+            label = self.privacy.file_label(entry.name, entry.path)
+            raise SlideOpenError(f"cannot open {label}: {exc.strerror}",
                                  slide=entry.name) from None
         if handle is not None and handle.signature == signature:
             handle.checked_at = time.monotonic()
@@ -342,6 +395,7 @@ class SlideRegistry:
         return self._open_blocking(entry, signature)
 
     def _open_blocking(self, entry: SlideEntry, signature: tuple[int, int, int]) -> OpenSlide:
+        label = self.privacy.file_label(entry.name, entry.path)
         try:
             slide = openslide.open_slide(entry.path)
             native = (NativeReader.open(slide, entry.path, self._decoded)
@@ -354,10 +408,11 @@ class SlideRegistry:
         except Exception as exc:  # OpenSlide, Pillow (bombs included), tifffile, LittleCMS, OS
             log.warning("slide %s (%s) cannot be opened: %s: %s", entry.name, entry.path,
                         type(exc).__name__, exc)
-            raise SlideOpenError(f"OpenSlide cannot open {entry.path.name}: "
-                                 f"{describe_error(exc, entry.path)}", slide=entry.name) from None
+            raise SlideOpenError(f"OpenSlide cannot open {label}: "
+                                 f"{describe_error(exc, entry.path, label)}",
+                                 slide=entry.name) from None
         if self._cache is not None:
             slide.set_cache(self._cache)
         identity = slide_identity(slide.properties.get(openslide.PROPERTY_NAME_QUICKHASH1),
                                   signature[0], signature[1])
-        return OpenSlide(entry, slide, ImageSource(pyramid, color), identity, signature)
+        return OpenSlide(entry, slide, ImageSource(pyramid, color), identity, signature, label)

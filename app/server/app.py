@@ -42,7 +42,7 @@ from app.server.audit import AuditLog
 from app.server.dependencies import Services
 from app.server.errors import install_handlers
 from app.server.metrics import SAMPLE_SECONDS, Metrics
-from app.server.middleware import HeadAsGet, RequestId
+from app.server.middleware import Cors, HeadAsGet, RequestId
 from app.server.readiness import Readiness
 from app.server.routes import api, dzi, jobs, ops, pages
 from app.settings import Settings, settings_from
@@ -108,7 +108,8 @@ def create_app(settings: Settings) -> FastAPI:
                 await anyio.to_thread.run_sync(audit.close)
 
     app = FastAPI(title="WSI tile server", version=__version__, lifespan=lifespan,
-                  description="DeepZoom tiles of whole-slide images read with OpenSlide.")
+                  description="DeepZoom tiles of whole-slide images read with OpenSlide.",
+                  redirect_slashes=False)  # one URL per resource: a trailing slash is a 404
     install_handlers(app)
     app.router.routes.insert(0, tiles.TileRoute())  # first: tile requests match at once
     for module in (dzi, api, jobs, pages, ops):
@@ -120,6 +121,7 @@ def create_app(settings: Settings) -> FastAPI:
         log.warning("OpenSeadragon not found (run `npm ci`); the viewer pages will not load")
     app.add_middleware(HeadAsGet)
     app.add_middleware(RequestId)
+    app.add_middleware(Cors, allow_origin=settings.Server.AccessControlAllowOrigin)  # outermost
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:

@@ -95,7 +95,8 @@ def error_response(status: int, code: str, detail: str, slide: str | None = None
 
 
 def install_handlers(app: FastAPI) -> None:
-    """Map domain errors, validation errors and Starlette's 404/405 to JSON bodies."""
+    """Map domain errors, validation errors, Starlette's 404/405 and any other exception (a
+    bug: 500 ``internal_error``, the traceback in the server's log) to JSON bodies."""
 
     @app.exception_handler(TileServerError)
     async def _domain(request: Request, exc: TileServerError) -> Response:
@@ -118,3 +119,8 @@ def install_handlers(app: FastAPI) -> None:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         return error_response(exc.status_code, code, str(exc.detail),
                               headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, exc: Exception) -> Response:
+        # Starlette's ServerErrorMiddleware logs the traceback and calls this for the body.
+        return error_response(500, TileServerError.code, "internal error")

@@ -119,13 +119,9 @@ def _number(what: str, text: str) -> int:
                        "zeros expected")
 
 
-_EXPOSED = (b"ETag, Content-Digest, Repr-Digest, X-Tile-Format, X-Tile-Lossless, "
-            b"X-Tile-Color-Transform, X-Tile-Cache, X-Tile-Source, X-Tile-Override")
-
-
-def tile_headers(tile: Tile, cache_control: str, allow_origin: str,
-                 head: bool = False) -> list[tuple[bytes, bytes]]:
-    """The response headers of a tile, as raw ASGI pairs (docs/api.md lists them).
+def tile_headers(tile: Tile, cache_control: str, head: bool = False) -> list[tuple[bytes, bytes]]:
+    """The response headers of a tile, as raw ASGI pairs (docs/api.md lists them); the CORS
+    fields are added by :class:`app.server.middleware.Cors`, as to every response.
 
     Integrity fields (RFC 9530): ``Repr-Digest`` is the SHA-256 of the tile (the selected
     representation); ``Content-Digest`` is that of the message content, so the same on a GET
@@ -134,7 +130,7 @@ def tile_headers(tile: Tile, cache_control: str, allow_origin: str,
     digest, plan = tile.digest, tile.plan
     headers = [
         *_fixed_headers(plan.encoding.format, tile.lossless, plan.color_transform, tile.cache,
-                        tile.source, cache_control, allow_origin),
+                        tile.source, cache_control),
         (b"etag", digest.etag.encode()),
         (b"content-digest", (EMPTY_DIGEST if head else digest).content_digest.encode()),
         (b"repr-digest", digest.content_digest.encode()),
@@ -148,8 +144,7 @@ def tile_headers(tile: Tile, cache_control: str, allow_origin: str,
 
 @functools.lru_cache(maxsize=256)
 def _fixed_headers(tile_format: TileFormat, lossless: bool, color_transform: str, cache: str,
-                   source: str, cache_control: str, allow_origin: str
-                   ) -> tuple[tuple[bytes, bytes], ...]:
+                   source: str, cache_control: str) -> tuple[tuple[bytes, bytes], ...]:
     """The headers of a tile that do not depend on its bytes, encoded once per combination
     (a handful per server) rather than on every response."""
     return (
@@ -160,8 +155,6 @@ def _fixed_headers(tile_format: TileFormat, lossless: bool, color_transform: str
         (b"x-tile-color-transform", color_transform.encode()),
         (b"x-tile-cache", cache.encode()),
         (b"x-tile-source", source.encode()),
-        (b"access-control-allow-origin", allow_origin.encode()),
-        (b"access-control-expose-headers", _EXPOSED),
     )
 
 
@@ -265,8 +258,7 @@ class TileRoute(BaseRoute):
                 headers.append((b"x-request-id", request_id.encode()))
             await _send(send, status, headers, body, head)
             return
-        server = services.settings.Server
-        headers = tile_headers(tile, server.CacheControl, server.AccessControlAllowOrigin, head)
+        headers = tile_headers(tile, services.settings.Server.CacheControl, head)
         if etag_matches(if_none_match, tile.etag):
             status, body = 304, b""
             headers = [h for h in headers if h[0] not in NOT_MODIFIED_DROPS]

@@ -13,8 +13,10 @@ with the pixels the reference gives for the same address:
   ``DeepZoomGenerator.get_dzi``.
 
 Before any tile, the slide file here must be the server's (same ``openslide.quickhash-1``, or
-file size where the format has none, and the same DZI pyramid size); otherwise verify cannot
-run (:class:`VerifyError`).
+file size where the format has none, and the same DZI pyramid size; the pyramid size only when
+the server's ``Privacy`` settings withhold its fingerprints); otherwise verify cannot run
+(:class:`VerifyError`). Slide names come from the server, so ``Privacy.SlideNames: hash`` needs
+the same setting here (names are derived from the files, the same on both sides).
 
 Tiles come over HTTP from a running server (``--url``) or from the app built in this process
 (the same ASGI app uvicorn runs, through httpx's ASGI transport). Either way the slide files come
@@ -52,9 +54,9 @@ from openslide.deepzoom import DeepZoomGenerator
 from PIL import Image
 
 from app import __version__
-from app.cache.content import file_sha256
 from app.core.colour import ColorMode, expected_profile, reference_pixels
-from app.core.digest import digest_of
+from app.core.digest import digest_of, file_sha256
+from app.core.privacy import OPAQUE_IDENTITY_PREFIX
 from app.core.slides import build_catalogue
 from app.settings import Settings
 
@@ -498,23 +500,29 @@ class Verifier:
                         policy: dict[str, Any]) -> None:
         """The file here must be the server's slide: same SHA-256 when the server hashed its
         file whole (``Integrity.ContentSha256``), else same quickhash (or, for formats without
-        one, same file size); and same DZI pyramid size. Blocking (hashing).
+        one, same file size); and same DZI pyramid size. Blocking (hashing). When the server's
+        ``Privacy`` settings withhold its fingerprints (no quickhash, an ``opaque:`` identity),
+        only the pyramid size is compared, and the report says so.
 
         Raises:
             VerifyError: they differ (one line naming both sides).
         """
         differences = []
+        withheld = policy["identity"].startswith(OPAQUE_IDENTITY_PREFIX)
         if policy.get("sha256"):  # the server hashed its file whole: the strongest check
             report.sha256 = file_sha256(reference.path)
             report.identity_check = "SHA-256 of the whole file"
             if report.sha256 != policy["sha256"]:
                 differences.append(f"SHA-256 {report.sha256} here, {policy['sha256']} on the "
                                    "server")
-        elif policy["quickhash"] or reference.quickhash:
+        elif policy["quickhash"] or (reference.quickhash and not withheld):
             report.identity_check = "openslide.quickhash-1"
             if policy["quickhash"] != reference.quickhash:
                 differences.append(f"quickhash {reference.quickhash} here, "
                                    f"{policy['quickhash']} on the server")
+        elif withheld:
+            report.identity_check = ("none: the server's Privacy settings withhold its file "
+                                     "fingerprints (DZI pyramid size only)")
         else:
             fields = dict(part.split("=", 1) for part in policy["identity"].split(";")
                           if "=" in part)

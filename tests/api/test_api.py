@@ -153,3 +153,47 @@ def test_single_slide_policy(client_for, fixtures):
     client = client_for(Image={"Path": str(fixtures / "small.svs")})
     doc = client.get("/api/slides/image/policy").json()
     assert doc["name"] == "image" and doc["levels"][-1]["lossless"] is True
+
+
+EXPOSED = ("Location, ETag, Content-Digest, Repr-Digest, X-Tile-Format, X-Tile-Lossless, "
+           "X-Tile-Color-Transform, X-Tile-Cache, X-Tile-Source, X-Tile-Override")
+CROSS_ORIGIN_URLS = ["/storage/boxes_files/9/0_0.jpeg", "/storage/boxes.dzi", "/api/images",
+                     "/api/slides/boxes", "/api/slides/boxes/policy", "/api/tiles/stats",
+                     "/api/jobs", "/storage/boxes_files/99/0_0.jpeg", "/api/slides/nosuch",
+                     "/no/such/route"]
+
+
+@pytest.mark.parametrize("origin", ["*", "https://viewer.example.org"])
+def test_cors_on_every_response_and_preflights_answered(client_for, fixtures, origin):
+    """One rule for tiles, DZIs, the JSON API and errors alike: the setting's origin, whatever
+    the request's Origin (so a shared cache may keep one copy); preflights get a 204."""
+    client = client_for(Images=[{"Name": "boxes", "Path": str(fixtures / "boxes.tiff")}],
+                        Server={"AccessControlAllowOrigin": origin})
+    for url in CROSS_ORIGIN_URLS:
+        for headers in ({}, {"Origin": "https://elsewhere.example"}):
+            r = client.get(url, headers=headers)
+            assert r.headers["access-control-allow-origin"] == origin, url
+            assert r.headers["access-control-expose-headers"] == EXPOSED, url
+            assert "origin" not in r.headers.get("vary", "").lower(), url
+        preflight = client.options(url, headers={
+            "Origin": "https://viewer.example.org", "Access-Control-Request-Method": "GET",
+            "Access-Control-Request-Headers": "if-none-match"})
+        assert preflight.status_code == 204 and preflight.content == b"", url
+        assert preflight.headers["access-control-allow-origin"] == origin
+        assert preflight.headers["access-control-allow-methods"] == "GET, HEAD"
+        assert preflight.headers["access-control-allow-headers"] == "Accept, If-None-Match"
+        assert preflight.headers["access-control-max-age"] == "600"
+    job = client.post("/api/tiles/boxes/generate?levels=0")
+    assert job.status_code == 202 and job.headers["access-control-allow-origin"] == origin
+    assert client.options("/api/images").status_code == 405  # not a preflight: no OPTIONS route
+
+
+def test_empty_allow_origin_sends_no_cors_headers(client_for, fixtures):
+    client = client_for(Images=[{"Name": "boxes", "Path": str(fixtures / "boxes.tiff")}],
+                        Server={"AccessControlAllowOrigin": ""})
+    for url in CROSS_ORIGIN_URLS:
+        r = client.get(url, headers={"Origin": "https://elsewhere.example"})
+        assert not any(k.startswith("access-control-") for k in r.headers), url
+    preflight = client.options("/api/images", headers={
+        "Origin": "https://elsewhere.example", "Access-Control-Request-Method": "GET"})
+    assert preflight.status_code == 405 and preflight.json()["error"] == "method_not_allowed"

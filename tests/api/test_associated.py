@@ -139,3 +139,88 @@ def test_hidden_properties_are_absent_from_every_document(client_for, images, ge
     client.get("/storage/generated_files/10/0_0.jpeg")
     cached = [p for _, dirs, files in os.walk(tmp_path / "cache") for p in dirs + files]
     assert cached and not any(name in p for p in cached for name in ASSOCIATED)
+
+
+def test_withheld_quickhash_leaves_no_fingerprint_in_any_document(client_for, generated_svs,
+                                                                    tmp_path):
+    """With ``openslide.quickhash-1`` (and a date) withheld, neither the quickhash, nor the
+    file's size and modification time (the identity), nor the whole-file SHA-256 reach a
+    client: slide and policy documents, listings, DZI, tiles, jobs, the export's sidecar."""
+    import hashlib
+    import json
+
+    from app.batch.export import export_slide
+    from app.core.slides import SlideRegistry, build_catalogue
+    from app.settings import settings_from
+
+    sections = {"Images": [{"Name": "g", "Path": str(generated_svs)}],
+                "Privacy": {"HideProperties": ["openslide.quickhash-1", "aperio.Date"]},
+                "Integrity": {"ContentSha256": True}}
+    client = client_for(**sections)
+    quickhash = openslide.open_slide(generated_svs).properties["openslide.quickhash-1"]
+    stat = generated_svs.stat()
+    secrets = (quickhash, str(stat.st_mtime_ns), f"size={stat.st_size}")
+    policy = client.get("/api/slides/g/policy").json()
+    assert policy["quickhash"] is None and policy["sha256"] is None
+    assert policy["identity"].startswith("opaque:") and len(policy["identity"]) == 39
+    assert client.get("/api/slides/g").json()["sha256"] is None
+    tile = client.get("/storage/g_files/12/0_0.jpeg")
+    assert tile.headers["etag"] == '"' + hashlib.sha256(tile.content).hexdigest()[:32] + '"'
+    job = client.post("/api/tiles/g/generate?levels=0")
+    client.delete(f"/api/jobs/{job.json()['id']}")
+    texts = {url: client.get(url).text for url in (
+        "/api/slides/g", "/api/slides/g/policy", "/api/images", "/storage/g.dzi", "/api/jobs",
+        "/api/tiles/g/stats", "/slide/g.html")}
+    texts["tile headers"] = str(tile.headers)
+    texts["job"] = job.text
+    settings = settings_from({**sections, "TileCachePath": str(tmp_path / "cache")})
+    out = tmp_path / "export"
+    export_slide(settings, SlideRegistry(build_catalogue(settings), settings), "g", out,
+                 levels=(0,), workers=1)
+    sidecar = json.loads((out / "g.json").read_text())
+    assert sidecar["quickhash"] is None and sidecar["identity"] == policy["identity"]
+    texts.update({path.name: path.read_text() for path in out.glob("g.*")})
+    for where, text in texts.items():
+        assert not any(secret in text for secret in secrets), where
+
+
+def test_hash_slide_names_keep_file_names_from_every_client_document(client_for, fixtures,
+                                                                     tmp_path):
+    """``Privacy.SlideNames: hash``: URLs, listings, pages, error details and job documents
+    name slides by hash; ``Images`` keep their names; properties that repeat the file's name
+    (``aperio.Filename`` of CMU-1.svs) are withheld."""
+    import shutil
+    import time
+
+    from app.core.slides import opaque_slide_name
+
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    cmu = shutil.copy(fixtures / "small.svs", folder / "CMU-1.svs")
+    broken = shutil.copy(fixtures / "unopenable.tiff", folder / "jones-mrn-55501.tiff")
+    client = client_for(SlideDirectory=str(folder), Privacy={"SlideNames": "hash"},
+                        Images=[{"Name": "boxes", "Path": str(fixtures / "boxes.tiff")}])
+    good, bad = opaque_slide_name(cmu), opaque_slide_name(broken)
+    listing = client.get("/api/images").json()
+    names = [item["name"] for item in listing]
+    assert names == ["boxes", good, bad]  # SlideDirectory in file order, after Images
+    assert all(item["file"] is None for item in listing)
+    doc = client.get(f"/api/slides/{good}").json()
+    assert "aperio.Filename" not in doc["properties"] and doc["properties"]["aperio.AppMag"]
+    error = client.get(f"/storage/{bad}_files/0/0_0.jpeg").json()
+    assert error["detail"].startswith(f"OpenSlide cannot open the file of slide {bad}: ")
+    job_id = client.post("/api/tiles/generate-all?levels=0").json()["id"]
+    deadline = time.monotonic() + 60
+    while client.get(f"/api/jobs/{job_id}").json()["state"] in ("queued", "running"):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    texts = {url: client.get(url).text for url in (
+        "/", "/api/images", "/api/jobs", f"/api/jobs/{job_id}", "/api/tiles/stats",
+        *(f"{prefix}{n}{suffix}" for n in names for prefix, suffix in (
+            ("/api/slides/", ""), ("/api/slides/", "/policy"), ("/storage/", ".dzi"),
+            ("/slide/", ".html"), ("/storage/", "_files/0/0_0.jpeg"),
+            ("/api/tiles/", "/stats"))))}
+    assert "of slide " + bad in texts[f"/api/jobs/{job_id}"]  # the failure, by name
+    words = ("CMU-1", "jones", "55501", "boxes.tiff", str(tmp_path))
+    for url, text in texts.items():
+        assert not [word for word in words if word in text], (url, text[:300])

@@ -104,3 +104,70 @@ def test_broken_slides_fail_alone(client, name, code, message, tmp_path, fixture
     assert "error" not in images["unreadable"]  # it opens; only its pixels cannot be read
     assert client.get("/storage/unreadable.dzi").status_code == 200
     assert images["boxes"]["dimensions"] == [300, 250]
+
+
+def _one_json_shape(r) -> dict:
+    """The body of an error response, checked to be the app's one error body in its one
+    formatting (compact, as ``app.server.errors.error_json`` writes it)."""
+    import json
+
+    assert r.headers["content-type"] == "application/json", (r.request.url, r.text)
+    body = r.json()
+    assert {"error", "detail"} <= set(body) <= {"error", "detail", "slide", "job"}, body
+    assert r.content == json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+    return body
+
+
+def test_every_route_answers_errors_in_one_json_shape(client, monkeypatch):
+    """Every route of the app, the tile route, the OpenSeadragon mount and the router itself:
+    a method it lacks is a JSON 405 with ``Allow``, an unknown name a JSON 404, a bug a JSON
+    500, each in the same compact formatting."""
+    from fastapi.routing import APIRoute
+    from fastapi.testclient import TestClient
+    from starlette.routing import Mount, Route
+
+    from app.server.routes import api, dzi, jobs, pages
+    from app.server.tiles import TileRoute
+
+    fill = {"name": "nosuch", "associated": "nosuch", "job_id": "nosuch", "file": "nosuch.js"}
+    routes = [*client.app.routes, *(r for m in (api, dzi, jobs, pages) for r in m.router.routes)]
+    checked = 0
+    for route in routes:
+        if isinstance(route, Mount):
+            path = route.path + "/nosuch.js"
+            assert _one_json_shape(client.get(path))["error"] == "not_found"
+        elif isinstance(route, APIRoute | Route):
+            path = route.path.format(**fill)
+            if route.param_convertors:  # names nothing that exists: a 404 for every method
+                for method in route.methods - {"HEAD"}:
+                    r = client.request(method, path)
+                    assert r.status_code == 404, (method, path, r.status_code)
+                    _one_json_shape(r)
+        elif isinstance(route, TileRoute):
+            path = "/storage/boxes_files/0/0_0.jpeg"
+        else:  # an included router: its routes are in the list
+            continue
+        r = client.put(path)
+        assert r.status_code == 405 and r.headers["allow"], path
+        assert _one_json_shape(r)["error"] == "method_not_allowed"
+        checked += 1
+    assert checked >= 25
+    assert _one_json_shape(client.get("/no/such/route"))["error"] == "not_found"
+
+    def broken(name: str) -> str:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(pages, "template", broken)
+    r = TestClient(client.app, raise_server_exceptions=False).get("/slide/boxes.html")
+    assert r.status_code == 500
+    assert _one_json_shape(r) == {"error": "internal_error", "detail": "internal error"}
+
+
+@pytest.mark.parametrize("url", [
+    "/storage/boxes_files/9/0_0.jpeg/", "/image_files/0/0_0.jpeg/", "/storage/boxes.dzi/",
+    "/image.dzi/", "/storage/boxes/associated/label.dzi/", "/api/images/",
+    "/api/slides/boxes/", "/slide/boxes.html/"])
+def test_a_trailing_slash_is_a_json_404_not_a_redirect(client, url):
+    r = client.get(url, follow_redirects=False)
+    assert r.status_code == 404, r.headers.get("location")
+    assert _one_json_shape(r)["error"] == "not_found"

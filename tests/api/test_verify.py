@@ -118,6 +118,29 @@ def test_verify_fails_on_an_unreadable_slide(fixtures, tmp_path, capsys, monkeyp
     assert failures[0]["status"] == 500 and "Bogus marker length" in failures[0]["problem"]
 
 
+def test_verify_under_privacy_hash_names_and_withheld_fingerprints(fixtures, tmp_path, capsys,
+                                                                   monkeypatch):
+    """Verify finds the slides by their hash names (derived from the files, the same here as on
+    the server) and, with the fingerprints withheld, compares the pyramid and the tiles."""
+    import shutil
+
+    from app.core.slides import opaque_slide_name
+
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    slide = shutil.copy(fixtures / "small.svs", folder / "Smith.svs")
+    code, report, out = run_cli(
+        [f"SlideDirectory={folder}", "Privacy:SlideNames=hash",
+         "Privacy:HideProperties=openslide.quickhash-1", "Integrity:ContentSha256=true",
+         f"TileCachePath={tmp_path / 'c'}", "--sample", "2"], tmp_path, capsys)
+    assert code == 0, out
+    [checked] = report["slides"]
+    assert checked["name"] == opaque_slide_name(slide) and checked["passed"]
+    assert checked["server_quickhash"] is None and checked["sha256"] is None
+    assert checked["identity_check"].startswith("none: the server's Privacy settings")
+
+
 def test_verify_usage_errors(fixtures, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     base = ["Images:0:Name=boxes", f"Images:0:Path={fixtures / 'boxes.tiff'}",

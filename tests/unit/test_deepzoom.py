@@ -38,3 +38,26 @@ def test_tile_coordinates_equal_deepzoom_generator(slides, geometry):
                         (path.name, level, col, row)
                     checked += 1
     assert checked > 100
+
+
+def test_an_image_slide_renders_correctly_from_many_threads(fixtures):
+    """A PNG slide (openslide's ImageSlide: one PIL image) read by the render threads at
+    once: every tile is get_tile's (Pillow's lazy load is not thread-safe)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+    import openslide
+    from openslide.deepzoom import DeepZoomGenerator
+
+    from app.core.pyramid import SlidePyramid
+
+    reference = DeepZoomGenerator(openslide.open_slide(fixtures / "boxes.png"), 64, 1, True)
+    for _ in range(5):  # a fresh, unloaded image each round
+        pyramid = SlidePyramid(openslide.open_slide(fixtures / "boxes.png"), 64, 1, True)
+        top = pyramid.level_count - 1
+        cols, rows = pyramid.level_tiles[top]
+        addresses = [(c, r) for c in range(cols) for r in range(rows)] * 3
+        with ThreadPoolExecutor(8) as pool:
+            tiles = list(pool.map(lambda a: pyramid.render(top, *a), addresses))
+        for (col, row), tile in zip(addresses, tiles, strict=True):
+            assert np.array_equal(np.asarray(tile), np.asarray(reference.get_tile(top, (col, row))))

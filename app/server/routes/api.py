@@ -68,12 +68,13 @@ def describe_slide(planner: TilePlanner, privacy: Privacy, settings: Settings,
                    handle: OpenSlide) -> dict[str, Any]:
     """The ``/api/slides/{name}`` document: slide facts and, per DZI level, the policy.
 
-    Properties ``Privacy.HideProperties`` withholds are absent, and so are the facts read from
-    them (vendor, mpp, quickhash); withheld associated images are not listed.
+    Properties ``Privacy`` withholds are absent or redacted (:mod:`app.core.privacy`), and so
+    are the facts read from them (vendor, mpp, quickhash); withheld associated images are not
+    listed.
     """
     pyramid = handle.pyramid
     slide = handle.slide
-    props = privacy.properties(slide.properties)
+    props = privacy.slide_properties(handle)
     mpp = handle.mpp() if all(p in props for p in (
         openslide.PROPERTY_NAME_MPP_X, openslide.PROPERTY_NAME_MPP_Y)) else None
     associated = describe_associated(planner, privacy, settings, handle)
@@ -108,13 +109,16 @@ async def images(registry: Registry, tiles: Tiles) -> list[dict[str, Any]]:
 
     A slide that cannot be opened is listed with its ``error`` (and ``errorCode``) instead of
     its dimensions; a slide whose file is gone is not listed. Cache figures come from the
-    cache index (current variants only).
+    cache index (current variants only). ``file`` is the slide's file name, null under
+    ``Privacy.SlideNames: hash``.
     """
     usage = await tiles.usage()
+    hide_file = registry.privacy.hide_file_names
     out = []
     for name in registry.names:
         use = usage.get(name, SlideCacheUse())
-        item: dict[str, Any] = {"name": name, "file": registry.entry(name).path.name,
+        item: dict[str, Any] = {"name": name,
+                                "file": None if hide_file else registry.entry(name).path.name,
                                 **_sizes(use.tiles, use.bytes)}
         try:
             handle = await registry.get(name)
@@ -141,17 +145,21 @@ async def slide(name: str, registry: Registry, planner: Planner, privacy: Privac
     """Dimensions, mpp, vendor, DZI levels with dimensions, tile counts and served format.
 
     ``sha256`` is the whole file's SHA-256 with ``Integrity.ContentSha256`` once computed
-    (null while it is being computed, and when the setting is off).
+    (null while it is being computed, when the setting is off, and when ``Privacy`` withholds
+    ``openslide.quickhash-1``).
     """
     handle = await registry.get(name)
     doc = describe_slide(planner, privacy, settings, handle)
-    doc["sha256"] = await content_sha256(content, handle)
+    doc["sha256"] = await content_sha256(content, privacy, handle)
     return doc
 
 
-async def content_sha256(content: ContentHasher | None, handle: OpenSlide) -> str | None:
-    """The slide file's SHA-256 when ``Integrity.ContentSha256`` has computed it, else None."""
-    if content is None:
+async def content_sha256(content: ContentHasher | None, privacy: Privacy,
+                         handle: OpenSlide) -> str | None:
+    """The slide file's SHA-256 when ``Integrity.ContentSha256`` has computed it and
+    ``Privacy`` shows fingerprints (:attr:`~app.core.privacy.Privacy.shows_fingerprints`), else
+    None (and then nothing is hashed)."""
+    if content is None or not privacy.shows_fingerprints:
         return None
     size, mtime_ns, _inode = handle.signature
     return await anyio.to_thread.run_sync(content.sha256, handle.entry, size, mtime_ns)
@@ -192,7 +200,7 @@ async def policy(name: str, registry: Registry, planner: Planner, privacy: Priva
     """
     handle = await registry.get(name)
     doc = slide_policy(planner, privacy, settings, handle)
-    return doc.model_copy(update={"sha256": await content_sha256(content, handle)})
+    return doc.model_copy(update={"sha256": await content_sha256(content, privacy, handle)})
 
 
 @router.get("/tiles/stats", summary="Disk cache totals")

@@ -9,44 +9,40 @@ from fastapi import APIRouter, Response
 
 from app.core.pyramid import ImageSource
 from app.core.slides import SINGLE_SLIDE_NAME
-from app.server.dependencies import AppSettings, Planner, Registry
+from app.server.dependencies import Planner, Registry
 
 router = APIRouter(tags=["deepzoom"])
 
 
-def _dzi(source: ImageSource, planner: Planner, settings: AppSettings) -> Response:
-    xml = source.pyramid.dzi(planner.declared.value)
-    return Response(xml, media_type="application/xml", headers={
-        "Access-Control-Allow-Origin": settings.Server.AccessControlAllowOrigin,
-    })
+def _dzi(source: ImageSource, planner: Planner) -> Response:
+    return Response(source.pyramid.dzi(planner.declared.value), media_type="application/xml")
 
 
 @router.get("/image.dzi", summary="DZI of the single slide")
-async def single_dzi(registry: Registry, planner: Planner, settings: AppSettings) -> Response:
+async def single_dzi(registry: Registry, planner: Planner) -> Response:
     """The DZI XML of the ``Image.Path`` slide (``DeepZoomGenerator.get_dzi``)."""
-    return _dzi((await registry.get(SINGLE_SLIDE_NAME)).source, planner, settings)
+    return _dzi((await registry.get(SINGLE_SLIDE_NAME)).source, planner)
 
 
 @router.get("/storage/{name}.dzi", summary="DZI of a slide")
-async def multi_dzi(name: str, registry: Registry, planner: Planner,
-                    settings: AppSettings) -> Response:
+async def multi_dzi(name: str, registry: Registry, planner: Planner) -> Response:
     """The DZI XML of slide ``name`` (``DeepZoomGenerator.get_dzi``)."""
-    return _dzi((await registry.get(name)).source, planner, settings)
+    return _dzi((await registry.get(name)).source, planner)
 
 
 @router.get("/storage/{name}/associated/{associated}.dzi",
             summary="DZI of an associated image of a slide")
 async def multi_associated_dzi(name: str, associated: str, registry: Registry,
-                               planner: Planner, settings: AppSettings) -> Response:
+                               planner: Planner) -> Response:
     """The DZI XML of associated image ``associated`` (label, macro, ...) of slide ``name``."""
     handle = await registry.get(name)
-    return _dzi(await registry.associated(handle, associated), planner, settings)
+    return _dzi(await registry.associated(handle, associated), planner)
 
 
 @router.get("/image/associated/{associated}.dzi",
             summary="DZI of an associated image of the single slide")
-async def single_associated_dzi(associated: str, registry: Registry, planner: Planner,
-                                settings: AppSettings) -> Response:
+async def single_associated_dzi(associated: str, registry: Registry,
+                                planner: Planner) -> Response:
     """The DZI XML of an associated image of the ``Image.Path`` slide."""
     handle = await registry.get(SINGLE_SLIDE_NAME)
-    return _dzi(await registry.associated(handle, associated), planner, settings)
+    return _dzi(await registry.associated(handle, associated), planner)

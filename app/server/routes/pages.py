@@ -11,6 +11,7 @@ from fastapi.responses import HTMLResponse
 from app.assets import template
 from app.core.slides import SINGLE_SLIDE_NAME
 from app.server.dependencies import Registry
+from app.server.errors import error_response
 from app.server.urls import dzi_url, viewer_url
 
 router = APIRouter(tags=["pages"])
@@ -38,9 +39,12 @@ async def index(registry: Registry) -> HTMLResponse:
     names = registry.names
     if names == [SINGLE_SLIDE_NAME]:
         return HTMLResponse(viewer_page(SINGLE_SLIDE_NAME, ""))
+    hide_file = registry.privacy.hide_file_names  # Privacy.SlideNames: hash
     rows = "\n".join(
         f'<li><a href="{html.escape(viewer_url(n), quote=True)}">{html.escape(n)}</a>'
-        f'<span class="file">{html.escape(registry.entry(n).path.name)}</span></li>'
+        + ("" if hide_file else
+           f'<span class="file">{html.escape(registry.entry(n).path.name)}</span>')
+        + "</li>"
         for n in names
     )
     return HTMLResponse(template("index.html").replace("{{ROWS}}", rows))
@@ -68,7 +72,7 @@ async def static(file: str) -> Response:
     """``viewer.js`` and ``viewer.css``."""
     media = {"viewer.js": "text/javascript", "viewer.css": "text/css"}.get(file)
     if media is None:
-        return Response(status_code=404)
+        return error_response(404, "not_found", "Not Found")
     return Response(template(file), media_type=media,
                     headers={"Cache-Control": "no-cache"})
 
