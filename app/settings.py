@@ -228,7 +228,7 @@ class ServerSettings(Section):
     MaxQueuedRenders: int = Field(
         0, ge=0, le=100_000, description="Tile loads (disk read or render) a process queues at "
         "most; beyond, a tile that is in no cache answers 503 with Retry-After at once. "
-        "0: 16 per render thread.")
+        "0: 4 per render thread.")
 
 
 class PrivacySettings(Section):

@@ -53,6 +53,7 @@ class Scenario:
     title: str
     server: str  # "ours" | "baseline" | "iipsrv"
     kind: str  # "cold" | "warm" | "uncached" (cycling over tiles with every cache off)
+    #            | "overload" (bench/overload.py)
     fmt: str  # what the URL asks for: "jpeg" | "lossless" | "png"
     expect_type: str  # the Content-Type every tile response must have
     settings: dict[str, Any] | None = None  # appsettings of ours beside Images/TileCachePath
@@ -79,6 +80,10 @@ SCENARIOS: dict[str, Scenario] = {s.key: s for s in (
              "jpeg", "image/jpeg", {**UNCACHED, "TileFormat": {"Passthrough": False}},
              "rendered"),
     Scenario("iipsrv", "uncached JPEG, aligned", "iipsrv", "uncached", "jpeg", "image/jpeg"),
+    Scenario("warm-no-metrics", "warm cache hits, metrics off", "ours", "warm", "jpeg",
+             "image/jpeg", {"Metrics": {"Enabled": False}}),
+    Scenario("overload", "2,000 connections of cold JPEG", "ours", "overload", "jpeg",
+             "image/jpeg"),
 )}
 GROUPS: dict[str, list[str]] = {
     "all": list(SCENARIOS),
@@ -90,6 +95,8 @@ GROUPS: dict[str, list[str]] = {
     "png": ["cold-lossless", "baseline-png"],
     "lossless": ["cold-lossless", "baseline-png"],
     "passthrough": ["aligned-original", "aligned-rendered", "iipsrv"],
+    "metrics": ["warm", "warm-no-metrics"],
+    "overload": ["overload", "warm"],
 }
 
 
@@ -178,7 +185,9 @@ def run_ours_warm(scenario: Scenario, setup: Setup, seconds: int) -> Result:
     audit_path = Path(tempfile.mkdtemp(prefix=f"audit-{scenario.key}-", dir=setup.workdir),
                       "tiles.jsonl")
     audited = scenario.key == "warm-audit"
-    extra = {"Audit": {"Enabled": True, "Path": str(audit_path)}} if audited else None
+    extra = dict(scenario.settings or {})
+    if audited:
+        extra["Audit"] = {"Enabled": True, "Path": str(audit_path)}
     with ours_server(scenario, setup, extra) as server:
         doc = slide_doc(server)
         geo = geometry_from_api(doc)
@@ -310,6 +319,10 @@ def run_scenario(scenario: Scenario, setup: Setup, seconds: int,
         return run_baseline(scenario, setup, seconds, base_geo)
     if scenario.kind == "warm":
         return run_ours_warm(scenario, setup, seconds)
+    if scenario.kind == "overload":
+        from bench.overload import run_ours_overload
+
+        return run_ours_overload(scenario, setup, seconds)
     return run_ours_cold(scenario, setup, seconds)
 
 
@@ -373,7 +386,8 @@ def run_rounds(keys: list[str], setup: Setup, repeat: int,
             base_geo = base_geo or geometry_from_openslide(setup.slide)
         os.sync()  # the last scenario's tile files are written back before this one
         result = run_scenario(scenario, setup, seconds, base_geo)
-        while result.wrk["exhausted"] and duration is None and seconds > 1:
+        while (result.wrk["exhausted"] and duration is None and seconds > 1
+               and scenario.kind != "overload"):
             # a faster machine than the defaults were chosen for: shorter runs
             first, seconds = result, rerun_seconds(result)
             durations[key] = seconds

@@ -38,8 +38,9 @@ from app.settings import Settings
 
 log = logging.getLogger(__name__)
 
-QUEUED_PER_THREAD = 16
-"""``Server.MaxQueuedRenders`` 0: this many tile loads per render thread."""
+QUEUED_PER_THREAD = 4
+"""``Server.MaxQueuedRenders`` 0: this many tile loads per render thread (a few tens of
+milliseconds of rendering each, so an accepted tile waits well under a second)."""
 RETRY_AFTER_SECONDS = 1
 """``Retry-After`` of a shed request."""
 
@@ -274,9 +275,11 @@ class TileService:
 
     async def _shed(self, handle: OpenSlide, plan: TilePlan) -> Tile:
         """The render queue is full: the tile from the disk cache (an I/O thread, not a render
-        thread), else :class:`Overloaded` at once."""
-        cached = await anyio.to_thread.run_sync(self.disk.read, plan.key,
-                                                limiter=self.io_limiter)
+        thread, when one is free), else :class:`Overloaded` at once."""
+        cached = None
+        if self.io_limiter.available_tokens:
+            cached = await anyio.to_thread.run_sync(self.disk.read, plan.key,
+                                                    limiter=self.io_limiter)
         if cached is not None and not cached.corrupt:
             digest = digest_from_sha256(cached.sha256)
             self.memory.put(plan.key, cached.data, (digest, "rendered"))
