@@ -10,7 +10,7 @@
 FROM node:20-slim AS viewer
 WORKDIR /build
 COPY package.json package-lock.json ./
-RUN npm ci --no-audit --no-fund --ignore-scripts --loglevel=error \
+RUN npm ci --omit=peer --no-audit --no-fund --ignore-scripts --loglevel=error \
     && test -f node_modules/openseadragon/build/openseadragon/openseadragon.min.js \
     && test -d node_modules/openseadragon/build/openseadragon/images
 
@@ -42,6 +42,8 @@ WORKDIR /app
 COPY --from=build /opt/venv /opt/venv
 COPY --from=viewer /build/node_modules/openseadragon/build/openseadragon \
      /app/node_modules/openseadragon/build/openseadragon
+COPY --from=viewer /build/node_modules/swagger-ui-dist /app/node_modules/swagger-ui-dist
+COPY --from=viewer /build/node_modules/redoc/bundles /app/node_modules/redoc/bundles
 COPY appsettings.json /app/appsettings.json
 RUN mkdir -p /app/tile_cache /app/audit /data \
     && chown tileserver:tileserver /app/tile_cache /app/audit /data

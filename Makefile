@@ -17,7 +17,7 @@ $(BIN)/.installed: pyproject.toml requirements.lock
 	touch $@
 
 node_modules/.installed: package.json package-lock.json
-	npm ci --no-audit --no-fund --loglevel=error
+	npm ci --omit=peer --no-audit --no-fund --loglevel=error
 	touch $@
 
 install: $(BIN)/.installed node_modules/.installed

@@ -77,6 +77,17 @@ def _parser() -> argparse.ArgumentParser:
     verify.add_argument("--json", metavar="FILE", help="write the JSON report (- for stdout)")
     verify.add_argument("--config", metavar="FILE", help="JSON settings, as for serve")
 
+    audit = commands.add_parser("audit", help="check the audit log")
+    audit_commands = audit.add_subparsers(dest="audit_command", required=True)
+    chain = audit_commands.add_parser(
+        "verify", help="check the audit log's SHA-256 hash chain",
+        description="Check that every line's prev is the SHA-256 of the line before, over the "
+        "files given (a log path stands for its rotated files too, oldest first). Exit status "
+        "0 when the chain holds (the head hash is printed: keep it elsewhere to pin the last "
+        "line), 1 at the first line that breaks it (a line changed, removed or inserted), 2 "
+        "when a file cannot be read.")
+    chain.add_argument("items", nargs="+", metavar="PATH", help="audit log files")
+
     from app.batch.cli import add_commands
 
     add_commands(commands)
@@ -181,18 +192,43 @@ def serve(args: argparse.Namespace) -> int:
     from app.server.app import SETTINGS_ENV
 
     os.environ[SETTINGS_ENV] = settings.model_dump_json()
-    from app.server.http import HTTP_PROTOCOL
+    from app.server.guard import Limits, guarded
+    from app.server.http import HTTP_PROTOCOL_CLASS
 
+    server = settings.Server
+    raise_open_files_limit(server.MaxConnections)
     log.info("open %s in a browser", browser_url(args.host, args.port))
     try:
+        # proxy_headers off: only ForwardedHeaders (app.server.proxy) decides whom to believe
         uvicorn.run("app.server.app:create_app_from_env", factory=True, host=args.host,
                     port=args.port, workers=args.workers, log_level=args.log_level,
-                    access_log=False, timeout_graceful_shutdown=5, http=HTTP_PROTOCOL,
-                    log_config=log_config(args.log_level, settings.Logging.Format))
+                    access_log=False, timeout_graceful_shutdown=5,
+                    log_config=log_config(args.log_level, settings.Logging.Format),
+                    http=guarded(HTTP_PROTOCOL_CLASS, Limits(
+                        server.MaxRequestHeadBytes, server.HeaderTimeoutSeconds,
+                        server.MaxConnections)),
+                    proxy_headers=False, timeout_keep_alive=server.KeepAliveTimeoutSeconds)
     finally:
         if metrics_dir is not None:
             shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0
+
+
+def raise_open_files_limit(connections: int) -> None:
+    """Raise this process's (and its workers') open-file limit to what ``connections`` sockets
+    and the slides and cache files need, within the hard limit (a soft limit of 1024 would
+    otherwise refuse connections long before ``Server:MaxConnections``)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = connections + 1024
+    if hard != resource.RLIM_INFINITY:
+        want = min(want, hard)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    if want < connections + 64:
+        log.warning("open-file limit %d: fewer than Server:MaxConnections (%d) connections "
+                    "will be served", want, connections)
 
 
 def verify(args: argparse.Namespace) -> int:
@@ -226,6 +262,28 @@ def verify(args: argparse.Namespace) -> int:
     return 0 if report["passed"] else 1
 
 
+def audit_verify(paths: list[str]) -> int:
+    """``tileserver audit verify PATH...``: check the hash chain (:func:`verify_chain`).
+
+    Returns:
+        0 the chain holds, 1 a line breaks it, 2 a file cannot be read.
+    """
+    from app.server.audit import verify_chain
+
+    try:
+        report = verify_chain(paths)
+    except OSError as exc:
+        print(f"tileserver audit verify: {exc.filename}: {exc.strerror}", file=sys.stderr)
+        return 2
+    if report.broken is not None:
+        file, number, why = report.broken
+        print(f"audit chain BROKEN at {file}:{number}: {why}")
+        return 1
+    print(f"audit chain intact: {report.lines} line(s) in {len(report.files)} file(s); "
+          f"first prev {report.start}; head {report.head}")
+    return 0
+
+
 def _split_items(args: argparse.Namespace, extra: list[str]) -> list[str]:
     """Set ``args.settings`` (the ``Section:Key=value`` items) and ``args.words`` (the other
     positional arguments), wherever they stood; return what is left unrecognised."""
@@ -252,6 +310,8 @@ def main(argv: list[str] | None = None) -> int:
             return serve(args)
         if args.command == "verify":
             return verify(args)
+        if args.command == "audit":
+            return audit_verify(args.words)
         if args.command in ("pregenerate", "export"):
             from app.batch.cli import run_command
 

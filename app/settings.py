@@ -29,6 +29,7 @@ EnableDiskCache, TileFormat}``) and MultiSlideServer (top-level ``TileCachePath`
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import json
 import os
 from collections.abc import Iterable, Iterator, Mapping
@@ -46,7 +47,7 @@ from app.core.names import name_problem
 
 ENVIRONMENT_VARIABLE = "TILESERVER_ENVIRONMENT"
 
-HOST_SECTIONS = ("AllowedHosts", "Kestrel", "ConnectionStrings")
+HOST_SECTIONS = ("Kestrel", "ConnectionStrings")
 """Top-level sections of ASP.NET appsettings files that configure the host, not the tile server:
 accepted from every source, their content not validated. A section the server comes to honour
 becomes a field of :class:`Settings` and leaves this tuple."""
@@ -211,7 +212,8 @@ class ImageEntry(Section):
 
 
 class ServerSettings(Section):
-    """``Server``: HTTP headers, concurrency and memory bounds of the serving process."""
+    """``Server``: HTTP headers, concurrency, connection and memory bounds of the serving
+    process (the connection bounds apply to ``tileserver serve``, see app.server.guard)."""
 
     CacheControl: str = "public, max-age=86400"
     AccessControlAllowOrigin: str = Field(
@@ -229,6 +231,18 @@ class ServerSettings(Section):
         0, ge=0, le=100_000, description="Tile loads (disk read or render) a process queues at "
         "most; beyond, a tile that is in no cache answers 503 with Retry-After at once. "
         "0: 4 per render thread.")
+    MaxRequestHeadBytes: int = Field(
+        16384, ge=1024, le=1 << 20, description="Request line and headers larger than this "
+        "get 431 before more of them is read.")
+    HeaderTimeoutSeconds: float = Field(
+        60.0, gt=0, description="A connection that has not sent a whole request head this "
+        "long after it opened or began the head is closed (nginx client_header_timeout).")
+    KeepAliveTimeoutSeconds: int = Field(
+        75, ge=1, description="An idle keep-alive connection is closed after this "
+        "(nginx keepalive_timeout).")
+    MaxConnections: int = Field(
+        4096, ge=1, description="Open connections per process; at the cap a new connection "
+        "replaces the oldest one that has not sent a whole request head, else it gets 503.")
 
 
 class PrivacySettings(Section):
@@ -259,7 +273,8 @@ class PrivacySettings(Section):
 
 
 class AuditSettings(Section):
-    """``Audit``: the JSON-lines audit log of tile requests (see app.server.audit)."""
+    """``Audit``: the JSON-lines audit log of tile requests and admin actions, a SHA-256 hash
+    chain (see app.server.audit)."""
 
     Enabled: bool = False
     Path: str = Field("./audit/tiles.jsonl", min_length=1,
@@ -267,6 +282,166 @@ class AuditSettings(Section):
     MaxBytes: int = Field(100 * 1024 * 1024, ge=0,
                           description="Rotate when the file reaches this size; 0 never rotates.")
     BackupCount: int = Field(10, ge=0, le=10000, description="Rotated files kept.")
+    RetentionDays: float = Field(
+        0, ge=0, description="A rotated file younger than this is never deleted, even beyond "
+        "BackupCount (0: BackupCount alone decides).")
+    FailClosed: bool | None = Field(
+        None, description="Answer 503 instead of serving a tile whose line cannot be queued "
+        "(queue full, log not writable); null: true when Auth:Mode is not none.")
+    QueueLines: int = Field(65536, ge=16, description="Lines queued in memory at most, per "
+                            "process; beyond it lines are refused (fail closed) or dropped "
+                            "and counted.")
+    MaxFieldChars: int = Field(256, ge=16, le=65536, description="Request-supplied fields "
+                               "(path, Accept, subject, ...) are cut to this length; the line "
+                               "names the fields cut.")
+
+
+class ApiKeyEntry(Section):
+    """One item of ``Auth:AdminApiKeys``: an admin key, by its SHA-256 or where to read it."""
+
+    Id: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$",
+                    description="Names the key in the audit log (apikey:<Id>).")
+    Sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{64}$",
+                               description="Hex SHA-256 of the key.")
+    File: str | None = Field(None, description="A file holding the key (one line).")
+    Environment: str | None = Field(None, description="An environment variable holding "
+                                    "the key.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ApiKeyEntry:
+        if sum(x is not None for x in (self.Sha256, self.File, self.Environment)) != 1:
+            raise ValueError(f"API key {self.Id!r}: give exactly one of Sha256, File, "
+                             "Environment (a key itself is never written in settings)")
+        return self
+
+
+class JwtSettings(Section):
+    """``Auth:Jwt``: OIDC bearer tokens (see app.server.credentials)."""
+
+    JwksUrl: str | None = Field(None, description="The provider's JWKS URL (fetched, cached, "
+                                "fetched again for an unknown kid).")
+    JwksFile: str | None = Field(None, description="A JWKS file, instead of JwksUrl.")
+    Issuer: str | None = Field(None, description="Required iss.")
+    Audience: str | None = Field(None, description="Required aud.")
+    Algorithms: list[str] = Field(default_factory=lambda: ["RS256", "PS256", "ES256"],
+                                  description="Accepted asymmetric algorithms.")
+    ClockSkewSeconds: int = Field(60, ge=0, le=3600, description="Leeway on exp and nbf.")
+    RolesClaim: str = Field("roles", description="Claim (dotted path) listing the roles: "
+                            "viewer, admin.")
+    SlidesClaim: str = Field("slides", description="Claim (dotted path) listing slide name "
+                             "patterns the subject may see.")
+    SlideGrants: dict[str, list[str]] = Field(
+        default_factory=dict, description="Slide name patterns per subject (sub) or role.")
+    JwksRefreshSeconds: int = Field(300, ge=10, description="How long a fetched JWKS is used.")
+    TokenCacheSize: int = Field(10000, ge=0, description="Verified tokens kept (until their "
+                                "exp) so a token is checked once, not per tile.")
+
+    @field_validator("SlideGrants", mode="before")
+    @classmethod
+    def _grant_lists(cls, value: Any) -> Any:
+        if isinstance(value, Mapping):  # files and the environment give lists as index dicts
+            return {k: _indexed_to_list(v) for k, v in value.items()}
+        return value
+
+    @field_validator("Algorithms")
+    @classmethod
+    def _asymmetric(cls, value: list[str]) -> list[str]:
+        allowed = {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384",
+                   "ES512", "EdDSA"}
+        bad = [a for a in value if a not in allowed]
+        if bad or not value:
+            names = ", ".join(sorted(allowed))
+            raise ValueError(f"{bad or value}: only asymmetric algorithms ({names}) are "
+                             "accepted: none and HS* would let a public key sign tokens")
+        return value
+
+
+class SignedUrlSettings(Section):
+    """``Auth:SignedUrls``: HMAC-SHA256 URLs that grant one slide until an expiry."""
+
+    KeyFile: str | None = Field(None, description="A file holding the HMAC key (>= 32 bytes).")
+    KeyEnvironment: str | None = Field(None, description="An environment variable holding "
+                                       "the HMAC key, instead of KeyFile.")
+    DefaultSeconds: int = Field(3600, ge=1, description="Lifetime of a signed URL.")
+    MaxSeconds: int = Field(86400, ge=1, description="Longest lifetime a caller may ask for.")
+
+
+AUTH_MODES = ("none", "apikey", "jwt")
+
+
+class AuthSettings(Section):
+    """``Auth``: who may call (see app.server.auth and docs/deploy.md)."""
+
+    Mode: str = Field("none", description="none (loopback clients are admins), or apikey, "
+                      "jwt, or both: apikey,jwt.")
+    AdminApiKeys: list[ApiKeyEntry] = Field(default_factory=list)
+    Jwt: JwtSettings = Field(default_factory=JwtSettings)
+    SignedUrls: SignedUrlSettings = Field(default_factory=SignedUrlSettings)
+
+    @field_validator("Mode", mode="before")
+    @classmethod
+    def _mode(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            value = ",".join(map(str, value))
+        if not isinstance(value, str):
+            return value
+        modes = [m.strip().lower() for m in value.split(",") if m.strip()]
+        bad = [m for m in modes if m not in AUTH_MODES]
+        if bad or not modes or ("none" in modes and len(modes) > 1):
+            raise ValueError(f"{value!r}: none, or apikey, jwt or apikey,jwt")
+        return ",".join(sorted(set(modes)))
+
+    @property
+    def modes(self) -> frozenset[str]:
+        """The methods on: empty for ``none``."""
+        return frozenset(self.Mode.split(",")) - {"none"}
+
+    @model_validator(mode="after")
+    def _complete(self) -> AuthSettings:
+        if "jwt" in self.modes:
+            jwt = self.Jwt
+            if (jwt.JwksUrl is None) == (jwt.JwksFile is None):
+                raise ValueError("Auth:Mode jwt needs one of Auth:Jwt:JwksUrl, JwksFile")
+            if not jwt.Issuer or not jwt.Audience:
+                raise ValueError("Auth:Mode jwt needs Auth:Jwt:Issuer and Auth:Jwt:Audience")
+        if "apikey" in self.modes and not self.AdminApiKeys:
+            raise ValueError("Auth:Mode apikey needs at least one Auth:AdminApiKeys item")
+        if self.SignedUrls.KeyFile and self.SignedUrls.KeyEnvironment:
+            raise ValueError("Auth:SignedUrls: KeyFile or KeyEnvironment, not both")
+        return self
+
+
+class ForwardedHeadersSettings(Section):
+    """``ForwardedHeaders``: whose X-Forwarded-For/-Proto/-Prefix are believed (see
+    app.server.proxy). Unlike ASP.NET, loopback is not trusted unless listed."""
+
+    KnownProxies: list[str] = Field(default_factory=list,
+                                    description="Proxy addresses, e.g. 127.0.0.1.")
+    KnownNetworks: list[str] = Field(default_factory=list,
+                                     description="Proxy networks, e.g. 10.0.0.0/8.")
+    ForwardLimit: int = Field(1, ge=1, le=16, description="X-Forwarded-For entries taken, "
+                              "right to left, while each hop is a known proxy.")
+
+    @field_validator("KnownProxies", "KnownNetworks", mode="before")
+    @classmethod
+    def _split(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [p.strip() for p in value.replace(";", ",").split(",") if p.strip()]
+        return value
+
+    @field_validator("KnownProxies")
+    @classmethod
+    def _addresses(cls, value: list[str]) -> list[str]:
+        for item in value:
+            ipaddress.ip_address(item)
+        return value
+
+    @field_validator("KnownNetworks")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        for item in value:
+            ipaddress.ip_network(item, strict=False)
+        return value
 
 
 class IntegritySettings(Section):
@@ -366,6 +541,20 @@ class Settings(BaseModel):
             raise ValueError(f"TileCacheLowWatermark ({self.TileCacheLowWatermark}) must be "
                              f"below TileCacheHighWatermark ({self.TileCacheHighWatermark})")
         return self
+    Auth: AuthSettings = Field(default_factory=AuthSettings)
+    AllowedHosts: str = Field("*", description="Host names served, ;-separated (ASP.NET's "
+                              "format: *, example.org, *.example.org); others get 400.")
+    ForwardedHeaders: ForwardedHeadersSettings = Field(
+        default_factory=ForwardedHeadersSettings)
+    PathBase: str = Field("", pattern=r"^(/[^/?#\s]+)*$", description="Serve the app under "
+                          "this sub-path, e.g. /wsi (X-Forwarded-Prefix from a known proxy "
+                          "does the same per request).")
+
+    @property
+    def audit_fail_closed(self) -> bool:
+        """``Audit:FailClosed``, with null resolved: true when authentication is on."""
+        closed = self.Audit.FailClosed
+        return bool(self.Auth.modes) if closed is None else closed
 
     @model_validator(mode="before")
     @classmethod

@@ -49,12 +49,13 @@ def wrk_binary() -> str:
 
 
 def run_wrk(base_url: str, paths: list[str], mode: str, seconds: int, workdir: Path,
-            tag: str, connections: int = CONNECTIONS,
+            tag: str, headers: dict[str, str] | None = None, connections: int = CONNECTIONS,
             threads: int = WRK_THREADS) -> dict[str, Any]:
     """Run ``wrk -t 2 -c 16 -d {seconds}s --latency -s bench/tiles.lua`` over ``paths``.
 
     Args:
         mode: ``once`` (each path at most once, disjoint slices per thread) or ``cycle``.
+        headers: sent with every request (``wrk -H``), e.g. a bearer token.
         connections, threads: wrk's ``-c`` and ``-t`` (the overload scenario's flood).
 
     Returns:
@@ -63,7 +64,9 @@ def run_wrk(base_url: str, paths: list[str], mode: str, seconds: int, workdir: P
     urls = workdir / f"urls-{tag}.txt"
     urls.write_text("\n".join(paths) + "\n")
     argv = [wrk_binary(), "-t", str(threads), "-c", str(connections), "-d", f"{seconds}s",
-            "--timeout", WRK_TIMEOUT, "--latency", "-s", str(LUA), base_url,
+            "--timeout", WRK_TIMEOUT, "--latency",
+            *[arg for k, v in (headers or {}).items() for arg in ("-H", f"{k}: {v}")],
+            "-s", str(LUA), base_url,
             "--", str(urls), mode, str(threads)]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 120)
@@ -219,22 +222,22 @@ class Result:
 
 
 def measure(server: ServerProcess, scenario: Scenario, paths: list[str], mode: str,
-            seconds: int, workdir: Path) -> Result:
+            seconds: int, workdir: Path, headers: dict[str, str] | None = None) -> Result:
     """wrk against a ready server (:func:`run_wrk`), with the CPU seconds of the server's
     process group and of the whole machine over the run, and the 1-minute load average
     before it."""
     load = round(os.getloadavg()[0], 2)
     cpu0, busy0 = server.cpu_seconds(), machine_busy_seconds()
-    out = run_wrk(server.base_url, paths, mode, seconds, workdir, scenario.key)
+    out = run_wrk(server.base_url, paths, mode, seconds, workdir, scenario.key, headers)
     cpu, busy = server.cpu_seconds() - cpu0, machine_busy_seconds() - busy0
     return Result(scenario, out, seconds, len(paths), cpu, busy, load,
                   server.base_url + paths[0])
 
 
-async def _fetch_all(base_url: str, paths: list[str],
-                     concurrency: int = 8) -> list[httpx.Response]:
+async def _fetch_all(base_url: str, paths: list[str], concurrency: int = 8,
+                     headers: dict[str, str] | None = None) -> list[httpx.Response]:
     limit = asyncio.Semaphore(concurrency)
-    async with httpx.AsyncClient(base_url=base_url, timeout=120) as client:
+    async with httpx.AsyncClient(base_url=base_url, timeout=120, headers=headers) as client:
         async def one(path: str) -> httpx.Response:
             async with limit:
                 response = await client.get(path)
@@ -244,10 +247,11 @@ async def _fetch_all(base_url: str, paths: list[str],
         return await asyncio.gather(*(one(p) for p in paths))
 
 
-def fetch_all(base_url: str, paths: list[str], concurrency: int = 8) -> list[httpx.Response]:
-    """GET every path (``concurrency`` at a time, 120 s timeout each); the responses in
-    order."""
-    return asyncio.run(_fetch_all(base_url, paths, concurrency))
+def fetch_all(base_url: str, paths: list[str], concurrency: int = 8,
+              headers: dict[str, str] | None = None) -> list[httpx.Response]:
+    """GET every path (``concurrency`` at a time, 120 s timeout each, with ``headers``); the
+    responses in order."""
+    return asyncio.run(_fetch_all(base_url, paths, concurrency, headers))
 
 
 def spread(items: list[Any], count: int = SIZE_SAMPLE) -> list[Any]:
@@ -257,10 +261,10 @@ def spread(items: list[Any], count: int = SIZE_SAMPLE) -> list[Any]:
     return [items[i * len(items) // count] for i in range(count)]
 
 
-def size_sample(server: ServerProcess, result: Result,
-                paths: list[str]) -> list[httpx.Response]:
+def size_sample(server: ServerProcess, result: Result, paths: list[str],
+                headers: dict[str, str] | None = None) -> list[httpx.Response]:
     """Fetch ``paths`` after the run; record their mean size; note failures and wrong types."""
-    responses = fetch_all(server.base_url, paths)
+    responses = fetch_all(server.base_url, paths, headers=headers)
     ok = [r for r in responses if r.status_code == 200]
     if len(ok) != len(responses):
         result.notes.append(f"size sample: {len(responses) - len(ok)} of {len(responses)} "

@@ -58,6 +58,7 @@ class Scenario:
     expect_type: str  # the Content-Type every tile response must have
     settings: dict[str, Any] | None = None  # appsettings of ours beside Images/TileCachePath
     source: str | None = None  # X-Tile-Source every sampled tile must have
+    auth: str | None = None  # "jwt" (a bearer token) or "signed" (signed URLs): Auth:Mode jwt
 
 
 # Aligned geometry (DZI grid = the slide's 240 px stored tiles), every response read from the
@@ -72,6 +73,10 @@ SCENARIOS: dict[str, Scenario] = {s.key: s for s in (
     Scenario("warm", "warm cache hits", "ours", "warm", "jpeg", "image/jpeg"),
     Scenario("warm-audit", "warm cache hits, audit log on", "ours", "warm", "jpeg",
              "image/jpeg"),
+    Scenario("warm-jwt", "warm cache hits, OIDC bearer token (Auth:Mode jwt)", "ours", "warm",
+             "jpeg", "image/jpeg", auth="jwt"),
+    Scenario("warm-signed", "warm cache hits, signed URLs (Auth:Mode jwt)", "ours", "warm",
+             "jpeg", "image/jpeg", auth="signed"),
     Scenario("baseline-jpeg", "cold JPEG", "baseline", "cold", "jpeg", "image/jpeg"),
     Scenario("baseline-png", "cold lossless (PNG)", "baseline", "cold", "png", "image/png"),
     Scenario("aligned-original", "uncached JPEG, aligned, passthrough", "ours", "uncached",
@@ -89,6 +94,7 @@ GROUPS: dict[str, list[str]] = {
     "all": list(SCENARIOS),
     "ours": ["cold-jpeg", "cold-lossless", "warm", "warm-audit"],
     "audit": ["warm", "warm-audit"],
+    "auth": ["warm", "warm-jwt", "warm-signed"],
     "baseline": ["baseline-jpeg", "baseline-png"],
     "cold": ["cold-jpeg", "cold-lossless", "baseline-jpeg", "baseline-png"],
     "jpeg": ["cold-jpeg", "baseline-jpeg"],
@@ -130,9 +136,10 @@ def parse_scenarios(text: str) -> list[str]:
     return [k for k in SCENARIOS if k in wanted]
 
 
-def slide_doc(server: ServerProcess) -> dict[str, Any]:
+def slide_doc(server: ServerProcess, headers: dict[str, str] | None = None) -> dict[str, Any]:
     """``GET /api/slides/bench`` (opens the slide): level count and tiles per level."""
-    response = httpx.get(f"{server.base_url}/api/slides/{SLIDE_NAME}", timeout=60)
+    response = httpx.get(f"{server.base_url}/api/slides/{SLIDE_NAME}", timeout=60,
+                         headers=headers)
     if response.status_code != 200:
         raise BenchError(f"{server.name}: /api/slides/{SLIDE_NAME} answered "
                          f"{response.status_code}: {response.text[:500]}\n{server.log_tail()}")
@@ -185,23 +192,36 @@ def run_ours_warm(scenario: Scenario, setup: Setup, seconds: int) -> Result:
     audit_path = Path(tempfile.mkdtemp(prefix=f"audit-{scenario.key}-", dir=setup.workdir),
                       "tiles.jsonl")
     audited = scenario.key == "warm-audit"
-    extra = dict(scenario.settings or {})
+    extra: dict[str, Any] | None = dict(scenario.settings or {})
     if audited:
-        extra["Audit"] = {"Enabled": True, "Path": str(audit_path)}
+        extra = {**(extra or {}), "Audit": {"Enabled": True, "Path": str(audit_path)}}
+    headers = None
+    if scenario.auth:
+        extra, headers = auth_credentials(setup.workdir)
     with ours_server(scenario, setup, extra) as server:
-        doc = slide_doc(server)
+        doc = slide_doc(server, headers)
         geo = geometry_from_api(doc)
         paths = [ours_path(lv, c, r, "jpeg") for lv, c, r in warm_tiles(geo)]
+        if scenario.auth == "signed":
+            signed = httpx.get(f"{server.base_url}/api/slides/{SLIDE_NAME}/token",
+                               headers=headers, timeout=30).json()
+            paths = [f"{p}{'&' if '?' in p else '?'}{signed['query']}" for p in paths]
+            headers = None  # the URL alone carries the grant
+        if scenario.auth:
+            denied = httpx.get(server.base_url + paths[0].split("?")[0], timeout=30)
+            if denied.status_code != 401:
+                raise BenchError(f"{scenario.key}: a tile without credentials answered "
+                                 f"{denied.status_code}, not 401")
         console.print(f"  pre-warming {len(paths)} tiles ...")
         t0 = time.monotonic()
-        responses = fetch_all(server.base_url, paths)
+        responses = fetch_all(server.base_url, paths, headers=headers)
         warm_s = time.monotonic() - t0
         bad = [r for r in responses if r.status_code != 200]
         if bad:
             raise BenchError(f"pre-warm: {len(bad)} of {len(paths)} tiles failed, e.g. "
                              f"{bad[0].status_code} {bad[0].url}")
-        result = measure(server, scenario, paths, "cycle", seconds, setup.workdir)
-        sample = size_sample(server, result, spread(paths))
+        result = measure(server, scenario, paths, "cycle", seconds, setup.workdir, headers)
+        sample = size_sample(server, result, spread(paths), headers)
         hits = sum(r.headers.get("x-tile-cache") == "hit" for r in sample)
     levels = sorted({lv for lv, _, _ in warm_tiles(geo)}, reverse=True)
     result.extra.update({
@@ -218,6 +238,27 @@ def run_ours_warm(scenario: Scenario, setup: Setup, seconds: int) -> Result:
         check_audit_log(result, audit_path, prewarm=len(paths), sample=len(sample))
     result.check()
     return result
+
+
+def auth_credentials(workdir: Path) -> tuple[dict[str, Any], dict[str, str]]:
+    """Settings of ``Auth:Mode jwt`` (a JWKS file of a fresh RSA key, a signed-URL key file)
+    and the headers of a viewer's bearer token, valid for an hour, granting every slide."""
+    import jwt
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    folder = Path(tempfile.mkdtemp(prefix="auth-", dir=workdir))
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(key.public_key()))
+    (folder / "jwks.json").write_text(json.dumps({"keys": [{**jwk, "kid": "bench"}]}))
+    (folder / "url.key").write_text(os.urandom(32).hex())
+    now = int(time.time())
+    token = jwt.encode({"iss": "bench", "aud": "tileserver", "sub": "bench", "iat": now,
+                        "exp": now + 3600, "roles": ["viewer"], "slides": ["*"]},
+                       key, algorithm="RS256", headers={"kid": "bench"})
+    settings = {"Auth": {"Mode": "jwt", "Jwt": {
+        "JwksFile": str(folder / "jwks.json"), "Issuer": "bench", "Audience": "tileserver"},
+        "SignedUrls": {"KeyFile": str(folder / "url.key")}}}
+    return settings, {"Authorization": f"Bearer {token}"}
 
 
 def check_audit_log(result: Result, path: Path, prewarm: int, sample: int) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from app.settings import ENVIRONMENT_VARIABLE
-from app.tools.launch import ServerProcess, free_port, serve_argv, server_env
+from app.tools.launch import ServerProcess, free_port, nginx_config, serve_argv, server_env
 from bench import ROOT, BenchError
 from bench.slide import SLIDE_NAME
 
@@ -95,28 +95,13 @@ def iipsrv(slide: Path, workdir: Path, tag: str) -> ServerProcess:
     backends = [free_port() for _ in range(IIPSRV_PROCESSES)]
     prefix = Path(tempfile.mkdtemp(prefix=f"nginx-{tag}-", dir=workdir))  # one per run
     upstream = " ".join(f"server 127.0.0.1:{p};" for p in backends)
-    (prefix / "nginx.conf").write_text(f"""
-worker_processes 1;
-pid {prefix}/nginx.pid;
-error_log {prefix}/error.log;
-daemon off;
-events {{ worker_connections 1024; }}
-http {{
-  access_log off;
-  client_body_temp_path {prefix}; fastcgi_temp_path {prefix}; proxy_temp_path {prefix};
-  uwsgi_temp_path {prefix}; scgi_temp_path {prefix};
-  upstream iip {{ {upstream} }}
-  server {{
-    listen 127.0.0.1:{port};
-    location = /healthz {{ return 200 "ok"; }}
-    location /fcgi-bin/iipsrv.fcgi {{
+    conf = nginx_config(prefix, port, f"upstream iip {{ {upstream} }}", """
+    location = /healthz { return 200 "ok"; }
+    location /fcgi-bin/iipsrv.fcgi {
       fastcgi_pass iip; include /etc/nginx/fastcgi_params;
-    }}
-  }}
-}}
-""")
+    }""")
     script = " ".join(f"{IIPSRV} --bind 127.0.0.1:{p} &" for p in backends)
-    script += f" exec {nginx} -p {prefix} -c {prefix}/nginx.conf"
+    script += f" exec {nginx} -p {prefix} -c {conf}"
     env = _env({"FILESYSTEM_PREFIX": f"{slide.parent}/", "JPEG_QUALITY": "90",
                 "MAX_IMAGE_CACHE_SIZE": "0", "VERBOSITY": "0"})
     return _server("iipsrv", ["sh", "-c", script], port, workdir, tag, env)

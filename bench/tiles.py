@@ -10,11 +10,14 @@ Scenarios (``--scenarios``, comma-separated keys or groups; default ``all``):
                    hold one line per request (pre-warm + wrk + size sample; see
                    ``bench.scenarios.check_audit_log`` for the requests in flight when wrk
                    stops)
+``warm-jwt``       the warm set with ``Auth:Mode jwt``: every request carries an OIDC bearer
+                   token (RS256, JWKS file), verified once and then cached
+``warm-signed``    the same with signed URLs (the token's query on every tile URL)
 ``baseline-jpeg``  openslide's ``deepzoom_server.py`` (Flask, gunicorn 2x4), ``.jpeg`` q90
 ``baseline-png``   the same baseline, ``.png``
 =================  =========================================================================
 
-Groups: ``all``, ``ours``, ``baseline``, ``cold``, ``jpeg``, ``png``.
+Groups: ``all``, ``ours``, ``baseline``, ``cold``, ``jpeg``, ``png``, ``audit``, ``auth``.
 
 Every scenario gets a fresh server process group on a free port (and, for ours, a fresh
 empty tile cache directory); ``wrk -t 2 -c 16`` runs ``bench/tiles.lua`` against it. Cold

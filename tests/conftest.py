@@ -75,7 +75,7 @@ def client_for(tmp_path) -> Iterator:
 
     def build(**sections) -> TestClient:
         sections.setdefault("TileCachePath", str(tmp_path / "cache"))
-        client = TestClient(create_app(settings_from(sections)))
+        client = local_client(create_app(settings_from(sections)))
         client.__enter__()
         clients.append(client)
         return client
@@ -83,6 +83,13 @@ def client_for(tmp_path) -> Iterator:
     yield build
     for client in clients:
         client.__exit__(None, None, None)
+
+
+def local_client(app, **kwargs) -> TestClient:
+    """A TestClient that counts as local (app.server.auth): a loopback client address and
+    Host, as a browser on the server's machine has; with ``Auth:Mode none`` it reaches the
+    admin routes."""
+    return TestClient(app, base_url="http://127.0.0.1", client=("127.0.0.1", 50000), **kwargs)
 
 
 def decode(data: bytes) -> np.ndarray:

@@ -16,10 +16,20 @@ def template(name: str) -> str:
     return (resources.files(__name__) / name).read_text(encoding="utf-8")
 
 
-def openseadragon_dir() -> Path | None:
-    """Where ``npm ci`` put OpenSeadragon's build: the working directory or the project root."""
+SWAGGER_UI_PARTS = ("node_modules", "swagger-ui-dist")
+REDOC_PARTS = ("node_modules", "redoc", "bundles")
+
+
+def npm_dir(parts: tuple[str, ...], marker: str) -> Path | None:
+    """Where ``npm ci`` put a package's folder ``parts`` (holding file ``marker``): under the
+    working directory or the project root; None when neither has it."""
     for base in (Path.cwd(), Path(__file__).resolve().parents[2]):
-        candidate = base.joinpath(*OPENSEADRAGON_PARTS)
-        if (candidate / "openseadragon.min.js").is_file():
+        candidate = base.joinpath(*parts)
+        if (candidate / marker).is_file():
             return candidate
     return None
+
+
+def openseadragon_dir() -> Path | None:
+    """Where ``npm ci`` put OpenSeadragon's build: the working directory or the project root."""
+    return npm_dir(OPENSEADRAGON_PARTS, "openseadragon.min.js")

@@ -6,6 +6,14 @@
  * ({api}/policy: per DZI level, format, lossless, slide level read), highlighting the
  * DeepZoom level that matches the current zoom.
  *
+ * Credentials (docs/deploy.md): a signed URL's query (grant, exp, sub, sig) in the page's own
+ * URL is added to every URL the page requests (OpenSeadragon then copies the DZI's query onto
+ * each tile URL); a bearer token handed over in the URL fragment (#access_token=..., which no
+ * server sees) is kept in this tab's sessionStorage, removed from the address bar and sent as
+ * Authorization: Bearer with every request: OpenSeadragon's ajaxHeaders with
+ * loadTilesWithAjax, and fetch for the JSON and the associated images' previews.
+ * <body data-base> is the path the server is served under (a proxy's sub-path).
+ *
  * Exposed for tests and debugging:
  *   window.viewer     the OpenSeadragon viewer
  *   window.tileStats  {loaded, failed} counted from tile-loaded / tile-load-failed
@@ -19,6 +27,41 @@
   var body = document.body;
   var dziUrl = body.getAttribute('data-dzi-url') || '';
   var apiUrl = body.getAttribute('data-api-url') || '';
+  var base = body.getAttribute('data-base') || '';
+
+  // ---------------------------------------------------------------- credentials
+
+  var TOKEN_KEY = 'tileserver.token';
+  var SIGNED_PARAMS = ['grant', 'exp', 'sub', 'sig'];
+  var token = null;
+  var handed = /(?:^#|&)access_token=([^&]+)/.exec(window.location.hash);
+  try {
+    if (handed) {
+      token = decodeURIComponent(handed[1]);
+      window.sessionStorage.setItem(TOKEN_KEY, token);
+      window.history.replaceState(null, '', window.location.pathname + window.location.search);
+    } else {
+      token = window.sessionStorage.getItem(TOKEN_KEY);
+    }
+  } catch (e) {
+    token = handed ? decodeURIComponent(handed[1]) : null;
+  }
+  var pageQuery = new URLSearchParams(window.location.search);
+  var signedQuery = SIGNED_PARAMS.every(function (k) { return pageQuery.has(k); })
+    ? SIGNED_PARAMS.map(function (k) {
+      return k + '=' + encodeURIComponent(pageQuery.get(k));
+    }).join('&')
+    : '';
+  var authHeaders = token ? { Authorization: 'Bearer ' + token } : {};
+
+  // The URL with the page's signed-URL query added (unchanged without one).
+  function withCredentials(url) {
+    if (!signedQuery || !url) {
+      return url;
+    }
+    return url + (url.indexOf('?') < 0 ? '?' : '&') + signedQuery;
+  }
+  window.withCredentials = withCredentials;
 
   var legend = document.getElementById('legend');
   var legendBody = document.getElementById('legend-body');
@@ -38,6 +81,7 @@
 
   // Back link only in multi-slide mode (the server leaves {{INDEX_URL}} empty otherwise).
   if (indexLink && indexLink.getAttribute('href')) {
+    indexLink.setAttribute('href', withCredentials(indexLink.getAttribute('href')));
     indexLink.hidden = false;
   }
 
@@ -57,9 +101,12 @@
 
   var viewer = OpenSeadragon({
     id: 'viewer',
-    prefixUrl: '/static/openseadragon/images/',
-    tileSources: dziUrl,
+    prefixUrl: base + '/static/openseadragon/images/',
+    tileSources: withCredentials(dziUrl),
     crossOriginPolicy: 'Anonymous',
+    // A bearer token cannot ride on <img> requests: tiles are then fetched as XHRs.
+    loadTilesWithAjax: Boolean(token),
+    ajaxHeaders: authHeaders,
     // The 2D-canvas drawer behaves the same on every browser and GPU-less machine and
     // keeps the canvas readable (getImageData) for tests.
     drawer: 'canvas',
@@ -146,11 +193,11 @@
     list.textContent = '';
     items.forEach(function (item) {
       var link = el('a');
-      link.href = item.viewer_url;
+      link.href = withCredentials(item.viewer_url);
       link.title = item.name + ' (' + fmt(item.width) + ' \u00d7 ' + fmt(item.height) + ' px)';
       link.setAttribute('data-associated', item.name);
       var img = el('img');
-      img.src = item.preview_url;
+      setImage(img, withCredentials(item.preview_url));
       img.alt = item.name;
       img.loading = 'lazy';
       link.appendChild(img);
@@ -160,6 +207,24 @@
       list.appendChild(li);
     });
     section.hidden = items.length === 0;
+  }
+
+  // An <img> from a URL: directly, or with a bearer token as a fetched blob.
+  function setImage(img, url) {
+    if (!token) {
+      img.src = url;
+      return;
+    }
+    fetch(url, { headers: authHeaders }).then(function (response) {
+      if (!response.ok) {
+        throw new Error('HTTP ' + response.status);
+      }
+      return response.blob();
+    }).then(function (blob) {
+      img.src = URL.createObjectURL(blob);
+    }).catch(function () {
+      img.alt += ' (unavailable)';
+    });
   }
 
   // ---------------------------------------------------------------- legend
@@ -357,9 +422,14 @@
 
   if (!apiUrl) {
     renderLegendError('No slide info URL.');
+  } else if (body.getAttribute('data-sign-in') === 'required' && !token && !signedQuery) {
+    renderLegendError('Sign-in required: open this page with a signed URL or with ' +
+      '#access_token=<token> (HTTP 401).');
+    showViewerError('Sign-in required (HTTP 401).');
   } else {
     var getJson = function (url) {
-      return fetch(url, { headers: { Accept: 'application/json' } }).then(function (response) {
+      var headers = Object.assign({ Accept: 'application/json' }, authHeaders);
+      return fetch(withCredentials(url), { headers: headers }).then(function (response) {
         if (!response.ok) {
           throw new Error('HTTP ' + response.status);
         }

@@ -36,9 +36,18 @@ class BadTileRequest(TileServerError):
 
 
 class SlideNotFound(TileServerError):
-    """No slide of that name is configured (path-like names are never looked up on disk)."""
+    """No slide of that name is configured (path-like names are never looked up on disk).
+
+    Also what a caller gets for a slide its grants do not cover (:mod:`app.server.auth`), so
+    that a denied slide and a missing one read the same: build both with :meth:`named`.
+    """
 
     code = "slide_not_found"
+
+    @classmethod
+    def named(cls, name: str) -> SlideNotFound:
+        """The error of a slide name that is not configured (or not granted)."""
+        return cls(f"no slide named {name!r}", slide=None)
 
 
 class TileNotFound(TileServerError):
@@ -143,3 +152,41 @@ def describe_error(exc: BaseException, path: str | os.PathLike[str] | None = Non
             for name in {Path(variant).name for variant in variants}:
                 text = text.replace(name, label)
     return _ABSOLUTE_PATH.sub("", text)
+
+
+class NotAuthenticated(TileServerError):
+    """Credentials are missing or invalid (expired, wrong issuer or key, tampered signature).
+
+    ``challenge`` is the ``WWW-Authenticate`` value of the response (RFC 6750's form).
+    """
+
+    code = "unauthorized"
+
+    def __init__(self, detail: str, *, challenge: str):
+        super().__init__(detail)
+        self.challenge = challenge
+
+
+class AccessDenied(TileServerError):
+    """Valid credentials that do not grant what the request needs (a role, a same-origin
+    page for a change of state)."""
+
+    code = "forbidden"
+
+
+class HostNotAllowed(TileServerError):
+    """The ``Host`` header names a host ``AllowedHosts`` does not list."""
+
+    code = "bad_host"
+
+
+class AuditUnavailable(TileServerError):
+    """The audit log cannot take the request's line and ``Audit:FailClosed`` is on."""
+
+    code = "audit_unavailable"
+
+
+class SignedUrlsDisabled(TileServerError):
+    """A signed URL was asked for and ``Auth:SignedUrls`` has no key."""
+
+    code = "signed_urls_disabled"

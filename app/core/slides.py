@@ -268,7 +268,7 @@ class SlideRegistry:
         """
         entry = self.catalogue.get(name)
         if entry is None:
-            raise SlideNotFound(f"no slide named {name!r}", slide=None)
+            raise SlideNotFound.named(name)
         return entry
 
     def cached(self, name: str) -> OpenSlide | None:

@@ -6,7 +6,10 @@ the factory uvicorn workers call: the CLI passes them its validated settings as 
 ``TILESERVER_SETTINGS_JSON``.
 
 The router's first route is :class:`app.server.tiles.TileRoute`, the one entry path of every
-tile URL; the FastAPI routes (DZI descriptors, JSON API, jobs, pages) follow.
+tile URL; the FastAPI routes (DZI descriptors, JSON API, jobs, pages, the OpenAPI document and
+its Swagger UI and ReDoc pages) follow, each a :class:`app.server.auth.GuardedRoute` with its
+permission. Middleware, outermost first: :class:`app.server.proxy.ProxyLayer` (hosts, proxies,
+path base), :class:`app.server.auth.AuthLayer` (the principal), ``HeadAsGet``.
 """
 
 from __future__ import annotations
@@ -14,18 +17,22 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
 from anyio import CapacityLimiter
-from fastapi import FastAPI
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.openapi.utils import get_openapi
+from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.routing import iter_route_contexts
 from fastapi.staticfiles import StaticFiles
+from starlette.routing import BaseRoute, Mount
 
 from app import __version__
-from app.assets import openseadragon_dir
+from app.assets import REDOC_PARTS, SWAGGER_UI_PARTS, npm_dir, openseadragon_dir
 from app.batch.jobs import JobManager
 from app.cache.content import ContentHasher
 from app.cache.disk import open_disk_cache
@@ -39,10 +46,13 @@ from app.core.planner import TilePlanner
 from app.core.slides import SlideRegistry, build_catalogue
 from app.server import tiles
 from app.server.audit import AuditLog
-from app.server.dependencies import Services
+from app.server.auth import AuthLayer, GuardedRoute, Permission, require
+from app.server.credentials import ApiKeys, JwtVerifier, UrlSigner, read_secret
+from app.server.dependencies import Services, path_base
 from app.server.errors import install_handlers
 from app.server.metrics import SAMPLE_SECONDS, Metrics
 from app.server.middleware import Cors, HeadAsGet, RequestId
+from app.server.proxy import ProxyLayer
 from app.server.readiness import Readiness
 from app.server.routes import api, dzi, jobs, ops, pages
 from app.settings import Settings, settings_from
@@ -53,15 +63,25 @@ SETTINGS_ENV = "TILESERVER_SETTINGS_JSON"
 IO_THREADS = 16
 
 
-def create_app(settings: Settings) -> FastAPI:
-    """Build the app for validated settings.
+def create_app(settings: Settings, clock: Callable[[], float] | None = None) -> FastAPI:
+    """Build the app for validated settings (``clock``: UNIX time for token and signed-URL
+    expiry checks; tests freeze it).
 
     The slide catalogue is built at start-up (``SlideDirectory`` is listed once); slides are
     opened on first use, so one unopenable slide never stops the others. Start-up also proves
     every encoding the policy calls lossless bit-exact (:mod:`app.core.lossless`; a failure
     stops it with :class:`~app.core.errors.ConfigError`) and opens the audit log when
     ``Audit.Enabled``; shutdown flushes the audit log.
+
+    Raises:
+        ConfigError: an ``Auth`` key file or variable is missing or too short.
     """
+    auth = settings.Auth
+    timing: dict[str, Any] = {} if clock is None else {"clock": clock}
+    secret = read_secret(auth.SignedUrls)
+    signer = UrlSigner(secret, auth.SignedUrls, **timing) if secret else None
+    api_keys = ApiKeys(auth.AdminApiKeys) if "apikey" in auth.modes else None
+    jwt = JwtVerifier(auth.Jwt, **timing) if "jwt" in auth.modes else None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -85,7 +105,7 @@ def create_app(settings: Settings) -> FastAPI:
                                    CapacityLimiter(IO_THREADS), store, metrics, limit)
         services = Services(
             settings, registry, planner, tile_service, JobManager(registry, settings, store),
-            audit, content, store, metrics, Readiness(settings, tile_service))
+            audit, content, signer, store, metrics, Readiness(settings, tile_service))
         app.state.services = services
         await tile_service.start()
         services.jobs.start()
@@ -109,25 +129,37 @@ def create_app(settings: Settings) -> FastAPI:
 
     app = FastAPI(title="WSI tile server", version=__version__, lifespan=lifespan,
                   description="DeepZoom tiles of whole-slide images read with OpenSlide.",
+                  openapi_url=None, docs_url=None, redoc_url=None,
                   redirect_slashes=False)  # one URL per resource: a trailing slash is a 404
     install_handlers(app)
+    app.add_exception_handler(pages.SignInRequired, pages.sign_in_page)
     app.router.routes.insert(0, tiles.TileRoute())  # first: tile requests match at once
-    for module in (dzi, api, jobs, pages, ops):
-        app.include_router(module.router)
-    osd = openseadragon_dir()
-    if osd is not None:
-        app.mount("/static/openseadragon", StaticFiles(directory=osd), name="openseadragon")
-    else:
-        log.warning("OpenSeadragon not found (run `npm ci`); the viewer pages will not load")
+    for router in (dzi.router, api.router, jobs.router, pages.router, ops.router,
+                   _docs_router(app)):
+        app.include_router(router)
+    for url, parts, marker, what in (
+            ("/static/openseadragon", None, "openseadragon.min.js", "the viewer pages"),
+            ("/static/swagger-ui", SWAGGER_UI_PARTS, "swagger-ui-bundle.js", "/docs"),
+            ("/static/redoc", REDOC_PARTS, "redoc.standalone.js", "/redoc")):
+        folder = openseadragon_dir() if parts is None else npm_dir(parts, marker)
+        if folder is not None:
+            app.mount(url, StaticFiles(directory=folder), name=url.rsplit("/", 1)[1])
+        else:
+            log.warning("%s not found (run `npm ci`): %s will not load", marker, what)
+    check_routes(app)
     app.add_middleware(HeadAsGet)
     app.add_middleware(RequestId)
-    app.add_middleware(Cors, allow_origin=settings.Server.AccessControlAllowOrigin)  # outermost
+    app.add_middleware(AuthLayer, settings=settings, api_keys=api_keys, jwt=jwt, signer=signer)
+    app.add_middleware(Cors, allow_origin=settings.Server.AccessControlAllowOrigin)
+    if ProxyLayer.needed(settings):
+        app.add_middleware(ProxyLayer, settings=settings)  # outermost
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
             schema = get_openapi(title=app.title, version=app.version,
                                  description=app.description, routes=app.routes)
             schema["paths"] = {**tiles.openapi_paths(), **schema["paths"]}
+            declare_security(schema, app, settings)
             app.openapi_schema = schema
         return app.openapi_schema
 
@@ -168,6 +200,110 @@ async def _sample(services: Services) -> None:
     while True:
         services.metrics.sample(services)
         await asyncio.sleep(SAMPLE_SECONDS)
+
+
+def check_routes(app: FastAPI) -> None:
+    """Refuse an app with a route no rule covers: every route is the tile route, a static
+    mount, or a :class:`GuardedRoute` (which itself refuses a route without ``require``).
+
+    Raises:
+        TypeError: a route of another kind (e.g. added with ``app.get`` by mistake).
+    """
+    for route in app_routes(app):
+        if not isinstance(route, tiles.TileRoute | GuardedRoute | Mount):
+            raise TypeError(f"route {getattr(route, 'path', route)!r} is not guarded: declare "
+                            "it on a router with route_class=GuardedRoute and require(...)")
+
+
+def app_routes(app: FastAPI) -> list[BaseRoute]:
+    """Every route of the app, those of included routers listed one by one (FastAPI keeps an
+    included router as one entry of ``app.routes``)."""
+    return [context.original_route for context in iter_route_contexts(app.routes)]
+
+
+SECURITY_SCHEMES = {
+    "bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT or API key",
+               "description": "An OIDC access token (Auth:Jwt) or an admin API key"},
+    "apiKey": {"type": "apiKey", "in": "header", "name": "X-Api-Key",
+               "description": "An admin API key (Auth:AdminApiKeys)"},
+    "signedUrl": {"type": "apiKey", "in": "query", "name": "sig",
+                  "description": "A signed URL's query: grant, exp, sub and sig "
+                                 "(GET /api/slides/{name}/token)"},
+}
+
+
+def declare_security(schema: dict[str, Any], app: FastAPI, settings: Settings) -> None:
+    """Add the security schemes and, per operation, what it accepts and its 401/403 (tiles
+    and every route that needs a slide grant also accept signed URLs; public routes need
+    nothing; with ``Auth:Mode none`` every operation also accepts no credentials)."""
+    schema.setdefault("components", {})["securitySchemes"] = SECURITY_SCHEMES
+    anonymous: list[dict[str, list[str]]] = [{}] if not settings.Auth.modes else []
+    needs: dict[tuple[str, str], Permission] = {}
+    for route in app_routes(app):
+        if isinstance(route, GuardedRoute):
+            for method in route.methods or ():
+                needs[(route.path, method.lower())] = route.requirement.permission
+    for path, item in schema["paths"].items():
+        for method, operation in item.items():
+            permission = needs.get((path, method), Permission.VIEW)  # tiles: view
+            if permission is Permission.PUBLIC:
+                operation["security"] = []
+                continue
+            accepted: list[dict[str, list[str]]] = [{"bearer": []}, {"apiKey": []}]
+            if permission in (Permission.VIEW, Permission.LIST):
+                accepted.append({"signedUrl": []})
+            operation["security"] = accepted + anonymous
+            responses = operation.setdefault("responses", {})
+            responses.setdefault("401", {"description": "credentials missing or invalid "
+                                         "(JSON error, WWW-Authenticate)"})
+            responses.setdefault("403", {"description": "credentials valid but not enough "
+                                         "(JSON error)"})
+
+
+DOCS_CSP = ("default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' "
+            "'unsafe-inline'; img-src 'self' data: blob:; worker-src 'self' blob:; "
+            "connect-src 'self'; font-src 'self' data:")
+"""The Content-Security-Policy of /docs and /redoc: nothing from another host (ReDoc's footer
+would otherwise fetch its logo from the vendor's CDN on an air-gapped network)."""
+
+
+def _same_origin_only(page: HTMLResponse) -> HTMLResponse:
+    page.headers["Content-Security-Policy"] = DOCS_CSP
+    return page
+
+
+def _docs_router(app: FastAPI) -> APIRouter:
+    """``/openapi.json`` (with ``servers`` naming the request's path base), ``/docs`` (Swagger
+    UI) and ``/redoc``, their scripts served from ``/static`` (npm packages), never a CDN."""
+    router = APIRouter(route_class=GuardedRoute, include_in_schema=False,
+                       dependencies=[require(Permission.PUBLIC)])
+
+    @router.get("/openapi.json")
+    async def openapi_json(request: Request) -> JSONResponse:
+        """The OpenAPI document, its ``servers`` the request's path base."""
+        return JSONResponse({**app.openapi(), "servers": [{"url": path_base(request) or "/"}]})
+
+    @router.get("/docs")
+    async def swagger_ui(request: Request) -> HTMLResponse:
+        """Swagger UI."""
+        base = path_base(request)
+        return _same_origin_only(get_swagger_ui_html(
+            openapi_url=f"{base}/openapi.json", title=f"{app.title} - Swagger UI",
+            swagger_js_url=f"{base}/static/swagger-ui/swagger-ui-bundle.js",
+            swagger_css_url=f"{base}/static/swagger-ui/swagger-ui.css",
+            swagger_favicon_url=f"{base}/static/swagger-ui/favicon-32x32.png"))
+
+    @router.get("/redoc")
+    async def redoc(request: Request) -> HTMLResponse:
+        """ReDoc."""
+        base = path_base(request)
+        return _same_origin_only(get_redoc_html(
+            openapi_url=f"{base}/openapi.json", title=f"{app.title} - ReDoc",
+            redoc_js_url=f"{base}/static/redoc/redoc.standalone.js",
+            redoc_favicon_url=f"{base}/static/swagger-ui/favicon-32x32.png",
+            with_google_fonts=False))
+
+    return router
 
 
 def create_app_from_env() -> FastAPI:

@@ -20,6 +20,8 @@ from app.core.planner import TilePlanner
 from app.core.privacy import Privacy
 from app.core.slides import SlideRegistry
 from app.server.audit import AuditLog
+from app.server.auth import principal_of
+from app.server.credentials import Principal, UrlSigner
 from app.settings import Settings
 
 if TYPE_CHECKING:
@@ -39,6 +41,7 @@ class Services:
         jobs: pregeneration jobs.
         audit: the audit log, or None when ``Audit.Enabled`` is false.
         content: whole-file SHA-256 of slides, or None unless ``Integrity.ContentSha256``.
+        signer: signs URLs (``Auth:SignedUrls``), or None without a key.
         store: the coordination store shared with the other processes and replicas.
         metrics: Prometheus metrics, or None unless ``Metrics.Enabled``.
         readiness: what ``/readyz`` answers.
@@ -51,6 +54,7 @@ class Services:
     jobs: JobManager
     audit: AuditLog | None
     content: ContentHasher | None = None
+    signer: UrlSigner | None = None
     store: Coordination | None = None
     metrics: Metrics | None = None
     readiness: Readiness | None = None
@@ -95,6 +99,18 @@ def _content(request: Request) -> ContentHasher | None:
     return services(request).content
 
 
+def _signer(request: Request) -> UrlSigner | None:
+    return services(request).signer
+
+
+def path_base(request: Request) -> str:
+    """The path the app is served under (``root_path``: ``PathBase`` or a known proxy's
+    ``X-Forwarded-Prefix``, see app.server.proxy); empty at the root. Every URL the app gives
+    out starts with it."""
+    base: str = request.scope.get("root_path", "")
+    return base
+
+
 AppSettings = Annotated[Settings, Depends(_settings)]
 Registry = Annotated[SlideRegistry, Depends(_registry)]
 Planner = Annotated[TilePlanner, Depends(_planner)]
@@ -102,3 +118,6 @@ Tiles = Annotated[TileService, Depends(_tiles)]
 Jobs = Annotated[JobManager, Depends(_jobs)]
 PrivacyFilter = Annotated[Privacy, Depends(_privacy)]
 Content = Annotated[ContentHasher | None, Depends(_content)]
+Signer = Annotated[UrlSigner | None, Depends(_signer)]
+Base = Annotated[str, Depends(path_base)]
+Caller = Annotated[Principal, Depends(principal_of)]

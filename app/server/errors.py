@@ -15,16 +15,21 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.core.errors import (
+    AccessDenied,
     AssociatedImageNotFound,
+    AuditUnavailable,
     BadJobRequest,
     BadTileRequest,
     CacheWriteError,
     ConfigError,
     DiskCacheDisabled,
+    HostNotAllowed,
     JobConflict,
     JobFinished,
     JobNotFound,
+    NotAuthenticated,
     Overloaded,
+    SignedUrlsDisabled,
     SlideNotFound,
     SlideOpenError,
     SlideReadError,
@@ -48,6 +53,11 @@ STATUS: dict[type[TileServerError], int] = {
     SlideOpenError: 500,
     SlideReadError: 500,
     ConfigError: 500,
+    NotAuthenticated: 401,
+    AccessDenied: 403,
+    HostNotAllowed: 400,
+    SignedUrlsDisabled: 409,
+    AuditUnavailable: 503,
     Overloaded: 503,
     TileServerError: 500,
 }
@@ -59,6 +69,18 @@ def status_for(exc: TileServerError) -> int:
         if klass in STATUS:
             return STATUS[klass]
     return 500
+
+
+def headers_for(exc: TileServerError) -> dict[str, str] | None:
+    """Response headers an error needs beyond its body: ``WWW-Authenticate`` on a 401,
+    ``Retry-After`` on a 503 of the audit log or of a full render queue."""
+    if isinstance(exc, NotAuthenticated):
+        return {"WWW-Authenticate": exc.challenge}
+    if isinstance(exc, AuditUnavailable):
+        return {"Retry-After": "1"}
+    if isinstance(exc, Overloaded):
+        return {"Retry-After": str(exc.retry_after)}
+    return None
 
 
 def error_body(code: str, detail: str, slide: str | None = None,
@@ -79,13 +101,6 @@ def error_json(status: int, code: str, detail: str, slide: str | None = None,
                               separators=(",", ":")).encode()
 
 
-def error_headers(exc: TileServerError) -> dict[str, str]:
-    """Headers an error's response carries beyond the body's: ``Retry-After`` of a 503."""
-    if isinstance(exc, Overloaded):
-        return {"Retry-After": str(exc.retry_after)}
-    return {}
-
-
 def error_response(status: int, code: str, detail: str, slide: str | None = None,
                    extra: dict[str, str] | None = None,
                    headers: dict[str, str] | None = None) -> Response:
@@ -104,7 +119,7 @@ def install_handlers(app: FastAPI) -> None:
         if status >= 500:
             log.warning("%s %s -> %d %s", request.method, request.url.path, status, exc.detail)
         return error_response(status, exc.code, exc.detail, exc.slide, exc.extra,
-                              error_headers(exc))
+                              headers_for(exc))
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> Response:

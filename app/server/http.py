@@ -111,6 +111,10 @@ def _uvicorn_has_what_we_read() -> bool:
 
 
 HTTP_PROTOCOL = ("app.server.http:TileHttpProtocol" if _uvicorn_has_what_we_read() else "httptools")
+HTTP_PROTOCOL_CLASS: type = (TileHttpProtocol if HTTP_PROTOCOL != "httptools"
+                             else HttpToolsProtocol)
+"""The class of :data:`HTTP_PROTOCOL`, which ``tileserver serve`` wraps in
+:class:`app.server.guard.GuardedProtocol`."""
 """What ``tileserver serve`` passes as uvicorn's ``http``: this module's protocol, or plain
 httptools if a uvicorn upgrade renamed what :class:`HeadHoldingTransport` reads."""
 if HTTP_PROTOCOL == "httptools":

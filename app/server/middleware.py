@@ -93,9 +93,10 @@ EXPOSED_HEADERS = ("Location", "ETag", "Content-Digest", "Repr-Digest", "X-Tile-
 ALLOWED_METHODS = ("GET", "HEAD")
 """Methods a preflight allows: reading. A state-changing request (POST, DELETE) from another
 origin is not offered; a browser refuses to send one that needs a preflight."""
-ALLOWED_HEADERS = ("Accept", "If-None-Match")
+ALLOWED_HEADERS = ("Accept", "If-None-Match", "Authorization", "X-Api-Key")
 """Request fields a preflight allows beyond the CORS-safelisted ones (``If-None-Match``: a
-viewer revalidating its tiles with ``fetch``)."""
+viewer revalidating its tiles with ``fetch``; ``Authorization`` and ``X-Api-Key``: a viewer on
+another origin sending its credentials, app.server.auth)."""
 PREFLIGHT_MAX_AGE = 600
 """Seconds a browser may reuse a preflight's answer."""
 

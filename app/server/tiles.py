@@ -35,12 +35,20 @@ from starlette.types import Receive, Scope, Send
 from app.cache.flight import ClientGone
 from app.cache.tiles import Tile
 from app.core.digest import EMPTY_DIGEST
-from app.core.errors import BadTileRequest, TileNotFound, TileServerError
+from app.core.errors import (
+    AuditUnavailable,
+    BadTileRequest,
+    Overloaded,
+    TileNotFound,
+    TileServerError,
+)
 from app.core.formats import TileFormat
 from app.core.planner import TileRequest
 from app.core.slides import SINGLE_SLIDE_NAME
-from app.server.audit import AuditLog, TileRequestRecord
-from app.server.errors import error_headers, error_json, status_for
+from app.server.audit import AuditLog, Caller, TileRequestRecord, cap
+from app.server.auth import Permission, authorize
+from app.server.credentials import PRINCIPAL_KEY
+from app.server.errors import error_json, headers_for, status_for
 
 log = logging.getLogger(__name__)
 
@@ -191,11 +199,21 @@ class TileRoute(BaseRoute):
         """FULL for a GET/HEAD of a tile URL, PARTIAL for another method, else NONE."""
         if scope["type"] != "http":
             return Match.NONE, {}
-        path = match_tile_path(scope["path"])
+        path = match_tile_path(self.route_path(scope))
         if path is None:
             return Match.NONE, {}
         match = Match.FULL if scope["method"] in ("GET", "HEAD") else Match.PARTIAL
         return match, {ADDRESS_SCOPE_KEY: path}
+
+    @staticmethod
+    def route_path(scope: Scope) -> str:
+        """The path the app routes: ``path`` without the ``root_path`` it starts with (as
+        Starlette's router reads it; :mod:`app.server.proxy` sets ``root_path``)."""
+        path: str = scope["path"]
+        root: str = scope.get("root_path", "")
+        if root and path.startswith(root) and path[len(root):len(root) + 1] == "/":
+            return path[len(root):]
+        return path
 
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Answer the tile request whose URL :meth:`matches` parsed."""
@@ -218,45 +236,22 @@ class TileRoute(BaseRoute):
         if query:
             values = parse_qs(query, keep_blank_values=True).get("format")
             query_format = values[-1] if values else None
-        audit = _AuditedRequest.start(services.audit, scope, query)
+        audit = _AuditedRequest.start(services, scope)
         metrics = services.metrics
         started = time.perf_counter() if metrics is not None else 0.0
-        request_id = scope.get(REQUEST_ID_SCOPE_KEY)
         address = None
         try:
             address = parse_address(path.level, path.tile)
+            authorize(scope[PRINCIPAL_KEY], Permission.VIEW, path.slide)
             level, col, row, ext = address
             tile = await services.tiles.get_tile(
                 path.slide, level, col, row, TileRequest(ext, query_format, accept),
                 path.associated, _Client(receive))
         except Exception as exc:
-            gone = isinstance(exc, ClientGone)
-            if gone:
-                status, code, body = CLIENT_CLOSED, "client_closed_request", b""
-            else:
-                if not isinstance(exc, TileServerError):  # a bug: answer 500, keep serving
-                    log.exception("GET %s failed", scope["path"])
-                    exc = TileServerError("internal error", slide=path.slide)
-                status, body = error_json(status_for(exc), exc.code, exc.detail, exc.slide,
-                                          exc.extra)
-                code = exc.code
-                if status >= 500 and status != 503:
-                    log.warning("GET %s -> %d %s", scope["path"], status, exc.detail)
-            if audit is not None:
-                handle = services.registry.peek(path.slide)
-                audit.record(path.slide, address, query_format, accept, if_none_match, head,
-                             None, handle.identity if handle else None, status, None, code)
+            status = await self._error(send, services, scope, path, exc, audit, head, address,
+                                       query_format, accept, if_none_match)
             if metrics is not None:
                 metrics.tile("", False, "", "", status, time.perf_counter() - started)
-            if gone:
-                return  # nobody to answer
-            headers = _json_headers(body)
-            if isinstance(exc, TileServerError):
-                headers += [(k.lower().encode(), v.encode())
-                            for k, v in error_headers(exc).items()]
-            if request_id is not None:
-                headers.append((b"x-request-id", request_id.encode()))
-            await _send(send, status, headers, body, head)
             return
         headers = tile_headers(tile, services.settings.Server.CacheControl, head)
         if etag_matches(if_none_match, tile.etag):
@@ -265,16 +260,64 @@ class TileRoute(BaseRoute):
         else:
             status, body = 200, tile.data
             headers.append((b"content-length", str(len(body)).encode()))
+        request_id = scope.get(REQUEST_ID_SCOPE_KEY)
         if request_id is not None:
             headers.append((b"x-request-id", request_id.encode()))
-        if audit is not None:
-            audit.record(path.slide, address, query_format, accept, if_none_match, head, tile,
-                         tile.identity, status, 0 if head else len(body), None)
+        if audit is not None and not audit.record(
+                path.slide, address, query_format, accept, if_none_match, head, tile,
+                tile.identity, status, 0 if head else len(body), None):
+            status = await self._error(send, services, scope, path, AuditUnavailable(
+                "the audit log cannot record this tile now"), None, head)
+        else:
+            await _send(send, status, headers, body, head)
         if metrics is not None:
             plan = tile.plan
             metrics.tile(plan.encoding.format.value, tile.lossless, tile.cache, tile.source,
                          status, time.perf_counter() - started)
+
+    @staticmethod
+    async def _error(send: Send, services: Any, scope: Scope, path: TilePath, exc: Exception,
+                     audit: _AuditedRequest | None, head: bool, *request: Any) -> int:
+        """Answer an error as JSON (a bug as 500), with its audit line when ``audit`` is
+        given; a line that cannot be queued under ``Audit:FailClosed`` makes it a 503. A
+        client that went before its tile was there (:class:`ClientGone`) gets nothing; its
+        audit line says :data:`CLIENT_CLOSED`.
+
+        Returns:
+            The status answered (or recorded).
+        """
+        gone = isinstance(exc, ClientGone)
+        if gone:
+            exc = TileServerError("the client closed the connection", slide=path.slide)
+            exc.code = "client_closed_request"
+            status = CLIENT_CLOSED
+        else:
+            if not isinstance(exc, TileServerError):  # a bug: answer 500, keep serving
+                log.exception("GET %s failed", scope["path"])
+                exc = TileServerError("internal error", slide=path.slide)
+            status = status_for(exc)
+        if audit is not None:
+            handle = services.registry.peek(path.slide)
+            address, query_format, accept, if_none_match = request
+            if not audit.record(path.slide, address, query_format, accept, if_none_match, head,
+                                None, handle.identity if handle else None, status,
+                                None, exc.code) and not gone:
+                exc = AuditUnavailable("the audit log cannot record this request now")
+                status = status_for(exc)
+        if gone:
+            return status  # nobody to answer
+        status, body = error_json(status, exc.code, exc.detail, exc.slide, exc.extra)
+        if status >= 500 and not isinstance(exc, Overloaded):
+            log.warning("GET %s -> %d %s", scope["path"], status, exc.detail)
+        extra = headers_for(exc)
+        headers = _json_headers(body)
+        if extra:
+            headers += [(k.lower().encode(), v.encode("latin-1")) for k, v in extra.items()]
+        request_id = scope.get(REQUEST_ID_SCOPE_KEY)
+        if request_id is not None:
+            headers.append((b"x-request-id", request_id.encode()))
         await _send(send, status, headers, body, head)
+        return status
 
 
 class _Client:
@@ -306,41 +349,48 @@ async def _send(send: Send, status: int, headers: list[tuple[bytes, bytes]], bod
 
 @dataclass(frozen=True, slots=True)
 class _AuditedRequest:
-    """What the audit log needs of a request beyond its tile: arrival and client."""
+    """What the audit log needs of a request beyond its tile: arrival and caller."""
 
     log: AuditLog
-    client: str | None
-    path: str
+    fail_closed: bool
+    caller: Caller
     started: float
     arrived: float
 
     @classmethod
-    def start(cls, log: AuditLog | None, scope: Scope, query: str) -> _AuditedRequest | None:
+    def start(cls, services: Any, scope: Scope) -> _AuditedRequest | None:
         """The record of a request arriving now, or None when the audit log is off."""
+        log = services.audit
         if log is None:
             return None
-        client = scope.get("client")
-        path = scope["path"]
-        return cls(log, client[0] if client else None, f"{path}?{query}" if query else path,
+        return cls(log, services.settings.audit_fail_closed, Caller.of(scope, log.field_chars),
                    time.perf_counter(), time.time())
 
     def record(self, slide: str, address: tuple[int, int, int, str | None] | None,
                query_format: str | None,
                accept: str | None, if_none_match: str | None, head: bool, tile: Tile | None,
                identity: str | None, status: int, body_bytes: int | None,
-               error: str | None) -> None:
-        """Queue the request's audit line (200, 304, HEAD and errors alike)."""
+               error: str | None) -> bool:
+        """Queue the request's audit line (200, 304, HEAD and errors alike). False when the
+        line was refused and ``Audit:FailClosed`` asks for a 503 instead."""
         level, col, row, ext = address if address is not None else (None, None, None, None)
         plan = tile.plan if tile is not None else None
-        self.log.record(TileRequestRecord(
-            self.arrived, self.client, "HEAD" if head else "GET", self.path, slide, identity,
-            level, col, row, ext, query_format, accept, if_none_match,
+        limit = self.log.field_chars
+        cut: list[str] = []
+        accepted = self.log.record(TileRequestRecord(
+            self.arrived, self.caller, "HEAD" if head else "GET",
+            cap(slide, limit, "slide", cut) or "", identity,
+            level, col, row, cap(ext, limit, "requested.extension", cut),
+            cap(query_format, limit, "requested.format", cut),
+            cap(accept, limit, "requested.accept", cut),
+            cap(if_none_match, limit, "requested.if_none_match", cut),
             plan.encoding.format.value if plan else None,
             tile.lossless if tile is not None else None,
             "refused" if plan is not None and plan.override_refused else None,
             tile.cache if tile is not None else None, status, body_bytes,
             tile.digest.sha256 if tile is not None else None,
-            time.perf_counter() - self.started, error))
+            time.perf_counter() - self.started, error, tuple(cut)))
+        return accepted or not self.fail_closed
 
 
 # ------------------------------------------------------------------------------ OpenAPI

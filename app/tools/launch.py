@@ -225,3 +225,30 @@ class ServerProcess:
                 time.sleep(0.05)
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=1)
+
+
+
+def nginx_config(prefix: Path, port: int, upstreams: str, server: str) -> Path:
+    """Write ``{prefix}/nginx.conf`` for nginx run in the foreground with everything (pid,
+    error log, temporary files) in ``prefix``: ``upstreams`` (upstream blocks) and one server
+    on 127.0.0.1:``port`` whose body is ``server`` (locations, includes). Returns the file, for
+    ``nginx -p PREFIX -c FILE``."""
+    path = prefix / "nginx.conf"
+    path.write_text(f"""
+worker_processes 1;
+pid {prefix}/nginx.pid;
+error_log {prefix}/error.log;
+daemon off;
+events {{ worker_connections 1024; }}
+http {{
+  access_log off;
+  client_body_temp_path {prefix}; fastcgi_temp_path {prefix}; proxy_temp_path {prefix};
+  uwsgi_temp_path {prefix}; scgi_temp_path {prefix};
+  {upstreams}
+  server {{
+    listen 127.0.0.1:{port};
+    {server}
+  }}
+}}
+""")
+    return path

@@ -184,7 +184,8 @@ def test_cors_on_every_response_and_preflights_answered(client_for, fixtures, or
         assert preflight.status_code == 204 and preflight.content == b"", url
         assert preflight.headers["access-control-allow-origin"] == origin
         assert preflight.headers["access-control-allow-methods"] == "GET, HEAD"
-        assert preflight.headers["access-control-allow-headers"] == "Accept, If-None-Match"
+        assert (preflight.headers["access-control-allow-headers"]
+                == "Accept, If-None-Match, Authorization, X-Api-Key")
         assert preflight.headers["access-control-max-age"] == "600"
     job = client.post("/api/tiles/boxes/generate?levels=0")
     assert job.status_code == 202 and job.headers["access-control-allow-origin"] == origin

@@ -23,7 +23,7 @@ from app.core.errors import ConfigError
 from app.server.app import create_app
 from app.settings import settings_from
 from tests.api.test_jobs import wait_job
-from tests.conftest import decode
+from tests.conftest import decode, local_client
 
 
 def snapshot(root: Path, skip: Path | None = None) -> dict[str, tuple[int, int, str]]:
@@ -71,7 +71,7 @@ def hostile(tmp_path, fixtures):
 def test_hostile_slide_folder_loses_nothing(hostile):
     cache = hostile / "cache"
     before = snapshot(hostile)
-    client = TestClient(create_app(settings_from({
+    client = local_client(create_app(settings_from({
         "SlideDirectory": str(hostile / "slides"), "TileCachePath": str(cache)})))
     with client:
         names = [item["name"] for item in client.get("/api/images").json()]

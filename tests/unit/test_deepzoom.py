@@ -58,6 +58,6 @@ def test_an_image_slide_renders_correctly_from_many_threads(fixtures):
         cols, rows = pyramid.level_tiles[top]
         addresses = [(c, r) for c in range(cols) for r in range(rows)] * 3
         with ThreadPoolExecutor(8) as pool:
-            tiles = list(pool.map(lambda a: pyramid.render(top, *a), addresses))
+            tiles = list(pool.map(lambda a, p=pyramid, t=top: p.render(t, *a), addresses))
         for (col, row), tile in zip(addresses, tiles, strict=True):
             assert np.array_equal(np.asarray(tile), np.asarray(reference.get_tile(top, (col, row))))

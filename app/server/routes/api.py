@@ -11,23 +11,31 @@ from fastapi import APIRouter, Query
 from app import __version__
 from app.cache.content import ContentHasher
 from app.cache.tiles import SlideCacheUse
-from app.core.errors import SlideGone, TileServerError
+from app.core.errors import SignedUrlsDisabled, SlideGone, TileServerError
 from app.core.planner import SlidePolicy, TilePlanner, level_policies, slide_policy
 from app.core.privacy import Privacy
 from app.core.pyramid import ImageSource, single_tile_level
 from app.core.slides import OpenSlide
+from app.server.auth import GuardedRoute, Permission, require, visible
+from app.server.credentials import exact_grant
 from app.server.dependencies import (
     AppSettings,
+    Base,
+    Caller,
     Content,
     Planner,
     PrivacyFilter,
     Registry,
+    Signer,
     Tiles,
 )
 from app.server.urls import dzi_url, viewer_url
 from app.settings import Settings
 
-router = APIRouter(prefix="/api", tags=["api"])
+router = APIRouter(prefix="/api", tags=["api"], route_class=GuardedRoute)
+VIEW = require(Permission.VIEW)
+ADMIN = require(Permission.ADMIN)
+CHANGE = require(Permission.CHANGE)
 
 MIB = 1024 * 1024
 
@@ -41,8 +49,9 @@ def describe_levels(planner: TilePlanner, handle: OpenSlide,
 
 
 def describe_associated(planner: TilePlanner, privacy: Privacy, settings: Settings,
-                        handle: OpenSlide) -> list[dict[str, Any]]:
-    """The associated images clients may see: name, size, DZI URL and a one-tile preview URL.
+                        handle: OpenSlide, base: str = "") -> list[dict[str, Any]]:
+    """The associated images clients may see: name, size, DZI URL and a one-tile preview URL
+    (URLs under ``base``, the app's path base).
 
     Sizes come from OpenSlide's ``openslide.associated.<name>.*`` properties: no image is read.
     """
@@ -56,17 +65,18 @@ def describe_associated(planner: TilePlanner, privacy: Privacy, settings: Settin
             height = int(props[f"openslide.associated.{name}.height"])
         except (KeyError, ValueError):
             continue
-        dzi = dzi_url(handle.name, name)
+        dzi = dzi_url(handle.name, name, base)
         level = single_tile_level(width, height, tile_size)
         out.append({"name": name, "width": width, "height": height, "dzi_url": dzi,
                     "preview_url": f"{dzi[:-4]}_files/{level}/0_0.{ext}",
-                    "viewer_url": viewer_url(handle.name, name)})
+                    "viewer_url": viewer_url(handle.name, name, base)})
     return out
 
 
 def describe_slide(planner: TilePlanner, privacy: Privacy, settings: Settings,
-                   handle: OpenSlide) -> dict[str, Any]:
-    """The ``/api/slides/{name}`` document: slide facts and, per DZI level, the policy.
+                   handle: OpenSlide, base: str = "") -> dict[str, Any]:
+    """The ``/api/slides/{name}`` document: slide facts and, per DZI level, the policy (URLs
+    under ``base``).
 
     Properties ``Privacy`` withholds are absent or redacted (:mod:`app.core.privacy`), and so
     are the facts read from them (vendor, mpp, quickhash); withheld associated images are not
@@ -77,7 +87,7 @@ def describe_slide(planner: TilePlanner, privacy: Privacy, settings: Settings,
     props = privacy.slide_properties(handle)
     mpp = handle.mpp() if all(p in props for p in (
         openslide.PROPERTY_NAME_MPP_X, openslide.PROPERTY_NAME_MPP_Y)) else None
-    associated = describe_associated(planner, privacy, settings, handle)
+    associated = describe_associated(planner, privacy, settings, handle, base)
     return {
         "name": handle.name,
         "vendor": props.get(openslide.PROPERTY_NAME_VENDOR),
@@ -89,7 +99,7 @@ def describe_slide(planner: TilePlanner, privacy: Privacy, settings: Settings,
         "associated_images": [item["name"] for item in associated],
         "associated": associated,
         "quickhash": props.get(openslide.PROPERTY_NAME_QUICKHASH1),
-        "dzi_url": dzi_url(handle.name),
+        "dzi_url": dzi_url(handle.name, base=base),
         "tile_size": pyramid.tile_size,
         "overlap": pyramid.overlap,
         "limit_bounds": pyramid.limit_bounds,
@@ -103,9 +113,12 @@ def describe_slide(planner: TilePlanner, privacy: Privacy, settings: Settings,
     }
 
 
-@router.get("/images", summary="All slides with their size and cache state")
-async def images(registry: Registry, tiles: Tiles) -> list[dict[str, Any]]:
-    """Every configured slide: name, dimensions, DZI level count, cached tiles and bytes.
+@router.get("/images", summary="All slides with their size and cache state",
+            dependencies=[require(Permission.LIST)])
+async def images(registry: Registry, tiles: Tiles, caller: Caller,
+                 base: Base) -> list[dict[str, Any]]:
+    """Every slide the caller may see: name, dimensions, DZI level count, cached tiles and
+    bytes.
 
     A slide that cannot be opened is listed with its ``error`` (and ``errorCode``) instead of
     its dimensions; a slide whose file is gone is not listed. Cache figures come from the
@@ -115,7 +128,7 @@ async def images(registry: Registry, tiles: Tiles) -> list[dict[str, Any]]:
     usage = await tiles.usage()
     hide_file = registry.privacy.hide_file_names
     out = []
-    for name in registry.names:
+    for name in visible(caller, registry.names):
         use = usage.get(name, SlideCacheUse())
         item: dict[str, Any] = {"name": name,
                                 "file": None if hide_file else registry.entry(name).path.name,
@@ -128,7 +141,8 @@ async def images(registry: Registry, tiles: Tiles) -> list[dict[str, Any]]:
             item.update(error=exc.detail, errorCode=exc.code)
         else:
             item.update(dimensions=list(handle.slide.dimensions),
-                        level_count=handle.pyramid.level_count, dzi_url=dzi_url(name))
+                        level_count=handle.pyramid.level_count,
+                        dzi_url=dzi_url(name, base=base))
         out.append(item)
     return out
 
@@ -139,9 +153,10 @@ def _sizes(tiles: int, size: int, prefix: str = "cache") -> dict[str, Any]:
             f"{prefix}SizeBytes": size, f"{prefix}SizeMiB": round(size / MIB, 2)}
 
 
-@router.get("/slides/{name}", summary="A slide's properties, pyramid and per-level format")
+@router.get("/slides/{name}", summary="A slide's properties, pyramid and per-level format",
+            dependencies=[VIEW])
 async def slide(name: str, registry: Registry, planner: Planner, privacy: PrivacyFilter,
-                settings: AppSettings, content: Content) -> dict[str, Any]:
+                settings: AppSettings, content: Content, base: Base) -> dict[str, Any]:
     """Dimensions, mpp, vendor, DZI levels with dimensions, tile counts and served format.
 
     ``sha256`` is the whole file's SHA-256 with ``Integrity.ContentSha256`` once computed
@@ -149,7 +164,7 @@ async def slide(name: str, registry: Registry, planner: Planner, privacy: Privac
     ``openslide.quickhash-1``).
     """
     handle = await registry.get(name)
-    doc = describe_slide(planner, privacy, settings, handle)
+    doc = describe_slide(planner, privacy, settings, handle, base)
     doc["sha256"] = await content_sha256(content, privacy, handle)
     return doc
 
@@ -166,9 +181,9 @@ async def content_sha256(content: ContentHasher | None, privacy: Privacy,
 
 
 @router.get("/slides/{name}/associated/{associated}",
-            summary="An associated image's pyramid and per-level format")
+            summary="An associated image's pyramid and per-level format", dependencies=[VIEW])
 async def associated_image(name: str, associated: str, registry: Registry, planner: Planner,
-                           settings: AppSettings) -> dict[str, Any]:
+                           settings: AppSettings, base: Base) -> dict[str, Any]:
     """Dimensions, colour and DZI levels of one associated image (label, macro, thumbnail);
     404 when the slide has none of that name or ``Privacy`` withholds it."""
     handle = await registry.get(name)
@@ -179,7 +194,7 @@ async def associated_image(name: str, associated: str, registry: Registry, plann
         "associated": associated,
         "dimensions": list(pyramid.level_dimensions[-1]),
         "mpp": None,
-        "dzi_url": dzi_url(name, associated),
+        "dzi_url": dzi_url(name, associated, base),
         "tile_size": settings.DeepZoom.TileSize,
         "overlap": settings.DeepZoom.Overlap,
         "color": source.color.describe(),
@@ -191,7 +206,7 @@ async def associated_image(name: str, associated: str, registry: Registry, plann
 
 
 @router.get("/slides/{name}/policy", summary="A slide's per-level format policy",
-            response_model=SlidePolicy)
+            response_model=SlidePolicy, dependencies=[VIEW])
 async def policy(name: str, registry: Registry, planner: Planner, privacy: PrivacyFilter,
                  settings: AppSettings, content: Content) -> SlidePolicy:
     """Per DZI level: dimensions, tile count, format, lossless, the slide level read from.
@@ -203,7 +218,7 @@ async def policy(name: str, registry: Registry, planner: Planner, privacy: Priva
     return doc.model_copy(update={"sha256": await content_sha256(content, privacy, handle)})
 
 
-@router.get("/tiles/stats", summary="Disk cache totals")
+@router.get("/tiles/stats", summary="Disk cache totals", dependencies=[ADMIN])
 async def cache_stats(registry: Registry, tiles: Tiles) -> dict[str, Any]:
     """Cached tiles and bytes over all slides, from the cache index (no walk of the tree).
 
@@ -238,7 +253,7 @@ async def cache_stats(registry: Registry, tiles: Tiles) -> dict[str, Any]:
     }
 
 
-@router.get("/tiles/{name}/stats", summary="Disk cache of one slide")
+@router.get("/tiles/{name}/stats", summary="Disk cache of one slide", dependencies=[ADMIN])
 async def slide_cache_stats(name: str, registry: Registry, tiles: Tiles) -> dict[str, Any]:
     """One slide's cached tiles (current variants) against its pyramid's tile count.
 
@@ -256,11 +271,31 @@ async def slide_cache_stats(name: str, registry: Registry, tiles: Tiles) -> dict
     }
 
 
+Seconds = Annotated[int | None, Query(ge=1, description="lifetime in seconds (default "
+                                   "Auth:SignedUrls:DefaultSeconds, at most MaxSeconds)")]
+
+
+@router.get("/slides/{name}/token", summary="A signed URL of the slide (Auth:SignedUrls)",
+            dependencies=[require(Permission.TOKEN)])
+async def token(name: str, caller: Caller, signer: Signer, base: Base,
+                seconds: Seconds = None) -> dict[str, Any]:
+    """Sign the slide's DZI and viewer URLs for the caller: their query string (``grant``,
+    ``exp``, ``sub``, ``sig``) grants this slide alone until ``expires`` (UNIX seconds) to
+    clients that cannot send headers; OpenSeadragon copies a DZI URL's query onto every tile
+    URL. 409 without ``Auth:SignedUrls`` key; each URL issued is an audit line."""
+    if signer is None:
+        raise SignedUrlsDisabled("signed URLs need Auth:SignedUrls:KeyFile or KeyEnvironment")
+    query, expires = signer.sign(exact_grant(name), caller.subject, seconds)
+    return {"name": name, "query": query, "expires": expires,
+            "dzi_url": f"{dzi_url(name, base=base)}?{query}",
+            "viewer_url": f"{viewer_url(name, base=base)}?{query}"}
+
+
 Stale = Annotated[bool, Query(description="delete only stale variants (older slide files "
                                           "or settings); keep the current tiles")]
 
 
-@router.delete("/tiles/cache", summary="Delete the whole disk cache")
+@router.delete("/tiles/cache", summary="Delete the whole disk cache", dependencies=[CHANGE])
 async def clear_cache(tiles: Tiles, stale: Stale = False) -> dict[str, Any]:
     """Delete every cached tile (disk, and this worker's memory cache); with ``?stale=true``
     only the stale variants of every slide."""
@@ -269,7 +304,8 @@ async def clear_cache(tiles: Tiles, stale: Stale = False) -> dict[str, Any]:
             "deletedTiles": removed}
 
 
-@router.delete("/tiles/{name}/cache", summary="Delete one slide's cached tiles")
+@router.delete("/tiles/{name}/cache", summary="Delete one slide's cached tiles",
+               dependencies=[CHANGE])
 async def clear_slide_cache(name: str, registry: Registry, tiles: Tiles,
                             stale: Stale = False) -> dict[str, Any]:
     """Delete one slide's cached tiles; with ``?stale=true`` only its stale variants."""
@@ -279,7 +315,7 @@ async def clear_slide_cache(name: str, registry: Registry, tiles: Tiles,
             "deletedTiles": removed}
 
 
-@router.get("/version", include_in_schema=False)
+@router.get("/version", include_in_schema=False, dependencies=[require(Permission.PUBLIC)])
 async def version() -> dict[str, str]:
     """The server's version."""
     return {"version": __version__}

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Request, Response
 
+from app.server.auth import GuardedRoute, Permission, require
 from app.server.dependencies import services
 from app.server.errors import error_response
 from app.server.metrics import CONTENT_TYPE
 
-router = APIRouter(tags=["operations"])
+router = APIRouter(tags=["operations"], route_class=GuardedRoute)
 
 
-@router.get("/readyz", summary="Readiness")
+@router.get("/readyz", summary="Readiness", dependencies=[require(Permission.PUBLIC)])
 async def readyz(request: Request) -> Response:
     """200 ``{"status": "ready"}`` when this process should get traffic; 503 with the
     reasons (``checks``) before its start-up checks finish, while its render queue is full,
@@ -25,16 +26,12 @@ async def readyz(request: Request) -> Response:
     return Response(b'{"status":"ready"}', media_type="application/json")
 
 
-async def metrics_access(request: Request) -> None:
-    """Who may read ``/metrics``: the hook where access control requires the admin role
-    (docs/deploy.md, "Metrics and logs"); open while the server has no access control."""
-
-
-@router.get("/metrics", summary="Prometheus metrics", dependencies=[Depends(metrics_access)],
-            response_class=Response)
+@router.get("/metrics", summary="Prometheus metrics",
+            dependencies=[require(Permission.ADMIN)], response_class=Response)
 async def metrics(request: Request) -> Response:
-    """Every worker process's counters added up, in Prometheus' text format; 404 when
-    ``Metrics.Enabled`` is false."""
+    """Every worker process's counters added up, in Prometheus' text format; the admin role
+    (``Auth``; with ``Auth:Mode none``, loopback clients); 404 when ``Metrics.Enabled`` is
+    false."""
     built = services(request)
     if built.metrics is None:
         return error_response(404, "not_found", "Metrics.Enabled is false")
