@@ -110,7 +110,7 @@ def create_app(settings: Settings, clock: Callable[[], float] | None = None) -> 
         await tile_service.start()
         services.jobs.start()
         assert services.readiness is not None
-        services.readiness.start()
+        await services.readiness.start()
         sampler = asyncio.ensure_future(_sample(services)) if metrics is not None else None
         log.info("serving %d slide(s): %s", len(catalogue), ", ".join(catalogue))
         try:

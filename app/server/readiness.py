@@ -44,8 +44,10 @@ class Readiness:
         """The last probe could write into the cache (None: no disk cache)."""
         self._task: asyncio.Task[None] | None = None
 
-    def start(self) -> None:
-        """Probe now and every :data:`PROBE_SECONDS` (from the event loop)."""
+    async def start(self) -> None:
+        """Probe now (the app's start-up waits for this first round) and then every
+        :data:`PROBE_SECONDS` (from the event loop)."""
+        await self.check()
         self._task = asyncio.ensure_future(self._run())
 
     def stop(self) -> None:
@@ -54,18 +56,21 @@ class Readiness:
             self._task.cancel()
 
     async def _run(self) -> None:
-        settings = self.settings
         while True:
-            if settings.EnableDiskCache:
-                writable = await anyio.to_thread.run_sync(
-                    probe_writable, settings.TileCachePath,
-                    limiter=self.tiles.io_limiter)
-                if writable != self.writable and self.writable is not None:
-                    log.warning("tile cache %s is %swritable", settings.TileCachePath,
-                                "" if writable else "not ")
-                self.writable = writable
-            self.checked = True
             await asyncio.sleep(PROBE_SECONDS)
+            await self.check()
+
+    async def check(self) -> None:
+        """One round of the checks that are probed (the cache's writability)."""
+        settings = self.settings
+        if settings.EnableDiskCache:
+            writable = await anyio.to_thread.run_sync(
+                probe_writable, settings.TileCachePath, limiter=self.tiles.io_limiter)
+            if writable != self.writable and self.writable is not None:
+                log.warning("tile cache %s is %swritable", settings.TileCachePath,
+                            "" if writable else "not ")
+            self.writable = writable
+        self.checked = True
 
     def problems(self) -> dict[str, str]:
         """What keeps the process from being ready, by check (empty when ready)."""
