@@ -1,16 +1,14 @@
 """Many processes, many replicas: shared jobs, cache invalidation, load shedding, metrics, logs.
 
-Two set-ups, each started once:
-
-* one server with two worker processes and the embedded coordination store (SQLite in the
-  cache folder), small render queues and JSON logs;
-* docs/deploy.md's replica recipe as it is written there: a real ``redis-server``, two servers
-  on one cache folder, nginx round-robin in front (its configuration read from
-  docs/deploy.md).
-
-The same checks run on both: a job started through one process (replica) is listed, followed
-(SSE) and cancelled through another; the one-job-per-slide 409 holds across them; a DELETE of a
-slide's cache through one drops it from every process's memory cache within a second.
+docs/deploy.md's replica recipe, started once as it is written there: a real ``redis-server``,
+two servers of two worker processes each on one cache folder, nginx round-robin in front (the
+commands and the nginx configuration read from docs/deploy.md), with small render queues and
+JSON logs. A job started through one replica is listed, followed (SSE) and cancelled through the
+other; the one-job-per-slide 409 holds across them; a DELETE of a slide's cache through one drops
+it from all four processes' memory caches within a second; the tile requests both replicas
+count add up to those sent. Then one replica is flooded (503 + Retry-After, warm hits served,
+/readyz 503) and clients hang up. The embedded store's rules across processes are held by
+tests/unit/test_coordination.py.
 """
 
 from __future__ import annotations
@@ -129,30 +127,110 @@ def metric(text: str, name: str, **labels: str) -> float:
     return total
 
 
-# --------------------------------------------------------------------- one server, two workers
+# --------------------------------------------------------------------- replicas behind nginx
+
+
+def nginx_config(port: int, upstreams: list[int], prefix: Path) -> str:
+    """docs/deploy.md's nginx configuration, its ports and paths made this test's."""
+    doc = (ROOT / "docs" / "deploy.md").read_text()
+    config = re.search(r"`/etc/nginx/tileserver.conf`:\n\n```nginx\n(.*?)```", doc, re.S)
+    assert config, "docs/deploy.md lost its nginx configuration"
+    text = config.group(1)
+    text = text.replace("127.0.0.1:8080", f"127.0.0.1:{port}")
+    text = text.replace("127.0.0.1:5001", f"127.0.0.1:{upstreams[0]}")
+    text = text.replace("127.0.0.1:5002", f"127.0.0.1:{upstreams[1]}")
+    own = (f"pid {prefix}/nginx.pid;\nerror_log {prefix}/error.log;\ndaemon off;\n")
+    temps = (f"  access_log off;\n  client_body_temp_path {prefix}; proxy_temp_path {prefix};"
+             f"\n  fastcgi_temp_path {prefix}; uwsgi_temp_path {prefix}; "
+             f"scgi_temp_path {prefix};\n")
+    return own + text.replace("http {\n", "http {\n" + temps, 1)
+
+
+def replica_items(redis_port: int) -> list[str]:
+    """The options and settings items of docs/deploy.md's ``tileserver serve`` commands (the
+    Redis URL made this test's; the caller makes the cache folder its own)."""
+    doc = (ROOT / "docs" / "deploy.md").read_text()
+    commands = re.findall(r"^tileserver serve --port 500[12] (--workers \d+) "
+                          r"--config appsettings.json \\\n\s+(.*)$", doc, re.M)
+    assert len(commands) == 2 and commands[0] == commands[1], commands
+    workers, items = commands[0]
+    return [*workers.split(), *(
+        item.replace("redis://127.0.0.1:6379/0", f"redis://127.0.0.1:{redis_port}/0")
+        for item in items.split())]
+
+
+def redis_argv(port: int, folder: Path) -> list[str]:
+    """docs/deploy.md's redis-server command on ``port``, its files in ``folder``."""
+    doc = (ROOT / "docs" / "deploy.md").read_text()
+    line = re.search(r"^redis-server (.*?)\s+#", doc, re.M)
+    assert line, "docs/deploy.md lost its redis-server command"
+    args = line.group(1).replace("6379", str(port)).replace('""', "''").split()
+    return [shutil.which("redis-server") or "/usr/bin/redis-server",
+            *[a.strip("'") for a in args], "--dir", str(folder)]
 
 
 @pytest.fixture(scope="module")
-def workers(tmp_path_factory, quick_svs, generated_svs, fixtures):
-    tmp = tmp_path_factory.mktemp("workers")
-    settings = {
-        "TileCachePath": str(tmp / "cache"),
-        "Images": [{"Name": "g", "Path": str(quick_svs)},
-                   {"Name": "big", "Path": str(generated_svs)},
-                   {"Name": "small", "Path": str(fixtures / "small.svs")}],
-        "Server": {"MaxQueuedRenders": 2, "RenderThreads": 1},
-        "Pregeneration": {"Workers": 1},
-        "Logging": {"Format": "json"},
-    }
-    server = start_server(tmp, settings, "--workers", "2")
-    yield server
-    stop_server(server)
+def replicas(tmp_path_factory, quick_svs, generated_svs, fixtures):
+    tmp = tmp_path_factory.mktemp("replicas")
+    redis_port, nginx_port = free_port(), free_port()
+    redis = subprocess.Popen(redis_argv(redis_port, tmp), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.STDOUT, start_new_session=True)
+    servers: list = []
+    nginx = None
+    try:
+        settings = {
+            "TileCachePath": str(tmp / "cache"),
+            "Images": [{"Name": "g", "Path": str(quick_svs)},
+                       {"Name": "big", "Path": str(generated_svs)},
+                       {"Name": "small", "Path": str(fixtures / "small.svs")}],
+            "Server": {"MaxQueuedRenders": 2, "RenderThreads": 1},
+            "Pregeneration": {"Workers": 1},
+            "Logging": {"Format": "json"},
+        }
+        items = [item.replace("/srv/tile_cache", str(tmp / "cache"))
+                 for item in replica_items(redis_port)]
+        for name in ("a", "b"):
+            (tmp / name).mkdir()
+        with ThreadPoolExecutor(2) as pool:  # both replicas start at once
+            starting = [pool.submit(start_server, tmp / name, settings, *items)
+                        for name in ("a", "b")]
+            for future in starting:
+                servers.append(future.result())
+        prefix = tmp / "nginx"
+        prefix.mkdir()
+        (prefix / "nginx.conf").write_text(nginx_config(
+            nginx_port, [int(s.base_url.rsplit(":", 1)[1]) for s in servers], prefix))
+        nginx = ServerProcess([shutil.which("nginx") or "/usr/sbin/nginx", "-p", str(prefix),
+                               "-c", str(prefix / "nginx.conf")], nginx_port,
+                              prefix / "nginx.log", env=server_env(), name="nginx").start()
+        yield servers, nginx.base_url
+    finally:
+        if nginx is not None:
+            nginx.stop()
+        with ThreadPoolExecutor(2) as pool:
+            list(pool.map(stop_server, servers))
+        redis.terminate()
+        redis.wait(10)
 
 
-def test_two_workers_share_jobs_and_invalidation(workers):
-    base = workers.base_url
-    check_shared_jobs(base, base)
-    check_invalidation(base, base)
+def test_replicas_and_workers_share_jobs_invalidation_and_add_up_their_metrics(replicas):
+    (a, b), front = replicas
+    check_shared_jobs(a.base_url, b.base_url)
+    check_invalidation(a.base_url, b.base_url)
+    sent = len(TILES) * 9
+    tile = "/storage/g_files/10/0_0.jpeg"
+    for _ in range(10):
+        r = get(front, tile)
+        assert r.status_code == 200 and decode(r.content).shape[2] == 3
+    sent += 10
+    assert get(front, "/storage/g_files/99/0_0.jpeg").status_code == 404
+    sent += 1
+    texts = [get(s.base_url, "/metrics").text for s in (a, b)]
+    counted = [metric(t, "tileserver_tile_requests_total") for t in texts]
+    assert sum(counted) == sent and all(counted), counted
+    assert sum(metric(t, "tileserver_tile_requests_total", status="404") for t in texts) == 1
+    jobs = [metric(t, "tileserver_jobs", state="cancelled") for t in texts]
+    assert jobs[0] == jobs[1] == 1  # read from Redis: the same figure from every replica
 
 
 async def _flood(base: str, paths: list[str], warm: str) -> tuple[list, list, list]:
@@ -179,7 +257,8 @@ async def _flood(base: str, paths: list[str], warm: str) -> tuple[list, list, li
 
 
 def test_overload_sheds_cold_tiles_serves_warm_ones_and_renders_nothing_for_gone_clients(
-        workers):
+        replicas):
+    (workers, _), _front = replicas
     base = workers.base_url
     warm = "/storage/small_files/4/0_0.jpeg"
     for _ in range(6):
@@ -228,7 +307,8 @@ def test_overload_sheds_cold_tiles_serves_warm_ones_and_renders_nothing_for_gone
     assert before[1] == len(shed)
 
 
-def test_json_logs_carry_the_request_id(workers):
+def test_json_logs_carry_the_request_id(replicas):
+    (workers, _), _front = replicas
     r = httpx.post(workers.base_url + "/api/tiles/small/generate?levels=0",
                    headers={"X-Request-Id": "trace-42"}, timeout=TIMEOUT)
     assert r.status_code == 202 and r.headers["x-request-id"] == "trace-42"
@@ -243,104 +323,3 @@ def test_json_logs_carry_the_request_id(workers):
     assert queued and queued[0]["request_id"] == "trace-42"
     assert queued[0]["logger"] == "app.batch.jobs"
     assert len({line["pid"] for line in lines}) >= 3  # the CLI and both workers
-
-
-# --------------------------------------------------------------------- replicas behind nginx
-
-
-def nginx_config(port: int, upstreams: list[int], prefix: Path) -> str:
-    """docs/deploy.md's nginx configuration, its ports and paths made this test's."""
-    doc = (ROOT / "docs" / "deploy.md").read_text()
-    config = re.search(r"`/etc/nginx/tileserver.conf`:\n\n```nginx\n(.*?)```", doc, re.S)
-    assert config, "docs/deploy.md lost its nginx configuration"
-    text = config.group(1)
-    text = text.replace("127.0.0.1:8080", f"127.0.0.1:{port}")
-    text = text.replace("127.0.0.1:5001", f"127.0.0.1:{upstreams[0]}")
-    text = text.replace("127.0.0.1:5002", f"127.0.0.1:{upstreams[1]}")
-    own = (f"pid {prefix}/nginx.pid;\nerror_log {prefix}/error.log;\ndaemon off;\n")
-    temps = (f"  access_log off;\n  client_body_temp_path {prefix}; proxy_temp_path {prefix};"
-             f"\n  fastcgi_temp_path {prefix}; uwsgi_temp_path {prefix}; "
-             f"scgi_temp_path {prefix};\n")
-    return own + text.replace("http {\n", "http {\n" + temps, 1)
-
-
-def replica_items(redis_port: int) -> list[str]:
-    """The settings items of docs/deploy.md's ``tileserver serve`` commands (the cache folder
-    and Redis URL made this test's by the caller's settings file, which they override)."""
-    doc = (ROOT / "docs" / "deploy.md").read_text()
-    commands = re.findall(r"^tileserver serve --port 500[12] --config appsettings.json \\\n"
-                          r"\s+(.*)$", doc, re.M)
-    assert len(commands) == 2 and commands[0] == commands[1], commands
-    return [item.replace("redis://127.0.0.1:6379/0", f"redis://127.0.0.1:{redis_port}/0")
-            for item in commands[0].split()]
-
-
-def redis_argv(port: int, folder: Path) -> list[str]:
-    """docs/deploy.md's redis-server command on ``port``, its files in ``folder``."""
-    doc = (ROOT / "docs" / "deploy.md").read_text()
-    line = re.search(r"^redis-server (.*?)\s+#", doc, re.M)
-    assert line, "docs/deploy.md lost its redis-server command"
-    args = line.group(1).replace("6379", str(port)).replace('""', "''").split()
-    return [shutil.which("redis-server") or "/usr/bin/redis-server",
-            *[a.strip("'") for a in args], "--dir", str(folder)]
-
-
-@pytest.fixture(scope="module")
-def replicas(tmp_path_factory, quick_svs, generated_svs, fixtures):
-    tmp = tmp_path_factory.mktemp("replicas")
-    redis_port, nginx_port = free_port(), free_port()
-    redis = subprocess.Popen(redis_argv(redis_port, tmp), stdout=subprocess.DEVNULL,
-                             stderr=subprocess.STDOUT, start_new_session=True)
-    servers: list = []
-    nginx = None
-    try:
-        settings = {
-            "TileCachePath": str(tmp / "cache"),
-            "Images": [{"Name": "g", "Path": str(quick_svs)},
-                       {"Name": "big", "Path": str(generated_svs)}],
-            "Pregeneration": {"Workers": 1},
-        }
-        items = [item.replace("/srv/tile_cache", str(tmp / "cache"))
-                 for item in replica_items(redis_port)]
-        for name in ("a", "b"):
-            (tmp / name).mkdir()
-        with ThreadPoolExecutor(2) as pool:  # both replicas start at once
-            starting = [pool.submit(start_server, tmp / name, settings, *items)
-                        for name in ("a", "b")]
-            for future in starting:
-                servers.append(future.result())
-        prefix = tmp / "nginx"
-        prefix.mkdir()
-        (prefix / "nginx.conf").write_text(nginx_config(
-            nginx_port, [int(s.base_url.rsplit(":", 1)[1]) for s in servers], prefix))
-        nginx = ServerProcess([shutil.which("nginx") or "/usr/sbin/nginx", "-p", str(prefix),
-                               "-c", str(prefix / "nginx.conf")], nginx_port,
-                              prefix / "nginx.log", env=server_env(), name="nginx").start()
-        yield servers, nginx.base_url
-    finally:
-        if nginx is not None:
-            nginx.stop()
-        with ThreadPoolExecutor(2) as pool:
-            list(pool.map(stop_server, servers))
-        redis.terminate()
-        redis.wait(10)
-
-
-def test_replicas_share_jobs_invalidation_and_add_up_their_metrics(replicas):
-    (a, b), front = replicas
-    check_shared_jobs(a.base_url, b.base_url)
-    check_invalidation(a.base_url, b.base_url)
-    sent = len(TILES) * 9
-    tile = "/storage/g_files/10/0_0.jpeg"
-    for _ in range(10):
-        r = get(front, tile)
-        assert r.status_code == 200 and decode(r.content).shape[2] == 3
-    sent += 10
-    assert get(front, "/storage/g_files/99/0_0.jpeg").status_code == 404
-    sent += 1
-    texts = [get(s.base_url, "/metrics").text for s in (a, b)]
-    counted = [metric(t, "tileserver_tile_requests_total") for t in texts]
-    assert sum(counted) == sent and all(counted), counted
-    assert sum(metric(t, "tileserver_tile_requests_total", status="404") for t in texts) == 1
-    jobs = [metric(t, "tileserver_jobs", state="cancelled") for t in texts]
-    assert jobs[0] == jobs[1] == 1  # read from Redis: the same figure from every replica

@@ -5,8 +5,11 @@ the invalidation log."""
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import shutil
 import subprocess
+import sys
 import time
 
 import pytest
@@ -16,6 +19,7 @@ from app.coordination import ConflictingJob, new_job
 from app.coordination.embedded import EmbeddedCoordination
 from app.coordination.redisstore import RedisCoordination
 from app.tools.launch import free_port
+from tests.conftest import ROOT
 
 
 @pytest.fixture(scope="module")
@@ -99,3 +103,43 @@ def test_the_rules_of_both_stores(store):
             await store.close()
 
     asyncio.run(scenario())
+
+
+RACE = """
+import asyncio, json, sys
+from app.coordination import ConflictingJob, new_job
+from app.coordination.embedded import EmbeddedCoordination
+
+async def main():
+    store = EmbeddedCoordination(sys.argv[1])
+    await store.open()
+    won, claimed = [], []
+    for i in range(20):
+        try:
+            await store.submit(new_job([f"s{i}"], None, False, "race"))
+            won.append(i)
+        except ConflictingJob:
+            pass
+        job = await store.claim(sys.argv[2])
+        if job is not None:
+            claimed.append(job["id"])
+    await store.close()
+    print(json.dumps({"won": won, "claimed": claimed}))
+
+asyncio.run(main())
+"""
+
+
+def test_the_embedded_store_holds_across_processes(tmp_path):
+    """Two processes submit jobs for the same twenty slides and claim jobs at once: each slide
+    gets one job, and no job is claimed twice."""
+    path = tmp_path / "coordination.sqlite"
+    racers = [subprocess.Popen([sys.executable, "-c", RACE, str(path), f"p{n}"],
+                               stdout=subprocess.PIPE, text=True, cwd=ROOT,
+                               env={**os.environ, "PYTHONPATH": str(ROOT)})
+              for n in range(2)]
+    results = [json.loads(racer.communicate(timeout=60)[0]) for racer in racers]
+    won = sorted(i for r in results for i in r["won"])
+    assert won == list(range(20))  # every slide once: the other process got a conflict
+    claimed = [job for r in results for job in r["claimed"]]
+    assert claimed and len(claimed) == len(set(claimed)) <= 20
