@@ -50,13 +50,14 @@ def wrk_binary() -> str:
 
 def run_wrk(base_url: str, paths: list[str], mode: str, seconds: int, workdir: Path,
             tag: str, headers: dict[str, str] | None = None, connections: int = CONNECTIONS,
-            threads: int = WRK_THREADS) -> dict[str, Any]:
+            threads: int = WRK_THREADS, script: Path = LUA) -> dict[str, Any]:
     """Run ``wrk -t 2 -c 16 -d {seconds}s --latency -s bench/tiles.lua`` over ``paths``.
 
     Args:
         mode: ``once`` (each path at most once, disjoint slices per thread) or ``cycle``.
         headers: sent with every request (``wrk -H``), e.g. a bearer token.
-        connections, threads: wrk's ``-c`` and ``-t`` (the overload scenario's flood).
+        connections, threads, script: wrk's ``-c``, ``-t`` and Lua script (the overload
+            scenario's flood).
 
     Returns:
         The JSON line of the Lua ``done()`` plus ``wrk_cpu_s`` and the command line.
@@ -66,7 +67,7 @@ def run_wrk(base_url: str, paths: list[str], mode: str, seconds: int, workdir: P
     argv = [wrk_binary(), "-t", str(threads), "-c", str(connections), "-d", f"{seconds}s",
             "--timeout", WRK_TIMEOUT, "--latency",
             *[arg for k, v in (headers or {}).items() for arg in ("-H", f"{k}: {v}")],
-            "-s", str(LUA), base_url,
+            "-s", str(script), base_url,
             "--", str(urls), mode, str(threads)]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 120)
