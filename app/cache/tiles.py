@@ -14,7 +14,6 @@ import asyncio
 import hashlib
 import logging
 import os
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -139,8 +138,7 @@ class TileService:
         # whose limiter and worker bookkeeping cost three times as much per hop
         # (docs/benchmarks.md, "Where the time goes").
         self._render_threads = ThreadPoolExecutor(
-            max_workers=int(render_limiter.total_tokens), thread_name_prefix="render",
-            initializer=_render_thread_priority)
+            max_workers=int(render_limiter.total_tokens), thread_name_prefix="render")
         self.max_queued = (settings.Server.MaxQueuedRenders
                            or QUEUED_PER_THREAD * int(render_limiter.total_tokens))
         """Tile loads (disk read or render, running ones included) queued at most."""
@@ -474,20 +472,6 @@ class SlideCacheUse:
             self.stale_tiles += count.tiles
             self.stale_bytes += count.bytes
             self.stale.add(count.variant)
-
-
-RENDER_NICE = 5
-"""Niceness added to each render thread (Linux schedules threads one by one): when renders
-fill the cores, the event loop thread, which answers cache hits and refusals, runs first."""
-
-
-def _render_thread_priority() -> None:
-    """Render-thread initializer: lower this thread's priority by :data:`RENDER_NICE`."""
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(),
-                       os.getpriority(os.PRIO_PROCESS, 0) + RENDER_NICE)
-    except (OSError, AttributeError):  # not Linux: one priority for the process
-        pass
 
 
 def default_render_threads() -> int:
