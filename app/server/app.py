@@ -148,11 +148,11 @@ def create_app(settings: Settings, clock: Callable[[], float] | None = None) -> 
             log.warning("%s not found (run `npm ci`): %s will not load", marker, what)
     check_routes(app)
     app.add_middleware(HeadAsGet)
-    app.add_middleware(RequestId)
     app.add_middleware(AuthLayer, settings=settings, api_keys=api_keys, jwt=jwt, signer=signer)
     app.add_middleware(Cors, allow_origin=settings.Server.AccessControlAllowOrigin)
     if ProxyLayer.needed(settings):
-        app.add_middleware(ProxyLayer, settings=settings)  # outermost
+        app.add_middleware(ProxyLayer, settings=settings)
+    app.add_middleware(RequestId)  # outermost: every response and log line has the id
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:

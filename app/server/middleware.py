@@ -10,7 +10,7 @@ import re
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.logs import REQUEST_ID
-from app.server.tiles import HEAD_SCOPE_KEY, REQUEST_ID_SCOPE_KEY, match_tile_path
+from app.server.tiles import HEAD_SCOPE_KEY
 
 _INCOMING = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
 
@@ -46,8 +46,7 @@ class RequestId:
     """Give every HTTP request an id: the client's ``X-Request-Id`` when it is 1-128 of
     ``A-Z a-z 0-9 . _ : -`` (a proxy's id), else ``{process}-{serial}`` (12 random hex digits
     per process, then a counter). The id is set in :data:`app.logs.REQUEST_ID` for the
-    request's log lines and returned as ``X-Request-Id``: tile responses add it themselves
-    (:class:`app.server.tiles.TileRoute`, from the scope), other responses here.
+    request's log lines and returned as ``X-Request-Id`` on every response.
     """
 
     def __init__(self, app: ASGIApp):
@@ -67,19 +66,15 @@ class RequestId:
                 break
         if request_id is None:
             request_id = f"{self._prefix}-{next(self._serial)}"
-        scope[REQUEST_ID_SCOPE_KEY] = request_id
         token = REQUEST_ID.set(request_id)
+        header = (b"x-request-id", request_id.encode("ascii"))
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", ()), header]
+            await send(message)
+
         try:
-            if match_tile_path(scope["path"]) is not None:
-                await self.app(scope, receive, send)
-                return
-            header = (b"x-request-id", request_id.encode("ascii"))
-
-            async def send_with_id(message: Message) -> None:
-                if message["type"] == "http.response.start":
-                    message = {**message, "headers": [*message.get("headers", ()), header]}
-                await send(message)
-
             await self.app(scope, receive, send_with_id)
         finally:
             REQUEST_ID.reset(token)

@@ -57,8 +57,6 @@ HEAD_SCOPE_KEY = "tileserver.head"
 as GET."""
 ADDRESS_SCOPE_KEY = "tileserver.tile"
 """ASGI scope key under which :meth:`TileRoute.matches` hands the parsed URL to ``handle``."""
-REQUEST_ID_SCOPE_KEY = "tileserver.request_id"
-"""ASGI scope key of the request id (:class:`app.server.middleware.RequestId`)."""
 CLIENT_CLOSED = 499
 """The status audit lines and metrics give a request whose client went before its tile was
 there (nginx's convention; nothing is sent)."""
@@ -260,9 +258,6 @@ class TileRoute(BaseRoute):
         else:
             status, body = 200, tile.data
             headers.append((b"content-length", str(len(body)).encode()))
-        request_id = scope.get(REQUEST_ID_SCOPE_KEY)
-        if request_id is not None:
-            headers.append((b"x-request-id", request_id.encode()))
         if audit is not None and not audit.record(
                 path.slide, address, query_format, accept, if_none_match, head, tile,
                 tile.identity, status, 0 if head else len(body), None):
@@ -313,9 +308,6 @@ class TileRoute(BaseRoute):
         headers = _json_headers(body)
         if extra:
             headers += [(k.lower().encode(), v.encode("latin-1")) for k, v in extra.items()]
-        request_id = scope.get(REQUEST_ID_SCOPE_KEY)
-        if request_id is not None:
-            headers.append((b"x-request-id", request_id.encode()))
         await _send(send, status, headers, body, head)
         return status
 
