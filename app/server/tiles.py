@@ -22,6 +22,7 @@ hit), so the OpenAPI document gets their description from :func:`openapi_paths`.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import time
@@ -323,9 +324,19 @@ class _Client:
         self._receive = receive
 
     async def disconnected(self) -> None:
-        """Return when the connection is closed (the request's body messages skipped)."""
-        while (await self._receive())["type"] != "http.disconnect":
-            pass
+        """Return when the connection is closed. The request's body messages are skipped;
+        a server that keeps answering ``receive`` with body messages after the last one (none
+        should) is not watched further."""
+        while True:
+            message = await self._receive()
+            if message["type"] == "http.disconnect":
+                return
+            if not message.get("more_body", False):
+                break
+        message = await self._receive()  # ASGI: waits until the client goes
+        if message["type"] == "http.disconnect":
+            return
+        await asyncio.Event().wait()  # not ASGI-conformant: never report the client gone
 
 
 def _json_headers(body: bytes) -> list[tuple[bytes, bytes]]:
