@@ -48,6 +48,10 @@ CREATE TABLE IF NOT EXISTS invalidations (
 """
 
 
+_CLAIMABLE = ("SELECT doc FROM jobs WHERE state = 'queued' OR (state = 'running' AND "
+              "lease < ?)")
+
+
 class EmbeddedCoordination(Coordination):
     """:class:`~app.coordination.Coordination` in an SQLite file (see the module docstring).
 
@@ -142,10 +146,10 @@ class EmbeddedCoordination(Coordination):
         """Take the oldest queued job, or a running one whose lease ran out."""
         def claim(db: sqlite3.Connection) -> dict[str, Any] | None:
             now = time.time()
+            if db.execute(_CLAIMABLE + " LIMIT 1", (now,)).fetchone() is None:
+                return None  # idle processes look often: no write lock for nothing
             with _immediate(db):
-                row = db.execute(
-                    "SELECT doc FROM jobs WHERE state = 'queued' OR (state = 'running' AND "
-                    "lease < ?) ORDER BY created LIMIT 1", (now,)).fetchone()
+                row = db.execute(_CLAIMABLE + " ORDER BY created LIMIT 1", (now,)).fetchone()
                 if row is None:
                     return None
                 job: dict[str, Any] = json.loads(row[0])
