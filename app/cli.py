@@ -12,20 +12,24 @@ from __future__ import annotations
 import argparse
 import copy
 import logging
+import logging.config
 import os
 import re
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
 from app import __version__
 from app.core.errors import ConfigError
+from app.logs import TEXT_FORMAT
 from app.settings import Settings, changed_settings, load_settings
 
 log = logging.getLogger("tileserver")
 
-LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
-"""The format of the app's log lines, in the CLI process and in every uvicorn worker."""
+LOG_FORMAT = TEXT_FORMAT
+"""The text format of the app's log lines, in the CLI process and in every uvicorn worker."""
 
 SETTING_ITEM = re.compile(r"(?:--)?[A-Za-z_]\w*(?::\w+)*=")
 """A command-line settings item, ``Section:Key=value`` (ASP.NET's ``--Section:Key=value`` too);
@@ -118,16 +122,31 @@ def prepare_settings(config: str | None, overrides: list[str], *,
     return settings
 
 
-def log_config(level: str) -> dict[str, Any]:
-    """uvicorn's logging configuration plus the root logger at ``level`` in
-    :data:`LOG_FORMAT` on stderr, so that every worker process logs the app's lines with their
-    level and logger name (``uvicorn.run(..., log_config=...)``; workers are new processes)."""
+def log_config(level: str, fmt: str = "text") -> dict[str, Any]:
+    """uvicorn's logging configuration plus the root logger at ``level`` on stderr, so that
+    every worker process logs the app's lines with their level and logger name
+    (``uvicorn.run(..., log_config=...)``; workers are new processes).
+
+    Args:
+        fmt: ``Logging.Format``: ``text`` (:data:`LOG_FORMAT`) or ``json``
+            (:class:`app.logs.JsonFormatter`, uvicorn's own lines included), each line with
+            the request id it was logged for.
+    """
     from uvicorn.config import LOGGING_CONFIG
 
     config = copy.deepcopy(LOGGING_CONFIG)
-    config["formatters"]["tileserver"] = {"format": LOG_FORMAT}
+    config["filters"] = {"request_id": {"()": "app.logs.RequestIdFilter"}}
+    if fmt == "json":
+        for name in list(config["formatters"]):
+            config["formatters"][name] = {"()": "app.logs.JsonFormatter"}
+        config["formatters"]["tileserver"] = {"()": "app.logs.JsonFormatter"}
+    else:
+        config["formatters"]["tileserver"] = {"format": LOG_FORMAT}
     config["handlers"]["tileserver"] = {"class": "logging.StreamHandler",
-                                        "formatter": "tileserver", "stream": "ext://sys.stderr"}
+                                        "formatter": "tileserver", "stream": "ext://sys.stderr",
+                                        "filters": ["request_id"]}
+    for handler in config["handlers"].values():
+        handler.setdefault("filters", ["request_id"])
     config["root"] = {"handlers": ["tileserver"], "level": level.upper()}
     return config
 
@@ -143,14 +162,16 @@ def serve(args: argparse.Namespace) -> int:
     """Run uvicorn on the app factory with the validated settings.
 
     Logs each setting that differs from its default (``Section:Key = value``) and the address
-    to open, then starts uvicorn with :func:`log_config`.
+    to open, then starts uvicorn with :func:`log_config`. With ``Metrics.Enabled``, every
+    worker counts into prometheus-client's multiprocess folder: ``PROMETHEUS_MULTIPROC_DIR``
+    when set (emptied first), else a new temporary folder (removed at exit).
     """
     import uvicorn
 
-    from app.server.app import SETTINGS_ENV
-
     logging.getLogger().setLevel(args.log_level.upper())
     settings = prepare_settings(args.config, args.settings, announce_demo=True)
+    if settings.Logging.Format == "json":
+        logging.config.dictConfig(log_config(args.log_level, "json"))
     from app.core.formats import FormatPolicy
     from app.core.lossless import check_round_trips
 
@@ -162,6 +183,17 @@ def serve(args: argparse.Namespace) -> int:
     open_disk_cache(settings, build_catalogue(settings), index=False)
     for line in changed_settings(settings):
         logging.getLogger("tileserver.settings").info("%s", line)
+    metrics_dir = None  # the folder this command made, removed at exit
+    if settings.Metrics.Enabled:
+        # before uvicorn imports the app (and prometheus_client) in any process
+        from app.server.multiprocess import MULTIPROCESS_ENV, prepare_multiprocess_directory
+
+        given = os.environ.get(MULTIPROCESS_ENV)
+        if not given:
+            metrics_dir = tempfile.mkdtemp(prefix="tileserver-metrics-")
+        prepare_multiprocess_directory(given or metrics_dir or "")
+    from app.server.app import SETTINGS_ENV
+
     os.environ[SETTINGS_ENV] = settings.model_dump_json()
     from app.server.guard import Limits, guarded
     from app.server.http import HTTP_PROTOCOL_CLASS
@@ -169,14 +201,19 @@ def serve(args: argparse.Namespace) -> int:
     server = settings.Server
     raise_open_files_limit(server.MaxConnections)
     log.info("open %s in a browser", browser_url(args.host, args.port))
-    # proxy_headers off: only ForwardedHeaders (app.server.proxy) decides whom to believe
-    uvicorn.run("app.server.app:create_app_from_env", factory=True, host=args.host, port=args.port,
-                workers=args.workers, log_level=args.log_level, access_log=False,
-                log_config=log_config(args.log_level), timeout_graceful_shutdown=5,
-                http=guarded(HTTP_PROTOCOL_CLASS, Limits(
-                    server.MaxRequestHeadBytes, server.HeaderTimeoutSeconds,
-                    server.MaxConnections)),
-                proxy_headers=False, timeout_keep_alive=server.KeepAliveTimeoutSeconds)
+    try:
+        # proxy_headers off: only ForwardedHeaders (app.server.proxy) decides whom to believe
+        uvicorn.run("app.server.app:create_app_from_env", factory=True, host=args.host,
+                    port=args.port, workers=args.workers, log_level=args.log_level,
+                    access_log=False, timeout_graceful_shutdown=5,
+                    log_config=log_config(args.log_level, settings.Logging.Format),
+                    http=guarded(HTTP_PROTOCOL_CLASS, Limits(
+                        server.MaxRequestHeadBytes, server.HeaderTimeoutSeconds,
+                        server.MaxConnections)),
+                    proxy_headers=False, timeout_keep_alive=server.KeepAliveTimeoutSeconds)
+    finally:
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0
 
 

@@ -47,7 +47,7 @@ from app.core.names import name_problem
 
 ENVIRONMENT_VARIABLE = "TILESERVER_ENVIRONMENT"
 
-HOST_SECTIONS = ("Logging", "Kestrel", "ConnectionStrings")
+HOST_SECTIONS = ("Kestrel", "ConnectionStrings")
 """Top-level sections of ASP.NET appsettings files that configure the host, not the tile server:
 accepted from every source, their content not validated. A section the server comes to honour
 becomes a field of :class:`Settings` and leaves this tuple."""
@@ -154,6 +154,10 @@ class TileFormatSettings(Section):
                           "exactly one stored tile (needs DeepZoom.Geometry aligned).")
     AvifQuality: int = Field(70, ge=1, le=100, description="libavif quality of AVIF tiles.")
     EnforceLossless: bool = Field(False, description="No override downgrades a lossless level.")
+    OverrideCacheBytes: int = Field(
+        0, ge=0, description="Per slide, the most bytes of disk-cache tiles in encodings other "
+        "than each level's policy encoding (?format= overrides); the least recently used "
+        "beyond are evicted. 0: no quota of its own (TileCacheMaxBytes still applies).")
 
     @field_validator("Default", "LosslessFormat", mode="before")
     @classmethod
@@ -223,6 +227,10 @@ class ServerSettings(Section):
                                description="Decode TIFF JPEG tiles natively (app.core.native).")
     MemoryCacheBytes: int = Field(64 * 1024 * 1024, ge=0)
     RevalidateSeconds: float = Field(2.0, ge=0, description="How often a slide file is re-stat'ed.")
+    MaxQueuedRenders: int = Field(
+        0, ge=0, le=100_000, description="Tile loads (disk read or render) a process queues at "
+        "most; beyond, a tile that is in no cache answers 503 with Retry-After at once. "
+        "0: 4 per render thread.")
     MaxRequestHeadBytes: int = Field(
         16384, ge=1024, le=1 << 20, description="Request line and headers larger than this "
         "get 431 before more of them is read.")
@@ -471,6 +479,41 @@ class PregenerationSettings(Section):
                                   "(tcp://host:8786): run jobs on that cluster instead.")
 
 
+class CoordinationSettings(Section):
+    """``Coordination``: where the processes and replicas of a deployment share job state, the
+    one-job-per-slide rule, cancellation and cache invalidation (see app.coordination)."""
+
+    RedisUrl: str | None = Field(
+        None, description="redis://host:6379/0: share through Redis (replicas on several "
+        "machines). None: an SQLite database in TileCachePath (one machine).")
+    KeyPrefix: str = Field("tileserver", min_length=1, max_length=100,
+                           description="Prefix of every Redis key (several deployments on "
+                                       "one Redis).")
+
+
+class LoggingSettings(Section):
+    """``Logging``: the format of the log lines (ASP.NET's ``LogLevel`` is accepted, unused:
+    ``tileserver serve --log-level`` sets the level)."""
+
+    Format: Literal["text", "json"] = Field(
+        "text", description="text: LEVEL logger: message. json: one JSON object a line with "
+        "time, level, logger, message, process and the request id.")
+    LogLevel: dict[str, str] = Field(default_factory=dict,
+                                     description="ASP.NET's log levels; accepted, not used.")
+
+    @field_validator("Format", mode="before")
+    @classmethod
+    def _format_lower(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value
+
+
+class MetricsSettings(Section):
+    """``Metrics``: the Prometheus endpoint ``/metrics`` (see app.server.metrics)."""
+
+    Enabled: bool = Field(True, description="Count requests, renders, cache and jobs and "
+                          "serve them at /metrics (every worker process added up).")
+
+
 class Settings(BaseModel):
     """The whole configuration, frozen; attribute names are the appsettings.json keys."""
 
@@ -484,6 +527,15 @@ class Settings(BaseModel):
         "(skipped with a warning otherwise).")
     TileCachePath: str = "./tile_cache"
     EnableDiskCache: bool = True
+    TileCacheMaxBytes: int | None = Field(
+        None, ge=0, description="Most bytes the disk cache may hold (tiles and seals). None: "
+        "10% of the size of the file system that holds TileCachePath; 0: no limit.")
+    TileCacheHighWatermark: float = Field(
+        0.95, gt=0, le=1, description="Eviction starts when the cache holds this share of "
+        "TileCacheMaxBytes.")
+    TileCacheLowWatermark: float = Field(
+        0.85, gt=0, le=1, description="Eviction deletes the least recently used tiles until "
+        "the cache holds this share of TileCacheMaxBytes.")
     DeepZoom: DeepZoomSettings = Field(default_factory=DeepZoomSettings)
     TileFormat: TileFormatSettings = Field(default_factory=TileFormatSettings)
     Server: ServerSettings = Field(default_factory=ServerSettings)
@@ -493,6 +545,9 @@ class Settings(BaseModel):
     Audit: AuditSettings = Field(default_factory=AuditSettings)
     Integrity: IntegritySettings = Field(default_factory=IntegritySettings)
     Iiif: IiifSettings = Field(default_factory=IiifSettings)
+    Coordination: CoordinationSettings = Field(default_factory=CoordinationSettings)
+    Logging: LoggingSettings = Field(default_factory=LoggingSettings)
+    Metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     Auth: AuthSettings = Field(default_factory=AuthSettings)
     AllowedHosts: str = Field("*", description="Host names served, ;-separated (ASP.NET's "
                               "format: *, example.org, *.example.org); others get 400.")
@@ -507,6 +562,13 @@ class Settings(BaseModel):
         """``Audit:FailClosed``, with null resolved: true when authentication is on."""
         closed = self.Audit.FailClosed
         return bool(self.Auth.modes) if closed is None else closed
+
+    @model_validator(mode="after")
+    def _watermarks(self) -> Settings:
+        if self.TileCacheLowWatermark >= self.TileCacheHighWatermark:
+            raise ValueError(f"TileCacheLowWatermark ({self.TileCacheLowWatermark}) must be "
+                             f"below TileCacheHighWatermark ({self.TileCacheHighWatermark})")
+        return self
 
     @model_validator(mode="before")
     @classmethod

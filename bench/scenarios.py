@@ -56,7 +56,7 @@ class Scenario:
     key: str
     title: str
     server: str  # "ours" | "baseline" | "iipsrv"
-    kind: str  # "cold" | "warm" | "uncached" (cycling over tiles with every cache off)
+    kind: str  # "cold" | "warm" | "uncached" (every cache off) | "overload" (bench/overload.py)
     fmt: str  # what the URL asks for: "jpeg" | "lossless" | "png" | "iiif" (IIIF default.jpg)
     expect_type: str  # the Content-Type every tile response must have
     settings: dict[str, Any] | None = None  # appsettings of ours beside Images/TileCachePath
@@ -96,6 +96,10 @@ SCENARIOS: dict[str, Scenario] = {s.key: s for s in (
     # so that both workers hit (stored tiles sent as they are never enter the disk cache)
     Scenario("iiif-warm", "warm IIIF cache hits", "ours", "warm", "iiif", "image/jpeg"),
     Scenario("iipsrv-iiif", "cold IIIF", "iipsrv", "cold", "iiif", "image/jpeg"),
+    Scenario("warm-no-metrics", "warm cache hits, metrics off", "ours", "warm", "jpeg",
+             "image/jpeg", {"Metrics": {"Enabled": False}}),
+    Scenario("overload", "2,000 connections of cold JPEG", "ours", "overload", "jpeg",
+             "image/jpeg"),
 )}
 GROUPS: dict[str, list[str]] = {
     "all": list(SCENARIOS),
@@ -109,6 +113,8 @@ GROUPS: dict[str, list[str]] = {
     "lossless": ["cold-lossless", "baseline-png"],
     "passthrough": ["aligned-original", "aligned-rendered", "iipsrv"],
     "iiif": ["iiif-cold", "iiif-warm", "iipsrv-iiif"],
+    "metrics": ["warm", "warm-no-metrics"],
+    "overload": ["overload", "warm"],
 }
 
 
@@ -198,7 +204,9 @@ def run_ours_warm(scenario: Scenario, setup: Setup, seconds: int) -> Result:
     audit_path = Path(tempfile.mkdtemp(prefix=f"audit-{scenario.key}-", dir=setup.workdir),
                       "tiles.jsonl")
     audited = scenario.key == "warm-audit"
-    extra = {"Audit": {"Enabled": True, "Path": str(audit_path)}} if audited else None
+    extra: dict[str, Any] | None = dict(scenario.settings or {})
+    if audited:
+        extra = {**(extra or {}), "Audit": {"Enabled": True, "Path": str(audit_path)}}
     headers = None
     if scenario.auth:
         extra, headers = auth_credentials(setup.workdir)
@@ -422,6 +430,10 @@ def run_scenario(scenario: Scenario, setup: Setup, seconds: int,
         return run_baseline(scenario, setup, seconds, base_geo)
     if scenario.kind == "warm":
         return run_ours_warm(scenario, setup, seconds)
+    if scenario.kind == "overload":
+        from bench.overload import run_ours_overload
+
+        return run_ours_overload(scenario, setup, seconds)
     return run_ours_cold(scenario, setup, seconds)
 
 
@@ -485,7 +497,8 @@ def run_rounds(keys: list[str], setup: Setup, repeat: int,
             base_geo = base_geo or geometry_from_openslide(setup.slide)
         os.sync()  # the last scenario's tile files are written back before this one
         result = run_scenario(scenario, setup, seconds, base_geo)
-        while result.wrk["exhausted"] and duration is None and seconds > 1:
+        while (result.wrk["exhausted"] and duration is None and seconds > 1
+               and scenario.kind != "overload"):
             # a faster machine than the defaults were chosen for: shorter runs
             first, seconds = result, rerun_seconds(result)
             durations[key] = seconds

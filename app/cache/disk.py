@@ -45,6 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from app.cache.index import INDEX_NAME, CacheIndex, VariantOrigin
+from app.coordination import COORDINATION_NAME
 from app.core.errors import ConfigError
 from app.core.keys import TileKey
 from app.core.names import is_valid_name
@@ -308,6 +309,31 @@ class DiskTileCache:
             self.index.forget_variants(variants)
         return removed
 
+    def evict(self, keys: list[TileKey]) -> int:
+        """Delete some tile files (least recently used ones, chosen from the index) and drop
+        their index rows. Only regular files of the cache's layout are unlinked; a reader that
+        has a file open keeps reading it whole (Linux frees it at the last close), and a reader
+        that comes after finds no file and renders the tile again.
+
+        Returns:
+            How many files were deleted.
+        """
+        removed = 0
+        for key in keys:
+            if not (_VARIANT.fullmatch(key.variant) and _TILE_FILE.fullmatch(
+                    f"{key.col}_{key.row}.{key.ext}") and is_valid_name(key.slide)):
+                continue
+            path = self._path(key)
+            try:
+                if stat.S_ISREG(os.lstat(path).st_mode):
+                    os.unlink(path)
+                    removed += 1
+            except OSError:
+                continue
+        if self.index is not None:
+            self.index.evicted(keys)
+        return removed
+
     def _delete(self, slide: str | None, variant: str | None = None) -> int:
         removed = 0
         for path, _st in self._tile_files(slide, variant, temporary=True):
@@ -435,8 +461,10 @@ def check_location(root: str | Path, protected: dict[str, str | Path]) -> None:
 
 
 def _own_file(name: str) -> bool:
-    """Whether ``name`` in the root is the cache's own: its marker, index or lock files."""
-    return name == MARKER or name.startswith(INDEX_NAME) or name.startswith(TEMP_PREFIX)
+    """Whether ``name`` in the root is the cache's own: its marker, index, lock files, and the
+    embedded coordination store (:mod:`app.coordination.embedded`)."""
+    return (name == MARKER or name.startswith(INDEX_NAME) or name.startswith(TEMP_PREFIX)
+            or name.startswith(COORDINATION_NAME))
 
 
 def _scan(folder: str) -> list[os.DirEntry[str]]:

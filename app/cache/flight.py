@@ -4,9 +4,21 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from typing import Generic, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 T = TypeVar("T")
+
+
+class Client(Protocol):
+    """The client a request came from, as the caches see it (the server layer implements it
+    over the ASGI ``receive`` channel)."""
+
+    async def disconnected(self) -> None:
+        """Return once the client has gone (closed its connection)."""
+
+
+class ClientGone(Exception):
+    """Every client that waited for a computation has gone; nobody wants its result."""
 
 
 class SingleFlight(Generic[T]):
@@ -14,22 +26,56 @@ class SingleFlight(Generic[T]):
 
     Used so that concurrent requests for one uncached tile render it once. The computation runs
     as its own task, so a client that disconnects does not cancel it for the others (and a
-    tile being written to the cache is always finished). Event-loop only. ``T`` is the result
-    type of the computations.
+    tile being written to the cache is always finished). The callers of a key are counted:
+    :meth:`wanted` tells a computation (in any thread) whether anybody still waits, and when
+    the last caller's client goes, a computation not yet started is cancelled. Event-loop only
+    (except :meth:`wanted`). ``T`` is the result type of the computations.
     """
 
     def __init__(self) -> None:
         self._running: dict[object, asyncio.Task[T]] = {}
+        self._waiting: dict[object, int] = {}
 
-    async def run(self, key: object, compute: Callable[[], Awaitable[T]]) -> T:
+    async def run(self, key: object, compute: Callable[[], Awaitable[T]],
+                  client: Client | None = None) -> T:
         """Await ``compute()``, or the run already in flight for ``key``; errors propagate
-        to every waiter."""
+        to every waiter.
+
+        Args:
+            client: the caller's client; when it goes before the result is there, this call
+                raises :class:`ClientGone` (and the computation is cancelled if nobody else
+                waits and it has not started its work).
+        """
         task = self._running.get(key)
         if task is None:
             task = asyncio.ensure_future(compute())
             self._running[key] = task
             task.add_done_callback(lambda t: self._finished(key, t))
-        return await asyncio.shield(task)
+        self._waiting[key] = self._waiting.get(key, 0) + 1
+        try:
+            if client is None:
+                return await asyncio.shield(task)
+            gone = asyncio.ensure_future(client.disconnected())
+            try:
+                await asyncio.wait((task, gone), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                gone.cancel()
+            if task.done():
+                return task.result()
+            raise ClientGone()
+        finally:
+            left = self._waiting[key] - 1
+            if left:
+                self._waiting[key] = left
+            else:
+                del self._waiting[key]
+                if not task.done():
+                    task.cancel()  # a load still queued for a thread never starts
+
+    def wanted(self, key: object) -> bool:
+        """Whether any caller still waits for ``key``'s computation. Safe from any thread (a
+        dict read): a computation checks it before it starts costly work."""
+        return self._waiting.get(key, 0) > 0
 
     def _finished(self, key: object, task: asyncio.Task[T]) -> None:
         if self._running.get(key) is task:
@@ -41,3 +87,6 @@ class SingleFlight(Generic[T]):
     def in_flight(self) -> int:
         """How many computations are running."""
         return len(self._running)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._running

@@ -100,6 +100,16 @@ class LevelCount:
     origin: VariantOrigin | None
 
 
+@dataclass(frozen=True, slots=True)
+class CacheUsage:
+    """The whole cache: tile files, their bytes (seals included) and the tiles evicted so far
+    (by every process)."""
+
+    tiles: int
+    bytes: int
+    evicted: int
+
+
 RowKey = tuple[str, str, int, int, int, str]
 """A tile's key columns in the index: slide, variant, DZI level, col, row, extension."""
 
@@ -322,6 +332,57 @@ class CacheIndex:
                       else None)
             out.setdefault(name, []).append(LevelCount(variant, level, tiles, size, origin))
         return out
+
+    def usage(self) -> CacheUsage:
+        """Totals over every slide, from the per-level totals (no walk). Blocking."""
+        self.flush()
+        with self._lock:
+            db = self._require()
+            tiles, size = db.execute("SELECT coalesce(sum(tiles), 0), coalesce(sum(bytes), 0) "
+                                     "FROM levels").fetchone()
+            row = db.execute("SELECT value FROM counters WHERE name = 'evicted'").fetchone()
+        return CacheUsage(tiles, size, row[0] if row else 0)
+
+    def oldest(self, count: int, exclude: Iterable[str] = (),
+               among: Iterable[tuple[str, str, int]] | None = None
+               ) -> list[tuple[TileKey, int]]:
+        """The ``count`` least recently used tiles (oldest access time first) with their
+        bytes, leaving out the slides in ``exclude``; with ``among``, only tiles of those
+        ``(slide, variant, level)``. Blocking."""
+        self.flush()
+        skip = sorted(set(exclude))
+        sql = "SELECT slide, variant, level, col, row, ext, bytes FROM tiles"
+        where: list[str] = []
+        args: list[object] = []
+        if skip:
+            where.append(f"slide NOT IN ({', '.join('?' * len(skip))})")
+            args += skip
+        if among is not None:
+            groups = sorted(set(among))
+            if not groups:
+                return []
+            where.append("(" + " OR ".join(["(slide = ? AND variant = ? AND level = ?)"]
+                                            * len(groups)) + ")")
+            args += [part for group in groups for part in group]
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY atime LIMIT ?"
+        with self._lock:
+            rows = self._require().execute(sql, (*args, count)).fetchall()
+        return [(TileKey(*row[:6]), row[6]) for row in rows]
+
+    def evicted(self, keys: Iterable[TileKey]) -> None:
+        """Drop the rows of evicted tiles and count them (``evicted``). Blocking."""
+        rows = [_row_key(key) for key in keys]
+        if not rows:
+            return
+        self.flush()
+        with self._lock:
+            db = self._require()
+            with db:
+                db.executemany("DELETE FROM tiles WHERE slide = ? AND variant = ? AND "
+                               "level = ? AND col = ? AND row = ? AND ext = ?", rows)
+                _add(db, "evicted", len(rows))
 
     def counter(self, name: str) -> int:
         """A counter's value (``corrupt``, ``evicted``). Blocking."""

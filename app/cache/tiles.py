@@ -14,18 +14,22 @@ import asyncio
 import hashlib
 import logging
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import anyio
 from anyio import CapacityLimiter
 
 from app.cache.disk import DiskTileCache
-from app.cache.flight import SingleFlight
+from app.cache.eviction import Evictor
+from app.cache.flight import Client, ClientGone, SingleFlight
 from app.cache.index import LevelCount, VariantOrigin, geometry_fingerprint
 from app.cache.memory import MemoryTileCache
+from app.coordination import POLL_SECONDS, Coordination
 from app.core.digest import TileDigest, digest_from_sha256, digest_of
-from app.core.errors import SlideGone, SlideReadError, TileServerError
+from app.core.errors import Overloaded, SlideGone, SlideReadError, TileServerError
 from app.core.iiif import Limits, parse_image_request
 from app.core.planner import RegionPlan, TilePlan, TilePlanner, TileRequest
 from app.core.pyramid import ImageSource
@@ -37,6 +41,29 @@ log = logging.getLogger(__name__)
 
 IIIF_PLAN_MEMO = 8192
 """IIIF request plans kept per open slide (then forgotten at once and made again)."""
+QUEUED_PER_THREAD = 4
+"""``Server.MaxQueuedRenders`` 0: this many tile loads per render thread (a few tens of
+milliseconds of rendering each, so an accepted tile waits well under a second)."""
+RETRY_AFTER_SECONDS = 1
+"""``Retry-After`` of a shed request."""
+
+
+class TileEvents:
+    """What the tile service tells an observer (the server's metrics); these do nothing.
+    Methods may be called from render threads."""
+
+    def rendered(self, seconds: float) -> None:
+        """A tile was rendered and encoded in ``seconds``."""
+
+    def shed(self) -> None:
+        """A request found the render queue full and was refused."""
+
+    def abandoned(self) -> None:
+        """A tile load was dropped before its render because every client had gone."""
+
+    def corrupt(self) -> None:
+        """A corrupt disk-cache file was found (it is rendered again and replaced)."""
+
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,13 +111,20 @@ class TileService:
             tiles' reads that would wait for the disk); its total is also the number of render
             threads, which load tiles (cache read, render, encode, cache write).
         io_limiter: bounds concurrent cache statistics and deletions (worker threads).
+        store: the coordination store whose invalidations this process follows (:meth:`start`)
+            and tells (:meth:`invalidate`); None: this process alone.
+        events: an observer of renders, refusals and corrupt files (the server's metrics).
+        cache_limit: the disk cache's limit in bytes (:func:`app.cache.eviction.cache_limit`;
+            0: no limit).
 
-    Call :meth:`close` when done (it waits for the render threads).
+    Call :meth:`start` on the event loop (invalidations, eviction) and :meth:`close` when done
+    (it waits for the render threads).
     """
 
     def __init__(self, registry: SlideRegistry, planner: TilePlanner, disk: DiskTileCache,
                  settings: Settings, render_limiter: CapacityLimiter,
-                 io_limiter: CapacityLimiter):
+                 io_limiter: CapacityLimiter, store: Coordination | None = None,
+                 events: TileEvents | None = None, cache_limit: int = 0):
         self.registry = registry
         self.planner = planner
         self.disk = disk
@@ -104,23 +138,106 @@ class TileService:
         self.io_limiter = io_limiter
         self._flight: SingleFlight[tuple[bytes, TileDigest, str]] = SingleFlight()
         self._swept: set[str] = set()
-        self._tasks: set[asyncio.Task[int]] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
         self.corrupt_tiles = 0
+        self._regions = 0  # IIIF region renders in flight (they share the render queue)
         """Disk-cache files this process found corrupt (never served; rendered again)."""
         # Tile loads hop to these threads with run_in_executor rather than anyio.to_thread,
         # whose limiter and worker bookkeeping cost three times as much per hop
         # (docs/benchmarks.md, "Where the time goes").
         self._render_threads = ThreadPoolExecutor(
             max_workers=int(render_limiter.total_tokens), thread_name_prefix="render")
+        self.max_queued = (settings.Server.MaxQueuedRenders
+                           or QUEUED_PER_THREAD * int(render_limiter.total_tokens))
+        """Tile loads (disk read or render, running ones included) queued at most."""
+        self.store = store
+        self.events = events or TileEvents()
+        self.generation = 0
+        """The last invalidation generation of the coordination store applied here."""
+        self.followed_at: float | None = None
+        """``time.monotonic()`` of the last successful read of the store (readiness)."""
+        self._follower: asyncio.Task[None] | None = None
+        self.evictor = (Evictor(self, settings, cache_limit)
+                        if disk.enabled and disk.index is not None else None)
+        """Keeps the disk cache under ``cache_limit`` bytes (:mod:`app.cache.eviction`)."""
+
+    @property
+    def queued(self) -> int:
+        """Tile loads and IIIF region renders in flight in this process (waiting for a
+        render thread or running)."""
+        return self._flight.in_flight + self._regions
+
+    @property
+    def overloaded(self) -> bool:
+        """The render queue is full: a tile in no cache is refused (503)."""
+        return self.queued >= self.max_queued
+
+    async def start(self) -> None:
+        """Follow the coordination store's invalidations (every :data:`POLL_SECONDS`), from
+        its current generation on. Call from the event loop (the app's lifespan)."""
+        if self.evictor is not None:
+            self.evictor.start()
+        if self.store is None:
+            return
+        try:
+            self.generation = (await self.store.invalidations(1 << 62))[0]
+            self.followed_at = time.monotonic()
+        except Exception as exc:
+            log.warning("coordination store %s: %s", self.store.where, exc)
+        self._follower = asyncio.ensure_future(self._follow())
+        self.registry.on_replaced = self._replaced
+
+    async def _follow(self) -> None:
+        """Apply invalidations recorded by any process: drop those slides from this process's
+        memory cache and revalidate their files on next use."""
+        assert self.store is not None
+        failing = False
+        while True:
+            await asyncio.sleep(POLL_SECONDS)
+            try:
+                generation, slides = await self.store.invalidations(self.generation)
+            except Exception as exc:
+                if not failing:
+                    log.warning("coordination store %s unreachable: %s", self.store.where, exc)
+                failing = True
+                continue
+            failing = False
+            self.followed_at = time.monotonic()
+            for slide in dict.fromkeys(slides):
+                self.memory.discard(slide)
+                self.registry.expire(slide)
+            self.generation = max(self.generation, generation)
+
+    async def invalidate(self, name: str | None) -> None:
+        """Drop a slide's tiles (None: every tile) from this process's memory cache now and
+        from every other process's within a second (through the coordination store)."""
+        self.memory.discard(name)
+        if self.store is None:
+            return
+        try:
+            await self.store.invalidate(name)
+        except Exception as exc:
+            log.warning("coordination store %s: cannot tell the other processes to drop %s "
+                        "(%s)", self.store.where, name or "every slide", exc)
+
+    def _replaced(self, name: str) -> None:
+        """The registry found a slide's file replaced: every process forgets its tiles."""
+        task = asyncio.ensure_future(self.invalidate(name))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def close(self) -> None:
-        """Let the tile loads in flight finish (their cache writes included), then stop the
-        render threads."""
+        """Stop following the store; let the tile loads in flight finish (their cache writes
+        included), then stop the render threads."""
+        if self._follower is not None:
+            self._follower.cancel()
+        if self.evictor is not None:
+            self.evictor.stop()
         await anyio.to_thread.run_sync(self._render_threads.shutdown, limiter=self.io_limiter)
 
     async def get_tile(self, name: str, level: int, col: int, row: int,
                        request: TileRequest | None = None,
-                       associated: str | None = None) -> Tile:
+                       associated: str | None = None, client: Client | None = None) -> Tile:
         """The encoded tile at a DZI address of a slide, or of one of its associated images.
 
         Args:
@@ -129,8 +246,12 @@ class TileService:
             request: what the request asked for (extension, ``?format=``, ``Accept``).
             associated: an associated image's name (``label``, ``macro``, ...), or None for
                 the slide itself.
+            client: the requesting client; when it goes while the tile waits for a render
+                thread, the wait ends (:class:`ClientGone`) and nothing is rendered for it.
 
         Raises:
+            Overloaded: the tile is in no cache and :attr:`max_queued` loads are in flight.
+            ClientGone: ``client`` went before the tile was there.
             SlideNotFound, TileNotFound, BadTileRequest: 404/400 cases, before any pixel read.
             AssociatedImageNotFound: no such associated image, or ``Privacy`` withholds it.
             SlideOpenError, SlideReadError: OpenSlide failed (its message is kept).
@@ -139,16 +260,17 @@ class TileService:
         source = (handle.source if associated is None
                   else await self.registry.associated(handle, associated))
         plan = self.planner.plan(handle, source, level, col, row, request)
-        return await self._planned(handle, source, plan)
+        return await self._planned(handle, source, plan, client)
 
     async def get_region(self, name: str, segments: tuple[str, str, str, str],
-                         associated: str | None = None) -> Tile:
+                         associated: str | None = None, client: Client | None = None) -> Tile:
         """The encoded image of an IIIF Image API request of a slide or an associated image.
 
         Args:
             name: slide name (catalogue key).
             segments: the URL's ``region``, ``size``, ``rotation`` and ``quality.format``.
             associated: an associated image's name, or None for the slide itself.
+            client: the requesting client (as for :meth:`get_tile`'s pyramid tiles).
 
         A request that is a tile of the pyramid is served as that tile (memory, disk cache,
         passthrough, one render); any other is rendered in a render thread and not cached.
@@ -159,6 +281,9 @@ class TileService:
         Raises:
             SlideNotFound, AssociatedImageNotFound: 404, before any I/O of the image.
             BadTileRequest, FeatureNotImplemented: 400/501, before any pixel is read.
+            Overloaded: the image is in no cache and the render queue is full (region
+                renders count in :attr:`queued` like tile loads).
+            ClientGone: ``client`` went before an aligned tile was there.
             SlideOpenError, SlideReadError: OpenSlide failed (its message is kept).
         """
         handle = await self._open(name)
@@ -174,15 +299,22 @@ class TileService:
                 memo.clear()
             memo[(associated, segments)] = plan
         if plan.tile is not None:
-            tile = await self._planned(handle, source.without_overlap(), plan.tile)
+            tile = await self._planned(handle, source.without_overlap(), plan.tile, client)
             return Tile(tile.data, plan, tile.cache, tile.digest, tile.source, tile.identity)
+        if self.overloaded:
+            self.events.shed()
+            raise Overloaded(f"{self.queued} images are being rendered; try again",
+                             slide=handle.name, retry_after=RETRY_AFTER_SECONDS)
         loop = asyncio.get_running_loop()
+        self._regions += 1
         try:
             data = await loop.run_in_executor(self._render_threads, render_region, handle,
                                               source, plan)
         except SlideReadError:
             self.registry.discard(handle.name, handle)
             raise
+        finally:
+            self._regions -= 1
         return Tile(data, plan, "miss", digest_of(data), "rendered", handle.identity)
 
     async def _open(self, name: str) -> OpenSlide:
@@ -196,9 +328,10 @@ class TileService:
             self._swept.discard(name)  # back again: a later disappearance sweeps again
         return handle
 
-    async def _planned(self, handle: OpenSlide, source: ImageSource, plan: TilePlan) -> Tile:
+    async def _planned(self, handle: OpenSlide, source: ImageSource, plan: TilePlan,
+                       client: Client | None) -> Tile:
         """A planned tile: memory LRU, the slide's stored tile, else the disk cache or one
-        render (single-flight)."""
+        render (single-flight; ``client`` going ends its wait)."""
         cached = self.memory.get(plan.key)
         if cached is not None:
             return Tile(cached[0], plan, "hit", cached[1][0], cached[1][1], handle.identity)
@@ -209,9 +342,26 @@ class TileService:
                 self.memory.put(plan.key, data, (digest, "original"))
                 return Tile(data, plan, "miss", digest, "original", handle.identity)
             # a damaged stored tile: render it, and let OpenSlide report what it finds
+        if plan.key not in self._flight and self.overloaded:
+            return await self._shed(handle, plan)
         data, digest, status = await self._flight.run(
-            plan.key, lambda: self._load(handle, source, plan))
+            plan.key, lambda: self._load(handle, source, plan), client)
         return Tile(data, plan, status, digest, "rendered", handle.identity)
+
+    async def _shed(self, handle: OpenSlide, plan: TilePlan) -> Tile:
+        """The render queue is full: the tile from the disk cache (an I/O thread, not a render
+        thread, when one is free), else :class:`Overloaded` at once."""
+        cached = None
+        if self.io_limiter.available_tokens:
+            cached = await anyio.to_thread.run_sync(self.disk.read, plan.key,
+                                                    limiter=self.io_limiter)
+        if cached is not None and not cached.corrupt:
+            digest = digest_from_sha256(cached.sha256)
+            self.memory.put(plan.key, cached.data, (digest, "rendered"))
+            return Tile(cached.data, plan, "hit", digest, "rendered", handle.identity)
+        self.events.shed()
+        raise Overloaded(f"{self.queued} tiles are being rendered; try again",
+                         slide=handle.name, retry_after=RETRY_AFTER_SECONDS)
 
     def _sweep(self, name: str) -> None:
         """Forget the tiles of a slide whose file is gone: this process's memory cache now,
@@ -253,12 +403,15 @@ class TileService:
         Returns:
             ``(bytes, digest, hit|miss)``.
         """
-        loop = asyncio.get_running_loop()
+        queued = self._render_threads.submit(self._load_blocking, handle, source, plan)
         try:
-            data, digest, status, corrupt = await loop.run_in_executor(
-                self._render_threads, self._load_blocking, handle, source, plan)
+            data, digest, status, corrupt = await asyncio.wrap_future(queued)
         except SlideReadError:
             self.registry.discard(handle.name, handle)
+            raise
+        except asyncio.CancelledError:
+            if queued.cancelled():  # every client went while it waited for a thread
+                self.events.abandoned()
             raise
         self.corrupt_tiles += corrupt
         self.memory.put(plan.key, data, (digest, "rendered"))
@@ -274,14 +427,22 @@ class TileService:
         cached = self.disk.read(plan.key)
         if cached is not None and not cached.corrupt:
             return cached.data, digest_from_sha256(cached.sha256), "hit", False
+        if cached is not None:
+            self.events.corrupt()
+        if not self._flight.wanted(plan.key):  # every client went while this waited
+            self.events.abandoned()
+            raise ClientGone()
+        started = time.perf_counter()
         data = render_tile(handle, source, plan)
+        self.events.rendered(time.perf_counter() - started)
         sha256 = hashlib.sha256(data).digest()
         self.disk.write(plan.key, data, sha256,
                         VariantOrigin(handle.identity, plan.encoding.key, self.geometry))
         return data, digest_from_sha256(sha256), "miss", cached is not None
 
     async def clear(self, name: str | None = None, stale_only: bool = False) -> int:
-        """Delete cached tiles of one slide or all (disk and this process's memory).
+        """Delete cached tiles of one slide or all: the disk cache, and the memory cache of
+        every process (this one at once, the others within a second).
 
         Args:
             stale_only: delete only stale variants (:meth:`usage`), keep the current ones.
@@ -294,8 +455,10 @@ class TileService:
             stale = [(slide, variant) for slide, u in usage.items() for variant in u.stale]
             return await anyio.to_thread.run_sync(self.disk.clear_variants, stale,
                                                   limiter=self.io_limiter)
-        self.memory.discard(name)
-        return await anyio.to_thread.run_sync(self.disk.clear, name, limiter=self.io_limiter)
+        removed = await anyio.to_thread.run_sync(self.disk.clear, name,
+                                                 limiter=self.io_limiter)
+        await self.invalidate(name)  # after the files: no process reloads a deleted tile
+        return removed
 
     async def usage(self, name: str | None = None) -> dict[str, SlideCacheUse]:
         """What the disk cache holds, per slide, from the cache index's totals (no walk).

@@ -92,7 +92,7 @@ class BadJobRequest(TileServerError):
 
 
 class JobNotFound(TileServerError):
-    """No pregeneration job of that id is known to the process that answers."""
+    """No pregeneration job of that id is in the coordination store."""
 
     code = "job_not_found"
 
@@ -119,6 +119,17 @@ class CacheWriteError(TileServerError):
     """Pregeneration could not write a tile (read-only or full disk); ``detail`` says why."""
 
     code = "cache_not_writable"
+
+
+class Overloaded(TileServerError):
+    """The render queue is full (``Server.MaxQueuedRenders``): try again after
+    ``retry_after`` seconds. Tiles in a cache are still served."""
+
+    code = "overloaded"
+
+    def __init__(self, detail: str, *, slide: str | None = None, retry_after: int = 1):
+        super().__init__(detail, slide=slide)
+        self.retry_after = retry_after
 
 
 _ABSOLUTE_PATH = re.compile(r"(?<![\w.~-])/(?:[^/\s'\"]+/)+(?=[^/\s'\"]*)")

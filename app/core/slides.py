@@ -19,6 +19,7 @@ import logging
 import os
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -254,6 +255,9 @@ class SlideRegistry:
         self._cache = (openslide.OpenSlideCache(server.OpenSlideCacheBytes)
                        if server.OpenSlideCacheBytes else None)
         self._decoded = DecodedTileCache(server.OpenSlideCacheBytes)
+        self.on_replaced: Callable[[str], None] | None = None
+        """Called on the event loop with a slide's name when :meth:`get` found its file
+        replaced (the tile service tells every process to drop its tiles)."""
 
     @property
     def names(self) -> list[str]:
@@ -301,13 +305,15 @@ class SlideRegistry:
             handle = self.cached(name)
             if handle is not None:
                 return handle
-            handle = self._open.get(name)
+            previous = self._open.get(name)
             try:
                 handle = await anyio.to_thread.run_sync(self._open_or_revalidate, entry,
-                                                        handle, limiter=self._limiter)
+                                                        previous, limiter=self._limiter)
             except SlideGone:
                 self._open.pop(name, None)
                 raise
+            if previous is not None and handle is not previous and self.on_replaced:
+                self.on_replaced(name)
             self._open[name] = handle
             self._open.move_to_end(name)
             while len(self._open) > self.settings.Server.MaxOpenSlides:
@@ -362,6 +368,13 @@ class SlideRegistry:
         while len(self._open) > self.settings.Server.MaxOpenSlides:
             self._open.popitem(last=False)
         return handle
+
+    def expire(self, name: str | None = None) -> None:
+        """Make the next :meth:`get` of a slide (None: of every slide) re-stat its file, as
+        if ``Server.RevalidateSeconds`` had passed; no I/O."""
+        for key, handle in self._open.items():
+            if name is None or key == name:
+                handle.checked_at = float("-inf")
 
     def discard(self, name: str, handle: OpenSlide | None = None) -> None:
         """Drop an open slide (after a read error, the handle is dead); reopened on next use."""

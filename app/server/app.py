@@ -14,6 +14,7 @@ path base), :class:`app.server.auth.AuthLayer` (the principal), ``HeadAsGet``.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from collections.abc import AsyncIterator, Callable
@@ -35,7 +36,11 @@ from app.assets import MIRADOR_PARTS, REDOC_PARTS, SWAGGER_UI_PARTS, npm_dir, op
 from app.batch.jobs import JobManager
 from app.cache.content import ContentHasher
 from app.cache.disk import open_disk_cache
+from app.cache.eviction import cache_limit
 from app.cache.tiles import TileService, default_render_threads
+from app.coordination import COORDINATION_NAME, Coordination, open_coordination
+from app.coordination.embedded import EmbeddedCoordination
+from app.core.errors import ConfigError
 from app.core.lossless import check_round_trips
 from app.core.planner import TilePlanner
 from app.core.slides import SlideRegistry, build_catalogue
@@ -45,9 +50,11 @@ from app.server.auth import AuthLayer, GuardedRoute, Permission, require
 from app.server.credentials import ApiKeys, JwtVerifier, UrlSigner, read_secret
 from app.server.dependencies import Services, path_base
 from app.server.errors import install_handlers
-from app.server.middleware import Cors, HeadAsGet
+from app.server.metrics import SAMPLE_SECONDS, Metrics
+from app.server.middleware import Cors, HeadAsGet, RequestId
 from app.server.proxy import ProxyLayer
-from app.server.routes import api, dzi, iiif, jobs, pages
+from app.server.readiness import Readiness
+from app.server.routes import api, dzi, iiif, jobs, ops, pages
 from app.settings import Settings, settings_from
 
 log = logging.getLogger(__name__)
@@ -91,18 +98,32 @@ def create_app(settings: Settings, clock: Callable[[], float] | None = None) -> 
             log.info("audit log: %s", audit.path)
         content = (ContentHasher(disk.index, settings.TileCachePath)
                    if settings.Integrity.ContentSha256 else None)
+        store = await open_store(settings)
+        metrics = Metrics() if settings.Metrics.Enabled else None
+        limit = await anyio.to_thread.run_sync(cache_limit, settings)
+        tile_service = TileService(registry, planner, disk, settings, render,
+                                   CapacityLimiter(IO_THREADS), store, metrics, limit)
         services = Services(
-            settings, registry, planner,
-            TileService(registry, planner, disk, settings, render, CapacityLimiter(IO_THREADS)),
-            JobManager(registry, settings), audit, content, signer)
+            settings, registry, planner, tile_service, JobManager(registry, settings, store),
+            audit, content, signer, store, metrics, Readiness(settings, tile_service))
         app.state.services = services
+        await tile_service.start()
         services.jobs.start()
+        assert services.readiness is not None
+        await services.readiness.start()
+        sampler = asyncio.ensure_future(_sample(services)) if metrics is not None else None
         log.info("serving %d slide(s): %s", len(catalogue), ", ".join(catalogue))
         try:
             yield
         finally:
+            if sampler is not None:
+                sampler.cancel()
+            services.readiness.stop()
             await services.jobs.close()
             await services.tiles.close()
+            await store.close()
+            if metrics is not None:
+                metrics.close()
             if audit is not None:
                 await anyio.to_thread.run_sync(audit.close)
 
@@ -113,7 +134,7 @@ def create_app(settings: Settings, clock: Callable[[], float] | None = None) -> 
     install_handlers(app)
     app.add_exception_handler(pages.SignInRequired, pages.sign_in_page)
     app.router.routes.insert(0, tiles.TileRoute())  # first: tile requests match at once
-    for router in (dzi.router, iiif.router, api.router, jobs.router, pages.router,
+    for router in (dzi.router, iiif.router, api.router, jobs.router, pages.router, ops.router,
                    _docs_router(app)):
         app.include_router(router)
     for url, parts, marker, what in (
@@ -131,7 +152,8 @@ def create_app(settings: Settings, clock: Callable[[], float] | None = None) -> 
     app.add_middleware(AuthLayer, settings=settings, api_keys=api_keys, jwt=jwt, signer=signer)
     app.add_middleware(Cors, allow_origin=settings.Server.AccessControlAllowOrigin)
     if ProxyLayer.needed(settings):
-        app.add_middleware(ProxyLayer, settings=settings)  # outermost
+        app.add_middleware(ProxyLayer, settings=settings)
+    app.add_middleware(RequestId)  # outermost: every response and log line has the id
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
@@ -144,6 +166,41 @@ def create_app(settings: Settings, clock: Callable[[], float] | None = None) -> 
 
     app.openapi = openapi  # type: ignore[method-assign]
     return app
+
+
+async def open_store(settings: Settings) -> Coordination:
+    """The coordination store of ``settings``, opened (:func:`app.coordination.open_coordination`).
+
+    Redis must answer (else :class:`~app.core.errors.ConfigError`: start-up stops). The
+    embedded store needs a disk cache; without one, or where its file cannot be opened (a
+    read-only cache folder), jobs and invalidations are shared by this process alone (logged).
+
+    Raises:
+        ConfigError: ``Coordination.RedisUrl`` does not answer.
+    """
+    store = open_coordination(settings)
+    if store.kind == "embedded" and not settings.EnableDiskCache:
+        store = EmbeddedCoordination(":memory:")
+    try:
+        await store.open()
+    except Exception as exc:
+        if store.kind != "embedded":
+            raise ConfigError(f"Coordination:RedisUrl = {store.where!r}: {exc}") from None
+        log.warning("coordination store %s cannot be opened (%s): jobs and cache invalidations "
+                    "are this process's alone", os.path.join(settings.TileCachePath,
+                                                                COORDINATION_NAME), exc)
+        store = EmbeddedCoordination(":memory:")
+        await store.open()
+    log.info("coordination: %s %s", store.kind, store.where)
+    return store
+
+
+async def _sample(services: Services) -> None:
+    """Write this process's metrics gauges every :data:`~app.server.metrics.SAMPLE_SECONDS`."""
+    assert services.metrics is not None
+    while True:
+        services.metrics.sample(services)
+        await asyncio.sleep(SAMPLE_SECONDS)
 
 
 def check_routes(app: FastAPI) -> None:

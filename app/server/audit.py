@@ -362,6 +362,11 @@ class AuditLog:
         self._thread.start()
 
     @property
+    def pending(self) -> int:
+        """Lines queued and not yet written (approximate: ``qsize``)."""
+        return self._queue.qsize() + len(self._pending)
+
+    @property
     def accepting(self) -> bool:
         """Whether a line queued now will be written: the queue has room and the file is
         writable."""

@@ -8,13 +8,14 @@ and the tile route (:class:`app.server.tiles.TileRoute`) reads the same object.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 from fastapi import Depends, Request
 
 from app.batch.jobs import JobManager
 from app.cache.content import ContentHasher
 from app.cache.tiles import TileService
+from app.coordination import Coordination
 from app.core.planner import TilePlanner
 from app.core.privacy import Privacy
 from app.core.slides import SlideRegistry
@@ -22,6 +23,10 @@ from app.server.audit import AuditLog
 from app.server.auth import principal_of
 from app.server.credentials import Principal, UrlSigner
 from app.settings import Settings
+
+if TYPE_CHECKING:
+    from app.server.metrics import Metrics
+    from app.server.readiness import Readiness
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +42,9 @@ class Services:
         audit: the audit log, or None when ``Audit.Enabled`` is false.
         content: whole-file SHA-256 of slides, or None unless ``Integrity.ContentSha256``.
         signer: signs URLs (``Auth:SignedUrls``), or None without a key.
+        store: the coordination store shared with the other processes and replicas.
+        metrics: Prometheus metrics, or None unless ``Metrics.Enabled``.
+        readiness: what ``/readyz`` answers.
     """
 
     settings: Settings
@@ -47,6 +55,9 @@ class Services:
     audit: AuditLog | None
     content: ContentHasher | None = None
     signer: UrlSigner | None = None
+    store: Coordination | None = None
+    metrics: Metrics | None = None
+    readiness: Readiness | None = None
 
     @property
     def privacy(self) -> Privacy:

@@ -32,6 +32,7 @@ from app.core.errors import (
     JobFinished,
     JobNotFound,
     NotAuthenticated,
+    Overloaded,
     SignedUrlsDisabled,
     SlideNotFound,
     SlideOpenError,
@@ -62,6 +63,7 @@ STATUS: dict[type[TileServerError], int] = {
     HostNotAllowed: 400,
     SignedUrlsDisabled: 409,
     AuditUnavailable: 503,
+    Overloaded: 503,
     TileServerError: 500,
 }
 
@@ -76,11 +78,13 @@ def status_for(exc: TileServerError) -> int:
 
 def headers_for(exc: TileServerError) -> dict[str, str] | None:
     """Response headers an error needs beyond its body: ``WWW-Authenticate`` on a 401,
-    ``Retry-After`` on a 503 of the audit log."""
+    ``Retry-After`` on a 503 of the audit log or of a full render queue."""
     if isinstance(exc, NotAuthenticated):
         return {"WWW-Authenticate": exc.challenge}
     if isinstance(exc, AuditUnavailable):
         return {"Retry-After": "1"}
+    if isinstance(exc, Overloaded):
+        return {"Retry-After": str(exc.retry_after)}
     return None
 
 

@@ -28,6 +28,7 @@ hit), so the OpenAPI document gets their description from :func:`openapi_paths`.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import time
@@ -38,9 +39,16 @@ from urllib.parse import parse_qs
 from starlette.routing import BaseRoute, Match
 from starlette.types import Receive, Scope, Send
 
+from app.cache.flight import ClientGone
 from app.cache.tiles import Tile
 from app.core.digest import EMPTY_DIGEST
-from app.core.errors import AuditUnavailable, BadTileRequest, TileNotFound, TileServerError
+from app.core.errors import (
+    AuditUnavailable,
+    BadTileRequest,
+    Overloaded,
+    TileNotFound,
+    TileServerError,
+)
 from app.core.formats import TileFormat
 from app.core.planner import RegionPlan, TileRequest
 from app.core.slides import SINGLE_SLIDE_NAME
@@ -56,6 +64,9 @@ HEAD_SCOPE_KEY = "tileserver.head"
 as GET."""
 ADDRESS_SCOPE_KEY = "tileserver.tile"
 """ASGI scope key under which :meth:`TileRoute.matches` hands the parsed URL to ``handle``."""
+CLIENT_CLOSED = 499
+"""The status audit lines and metrics give a request whose client went before its tile was
+there (nginx's convention; nothing is sent)."""
 
 _MAX_DIGITS = 9
 
@@ -252,22 +263,26 @@ class TileRoute(BaseRoute):
             values = parse_qs(query, keep_blank_values=True).get("format")
             query_format = values[-1] if values else None
         audit = _AuditedRequest.start(services, scope)
+        metrics = services.metrics
+        started = time.perf_counter() if metrics is not None else 0.0
         address: AuditAddress | None = None
         try:
             if isinstance(path, IiifPath):
                 authorize(scope[PRINCIPAL_KEY], Permission.VIEW, path.slide)
                 tile = await services.tiles.get_region(path.slide, path.segments,
-                                                       path.associated)
+                                                       path.associated, _Client(receive))
                 address = _iiif_address(tile)
             else:
                 level, col, row, ext = address = parse_address(path.level, path.tile)
                 authorize(scope[PRINCIPAL_KEY], Permission.VIEW, path.slide)
                 tile = await services.tiles.get_tile(
                     path.slide, level, col, row, TileRequest(ext, query_format, accept),
-                    path.associated)
+                    path.associated, _Client(receive))
         except Exception as exc:
-            await self._error(send, services, scope, path, exc, audit, head, address,
-                              query_format, accept, if_none_match)
+            status = await self._error(send, services, scope, path, exc, audit, head, address,
+                                       query_format, accept, if_none_match)
+            if metrics is not None:
+                metrics.tile("", False, "", "", status, time.perf_counter() - started)
             return
         headers = tile_headers(tile, services.settings.Server.CacheControl, head)
         if etag_matches(if_none_match, tile.etag):
@@ -279,35 +294,82 @@ class TileRoute(BaseRoute):
         if audit is not None and not audit.record(
                 path.slide, address, query_format, accept, if_none_match, head, tile,
                 tile.identity, status, 0 if head else len(body), None):
-            await self._error(send, services, scope, path, AuditUnavailable(
+            status = await self._error(send, services, scope, path, AuditUnavailable(
                 "the audit log cannot record this tile now"), None, head)
-            return
-        await _send(send, status, headers, body, head)
+        else:
+            await _send(send, status, headers, body, head)
+        if metrics is not None:
+            plan = tile.plan
+            metrics.tile(plan.encoding.format.value, tile.lossless, tile.cache, tile.source,
+                         status, time.perf_counter() - started)
 
     @staticmethod
     async def _error(send: Send, services: Any, scope: Scope, path: TilePath | IiifPath,
                      exc: Exception,
-                     audit: _AuditedRequest | None, head: bool, *request: Any) -> None:
+                     audit: _AuditedRequest | None, head: bool, *request: Any) -> int:
         """Answer an error as JSON (a bug as 500), with its audit line when ``audit`` is
-        given; a line that cannot be queued under ``Audit:FailClosed`` makes it a 503."""
-        if not isinstance(exc, TileServerError):  # a bug: answer 500, keep serving
-            log.exception("GET %s failed", scope["path"])
-            exc = TileServerError("internal error", slide=path.slide)
+        given; a line that cannot be queued under ``Audit:FailClosed`` makes it a 503. A
+        client that went before its tile was there (:class:`ClientGone`) gets nothing; its
+        audit line says :data:`CLIENT_CLOSED`.
+
+        Returns:
+            The status answered (or recorded).
+        """
+        gone = isinstance(exc, ClientGone)
+        if gone:
+            exc = TileServerError("the client closed the connection", slide=path.slide)
+            exc.code = "client_closed_request"
+            status = CLIENT_CLOSED
+        else:
+            if not isinstance(exc, TileServerError):  # a bug: answer 500, keep serving
+                log.exception("GET %s failed", scope["path"])
+                exc = TileServerError("internal error", slide=path.slide)
+            status = status_for(exc)
         if audit is not None:
             handle = services.registry.peek(path.slide)
             address, query_format, accept, if_none_match = request
             if not audit.record(path.slide, address, query_format, accept, if_none_match, head,
-                                None, handle.identity if handle else None, status_for(exc),
-                                None, exc.code):
+                                None, handle.identity if handle else None, status,
+                                None, exc.code) and not gone:
                 exc = AuditUnavailable("the audit log cannot record this request now")
-        status, body = error_json(status_for(exc), exc.code, exc.detail, exc.slide, exc.extra)
-        if status >= 500:
+                status = status_for(exc)
+        if gone:
+            return status  # nobody to answer
+        status, body = error_json(status, exc.code, exc.detail, exc.slide, exc.extra)
+        if status >= 500 and not isinstance(exc, Overloaded):
             log.warning("GET %s -> %d %s", scope["path"], status, exc.detail)
         extra = headers_for(exc)
         headers = _json_headers(body)
         if extra:
             headers += [(k.lower().encode(), v.encode("latin-1")) for k, v in extra.items()]
         await _send(send, status, headers, body, head)
+        return status
+
+
+class _Client:
+    """The requesting client as the tile service sees it
+    (:class:`app.cache.flight.Client`): gone once ``receive`` says ``http.disconnect``.
+    Only awaited while a tile waits for a render thread."""
+
+    __slots__ = ("_receive",)
+
+    def __init__(self, receive: Receive):
+        self._receive = receive
+
+    async def disconnected(self) -> None:
+        """Return when the connection is closed. The request's body messages are skipped;
+        a server that keeps answering ``receive`` with body messages after the last one (none
+        should) is not watched further."""
+        while True:
+            message = await self._receive()
+            if message["type"] == "http.disconnect":
+                return
+            if not message.get("more_body", False):
+                break
+        message = await self._receive()  # ASGI: waits until the client goes
+        if message["type"] == "http.disconnect":
+            return
+        await asyncio.Event().wait()  # not ASGI-conformant: never report the client gone
 
 
 def _json_headers(body: bytes) -> list[tuple[bytes, bytes]]:
@@ -391,6 +453,7 @@ _TILE_HEADERS = {
         ("X-Tile-Cache", "hit or miss"),
         ("X-Tile-Source", "original (the slide's stored JPEG tile) or rendered"),
         ("X-Tile-Override", "refused when EnforceLossless refused a lossy ?format="),
+        ("X-Request-Id", "the request's id (the client's X-Request-Id when valid)"),
     )}
 
 
@@ -421,6 +484,8 @@ def openapi_paths() -> dict[str, dict[str, Any]]:
         "400": {"description": "malformed address or format (JSON error)"},
         "404": {"description": "unknown slide, image, level or tile (JSON error)"},
         "500": {"description": "the slide cannot be read (JSON error)"},
+        "503": {"description": "the render queue is full (Server.MaxQueuedRenders): try "
+                "again after Retry-After seconds; cached tiles are still served"},
     }
 
     def item(summary: str, *parameters: dict[str, Any]) -> dict[str, Any]:

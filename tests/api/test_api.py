@@ -62,7 +62,10 @@ def test_images_and_stats_and_clear(client, tmp_path):
     total = client.get("/api/tiles/stats").json()
     assert total["cachedTiles"] == 4 and set(total) == {
         "cachedTiles", "cacheSizeBytes", "cacheSizeMiB", "staleTiles", "staleSizeBytes",
-        "staleSizeMiB", "otherTiles", "otherSizeBytes", "otherSizeMiB", "corruptTiles"}
+        "staleSizeMiB", "otherTiles", "otherSizeBytes", "otherSizeMiB", "corruptTiles",
+        "limitBytes", "highWatermarkBytes", "lowWatermarkBytes", "usedBytes", "evictedTiles"}
+    assert total["usedBytes"] == sum(p.stat().st_size
+                                     for p in (tmp_path / "cache").rglob("*_*.*"))
     assert total["staleTiles"] == total["otherTiles"] == total["corruptTiles"] == 0
     assert client.get("/api/images").json()[1]["cachedTiles"] == 3
 

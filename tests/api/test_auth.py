@@ -244,6 +244,7 @@ PERMISSIONS = {
     ("POST", "/api/tiles/generate"): "change", ("POST", "/api/tiles/generate-all"): "change",
     ("POST", "/api/tiles/{name}/generate"): "change", ("DELETE", "/api/jobs/{job_id}"): "change",
     ("GET", "/static/{file}"): "public", ("GET", "/healthz"): "public",
+    ("GET", "/readyz"): "public", ("GET", "/metrics"): "admin",
     ("GET", "/api/version"): "public", ("GET", "/openapi.json"): "public",
     ("GET", "/docs"): "public", ("GET", "/redoc"): "public",
 }

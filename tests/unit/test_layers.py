@@ -9,7 +9,8 @@ import pytest
 WEB = ("fastapi", "starlette", "uvicorn")
 
 
-@pytest.mark.parametrize("package", ["app.core", "app.cache", "app.batch", "app.settings"])
+@pytest.mark.parametrize("package", ["app.core", "app.cache", "app.batch", "app.coordination",
+                                     "app.settings", "app.logs"])
 def test_lower_layers_import_no_web_framework(package):
     """Importing every module of a lower layer (in a fresh interpreter) loads no web module, so
     pregeneration workers and the CLI's batch commands never import FastAPI."""

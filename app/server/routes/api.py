@@ -227,17 +227,29 @@ async def cache_stats(registry: Registry, tiles: Tiles) -> dict[str, Any]:
     settings: ``DELETE /api/tiles/cache?stale=true`` removes them); ``otherTiles`` the tiles
     of slides this server does not serve (other servers sharing the cache);
     ``corruptTiles`` the cache files found damaged (never served, rendered again).
+    ``limitBytes`` is ``TileCacheMaxBytes`` in force (0: no limit), ``usedBytes`` every tile
+    file's bytes (all of the above), ``evictedTiles`` the files evicted so far by every process
+    (:mod:`app.cache.eviction`).
     """
     usage = await tiles.usage()
     mine = [u for name, u in usage.items() if name in registry.catalogue]
     other = [u for name, u in usage.items() if name not in registry.catalogue]
     corrupt = await anyio.to_thread.run_sync(tiles.corrupt_count, limiter=tiles.io_limiter)
+    index = tiles.disk.index
+    totals = (await anyio.to_thread.run_sync(index.usage, limiter=tiles.io_limiter)
+              if index is not None else None)
+    evictor = tiles.evictor
     return {
         **_sizes(sum(u.tiles for u in mine), sum(u.bytes for u in mine)),
         **_sizes(sum(u.stale_tiles for u in mine), sum(u.stale_bytes for u in mine), "stale"),
         **_sizes(sum(u.tiles + u.stale_tiles for u in other),
                  sum(u.bytes + u.stale_bytes for u in other), "other"),
         "corruptTiles": corrupt,
+        "limitBytes": evictor.limit if evictor is not None else 0,
+        "highWatermarkBytes": evictor.high if evictor is not None else 0,
+        "lowWatermarkBytes": evictor.low if evictor is not None else 0,
+        "usedBytes": totals.bytes if totals is not None else 0,
+        "evictedTiles": totals.evicted if totals is not None else 0,
     }
 
 

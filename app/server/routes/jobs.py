@@ -14,7 +14,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from app.batch.jobs import Job
+from app.batch.jobs import FINISHED
 from app.batch.walk import parse_levels
 from app.core.errors import BadJobRequest
 from app.core.slides import SINGLE_SLIDE_NAME
@@ -38,9 +38,9 @@ def _levels(values: list[str] | None) -> tuple[int, ...] | None:
         raise BadJobRequest(str(exc)) from None
 
 
-def _accepted(job: Job, request: Request) -> JSONResponse:
-    return JSONResponse(job.document(), status_code=202,
-                        headers={"Location": f"{path_base(request)}/api/jobs/{job.id}"})
+def _accepted(job: dict[str, Any], request: Request) -> JSONResponse:
+    return JSONResponse(job, status_code=202,
+                        headers={"Location": f"{path_base(request)}/api/jobs/{job['id']}"})
 
 
 @router.post("/tiles/generate", status_code=202, summary="Pregenerate the single slide",
@@ -72,33 +72,42 @@ async def generate(name: str, jobs: Jobs, request: Request, overwrite: Overwrite
     return _accepted(await jobs.submit([name], _levels(levels), overwrite), request)
 
 
-@router.get("/jobs", summary="Pregeneration jobs of this server process", dependencies=[ADMIN])
+@router.get("/jobs", summary="Pregeneration jobs of every server process",
+            dependencies=[ADMIN])
 async def list_jobs(jobs: Jobs) -> list[dict[str, Any]]:
-    """Every job this process knows, newest first (the last 100 finished ones are kept)."""
-    return [job.document() for job in jobs.all()]
+    """Every job of the deployment (every process and replica sharing the coordination
+    store), newest first (the last 100 finished ones are kept)."""
+    return await jobs.all()
 
 
 @router.get("/jobs/{job_id}", summary="One job: state, progress, rate, ETA, error",
             dependencies=[ADMIN])
 async def get_job(job_id: str, jobs: Jobs) -> dict[str, Any]:
     """The job's document; 404 for an unknown id."""
-    return jobs.get(job_id).document()
+    return await jobs.get(job_id)
 
 
 @router.get("/jobs/{job_id}/events", summary="Server-sent events with the job's progress",
             dependencies=[ADMIN])
 async def job_events(job_id: str, jobs: Jobs) -> StreamingResponse:
     """``text/event-stream``: an ``event: progress`` with the job document whenever it
-    changes (at most 4 per second), then one ``event: end`` with the finished document."""
-    job = jobs.get(job_id)
+    changes (at most 4 per second), then one ``event: end`` with the finished document; any
+    process follows any job."""
+    watch = jobs.watch(job_id)
+    first = await anext(watch)  # JobNotFound here is a 404, before the stream starts
 
     async def stream() -> AsyncIterator[str]:
-        async for doc in job.watch():
+        doc = first
+        while True:
             if doc is None:
                 yield ": keepalive\n\n"
-                continue
-            kind = "end" if job.state.finished and doc["state"] == job.state.value else "progress"
-            yield f"event: {kind}\ndata: {json.dumps(doc)}\n\n"
+            else:
+                kind = "end" if doc["state"] in FINISHED else "progress"
+                yield f"event: {kind}\ndata: {json.dumps(doc)}\n\n"
+            try:
+                doc = await anext(watch)
+            except StopAsyncIteration:
+                return
 
     return StreamingResponse(stream(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -108,4 +117,4 @@ async def job_events(job_id: str, jobs: Jobs) -> StreamingResponse:
 async def cancel_job(job_id: str, jobs: Jobs) -> JSONResponse:
     """Cancel a queued or running job; 409 if it has already finished. The tiles it wrote
     stay (they are whole); a new job resumes where it stopped."""
-    return JSONResponse(jobs.cancel(job_id).document(), status_code=202)
+    return JSONResponse(await jobs.cancel(job_id), status_code=202)

@@ -1,0 +1,181 @@
+"""Bounded resources in one process: the render queue (503 + Retry-After, cache hits still
+served, nothing rendered for clients that went) and the disk cache's size (eviction under the
+watermarks, stale variants first, running jobs' slides kept, the override quota)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from app.cache.flight import ClientGone
+from app.coordination import new_job
+from app.core.planner import TileRequest
+from tests.e2e.test_shared_state import metric
+
+
+class Gone:
+    """A client that has hung up."""
+
+    async def disconnected(self) -> None:
+        return
+
+
+class Staying:
+    """A client that waits as long as it takes."""
+
+    async def disconnected(self) -> None:
+        await asyncio.Event().wait()
+
+
+@pytest.fixture
+def busy(client_for, quick_svs):
+    """An app with one render thread and room for two tile loads, and ``hold()``, which keeps
+    that thread busy until the event it returns is set."""
+    client = client_for(Images=[{"Name": "g", "Path": str(quick_svs)}],
+                        Server={"RenderThreads": 1, "MaxQueuedRenders": 2})
+    tiles = client.app.state.services.tiles
+    gates: list[threading.Event] = []
+
+    def hold() -> threading.Event:
+        gate = threading.Event()
+        gates.append(gate)
+        tiles._render_threads.submit(gate.wait)
+        return gate
+
+    yield client, tiles, hold
+    for gate in gates:
+        gate.set()
+
+
+def cached_files(cache, level: int, cols: range) -> list:
+    return [p for col in cols for p in cache.glob(f"g/*/{level}/{col}_0.*")]
+
+
+def test_clients_that_go_while_their_tiles_wait_get_nothing_rendered(busy, tmp_path):
+    client, tiles, hold = busy
+    gate = hold()
+
+    async def gone(col: int) -> None:
+        with pytest.raises(ClientGone):
+            await tiles.get_tile("g", 11, col, 0, TileRequest("jpeg"), client=Gone())
+
+    async def shared() -> bytes:
+        # one tile, two clients: one goes, the other stays and gets it, rendered once
+        stays = asyncio.ensure_future(tiles.get_tile("g", 11, 5, 0, TileRequest("jpeg"),
+                                                     client=Staying()))
+        with pytest.raises(ClientGone):
+            await tiles.get_tile("g", 11, 5, 0, TileRequest("jpeg"), client=Gone())
+        await asyncio.sleep(0)
+        gate.set()
+        return (await stays).data
+
+    client.portal.call(lambda: asyncio.gather(*(gone(col) for col in range(2))))
+    assert tiles.queued == 0 and cached_files(tmp_path / "cache", 11, range(2)) == []
+    data = client.portal.call(shared)
+    assert data == client.get("/storage/g_files/11/5_0.jpeg").content
+    text = client.get("/metrics").text
+    assert metric(text, "tileserver_renders_abandoned_total") == 2
+    assert metric(text, "tileserver_render_seconds_count") == 1
+
+
+def test_a_full_render_queue_refuses_cold_tiles_at_once_and_serves_cached_ones(busy):
+    client, tiles, hold = busy
+    assert client.get("/readyz").status_code == 200
+    on_disk = client.get("/storage/g_files/9/0_0.jpeg")
+    assert on_disk.status_code == 200
+    tiles.memory.discard()  # only the disk cache has it now
+    gate = hold()
+    waiting = [client.portal.start_task_soon(
+        lambda col=col: tiles.get_tile("g", 11, col, 0, TileRequest("jpeg"), client=Staying()))
+        for col in range(2)]
+    deadline = time.monotonic() + 5
+    while tiles.queued < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    started = time.perf_counter()
+    cold = client.get("/storage/g_files/11/3_0.jpeg")
+    assert time.perf_counter() - started < 1.0
+    assert cold.status_code == 503 and cold.headers["retry-after"] == "1"
+    assert cold.json()["error"] == "overloaded" and cold.json()["slide"] == "g"
+    hit = client.get("/storage/g_files/9/0_0.jpeg")
+    assert hit.status_code == 200 and hit.headers["x-tile-cache"] == "hit"
+    assert hit.content == on_disk.content
+    ready = client.get("/readyz")
+    assert ready.status_code == 503 and ready.json()["checks"] == "load"
+    assert client.get("/healthz").status_code == 200
+    gate.set()
+    assert [w.result(10).cache for w in waiting] == ["miss", "miss"]
+    assert client.get("/readyz").status_code == 200
+    assert metric(client.get("/metrics").text, "tileserver_renders_shed_total") == 1
+
+
+def test_the_disk_cache_settles_under_its_low_watermark(client_for, quick_svs, fixtures,
+                                                        tmp_path):
+    """Fill past the high watermark with a real slide while tiles are read back: the cache
+    settles under the low watermark, stale variants go first, every read gets its whole tile,
+    and the tiles of a slide whose job runs stay."""
+    images = [{"Name": "g", "Path": str(quick_svs)},
+              {"Name": "h", "Path": str(fixtures / "small.svs")}]
+    limits = {"TileCacheMaxBytes": 300_000, "TileCacheHighWatermark": 0.8,
+              "TileCacheLowWatermark": 0.5}
+    client = client_for(Images=images, **limits)
+    services = client.app.state.services
+    tiles, store = services.tiles, services.store
+    h_tiles = [f"/storage/h_files/{level}/0_0.jpeg" for level in range(5)]
+    for url in h_tiles:
+        assert client.get(url).status_code == 200
+    job = new_job(["h"], None, False, "test")  # a job that runs (claimed by another owner)
+    client.portal.call(store.submit, job)
+    assert client.portal.call(store.claim, "elsewhere")["id"] == job["id"]
+    # stale tiles: those of an older quality, written last (the most recently used)
+    older = client_for(Images=images, TileFormat={"JpegQuality": 50}, **limits)
+    for col in range(6):
+        assert older.get(f"/storage/g_files/11/{col}_0.jpeg").status_code == 200
+    first: dict[str, bytes] = {}
+    urls = [f"/storage/g_files/{level}/{col}_{row}.jpeg" for level in (10, 11)
+            for col in range(6) for row in range(5)
+            if level == 11 or (col < 3 and row < 3)]
+    for url in urls:
+        first[url] = client.get(url).content
+    stats = client.get("/api/tiles/stats").json()
+    assert stats["usedBytes"] > stats["highWatermarkBytes"] == 240_000, stats
+    assert stats["staleTiles"] == 6
+
+    def read_back() -> list[bool]:
+        return [client.get(url).content == data for url, data in first.items()]
+
+    with ThreadPoolExecutor(1) as pool:  # tiles read while they are evicted
+        reads = pool.submit(read_back)
+        removed = client.portal.call(tiles.evictor.run_once)
+        assert all(reads.result())
+    stats = client.get("/api/tiles/stats").json()
+    assert removed > 0 and stats["evictedTiles"] >= removed - stats["staleTiles"] - 6
+    assert stats["usedBytes"] <= stats["lowWatermarkBytes"] == 150_000, stats
+    assert stats["staleTiles"] == 0  # the stale variant went first, although used last
+    assert all(client.get(url).headers["x-tile-cache"] == "hit" for url in h_tiles)
+    h_files = list((tmp_path / "cache" / "h").rglob("*_0.*"))
+    assert len(h_files) == len(h_tiles)  # the running job's slide kept every tile
+    text = client.get("/metrics").text
+    assert metric(text, "tileserver_cache_evictions_total") == stats["evictedTiles"]
+    assert metric(text, "tileserver_cache_limit_bytes") == 300_000
+
+
+def test_format_overrides_have_a_quota_per_slide(client_for, quick_svs, tmp_path):
+    client = client_for(Images=[{"Name": "g", "Path": str(quick_svs)}],
+                        TileFormat={"OverrideCacheBytes": 40_000}, TileCacheMaxBytes=0)
+    tiles = client.app.state.services.tiles
+    policy = [f"/storage/g_files/11/{col}_0.jpeg" for col in range(6)]
+    for url in policy:
+        assert client.get(url).status_code == 200
+    for col in range(6):
+        for row in range(3):
+            r = client.get(f"/storage/g_files/11/{col}_{row}.jpeg?format=png")
+            assert r.headers["content-type"] == "image/png"
+    assert client.portal.call(tiles.evictor.run_once) > 0
+    png = sum(p.stat().st_size for p in (tmp_path / "cache" / "g").rglob("11/*.png"))
+    assert 0 < png <= 40_000 * 0.85
+    assert len(list((tmp_path / "cache" / "g").rglob("11/*.jpeg"))) == len(policy)
+    assert client.get("/api/tiles/stats").json()["limitBytes"] == 0
