@@ -100,6 +100,9 @@ def test_a_full_render_queue_refuses_cold_tiles_at_once_and_serves_cached_ones(b
     assert time.perf_counter() - started < 1.0
     assert cold.status_code == 503 and cold.headers["retry-after"] == "1"
     assert cold.json()["error"] == "overloaded" and cold.json()["slide"] == "g"
+    # an IIIF region that is no tile is rendered by the same threads: refused the same way
+    region = client.get("/iiif/3/g/7,9,301,203/150,/0/default.png")
+    assert region.status_code == 503 and region.json()["error"] == "overloaded"
     hit = client.get("/storage/g_files/9/0_0.jpeg")
     assert hit.status_code == 200 and hit.headers["x-tile-cache"] == "hit"
     assert hit.content == on_disk.content
@@ -109,7 +112,8 @@ def test_a_full_render_queue_refuses_cold_tiles_at_once_and_serves_cached_ones(b
     gate.set()
     assert [w.result(10).cache for w in waiting] == ["miss", "miss"]
     assert client.get("/readyz").status_code == 200
-    assert metric(client.get("/metrics").text, "tileserver_renders_shed_total") == 1
+    assert metric(client.get("/metrics").text, "tileserver_renders_shed_total") == 2
+    assert client.get("/iiif/3/g/7,9,301,203/150,/0/default.png").status_code == 200
 
 
 def test_the_disk_cache_settles_under_its_low_watermark(client_for, quick_svs, fixtures,
