@@ -19,7 +19,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -78,10 +78,9 @@ def serve_argv(port: int, config: Path | str | None = None, *args: str,
     return [*argv, *args]
 
 
-def group_cpu_seconds(pgid: int) -> float:
-    """User + system CPU seconds of the live processes of process group ``pgid`` (``/proc``);
-    processes that have exited are not counted."""
-    total = 0
+def _group_members(pgid: int) -> Iterator[list[str]]:
+    """The ``/proc/PID/stat`` fields from "state" (field 3) on of every process in group
+    ``pgid`` (zombies included); processes that vanish while the folder is read are left out."""
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -89,20 +88,24 @@ def group_cpu_seconds(pgid: int) -> float:
             stat = (entry / "stat").read_text()
         except OSError:
             continue
-        fields = stat[stat.rindex(")") + 2:].split()  # fields from "state" (field 3) on
+        fields = stat[stat.rindex(")") + 2:].split()
         if int(fields[2]) == pgid:  # pgrp is field 5
-            total += int(fields[11]) + int(fields[12])  # utime, stime: fields 14, 15
-    return total / _CLK_TCK
+            yield fields
+
+
+def group_cpu_seconds(pgid: int) -> float:
+    """User + system CPU seconds of the live processes of process group ``pgid`` (``/proc``);
+    processes that have exited are not counted."""
+    ticks = sum(int(fields[11]) + int(fields[12])  # utime, stime: fields 14, 15
+                for fields in _group_members(pgid))
+    return ticks / _CLK_TCK
 
 
 def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    """Whether a process of group ``pgid`` still runs. Zombies do not count: they have exited
+    and hold no port or file, and an orphan's zombie (e.g. multiprocessing's resource tracker,
+    reparented when the server exits) waits for init to reap it, which may take seconds."""
+    return any(fields[0] not in ("Z", "X") for fields in _group_members(pgid))
 
 
 class ServerProcess:
