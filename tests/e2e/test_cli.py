@@ -36,9 +36,17 @@ def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
                           text=True, timeout=DEADLINE)
 
 
+def default_sigint() -> None:
+    """In the child before exec: SIGINT to its default action. A pytest started with SIGINT
+    ignored (a background job of a non-interactive shell) would hand SIG_IGN on, and Python
+    then never raises KeyboardInterrupt: the Ctrl-C tests would see no interruption."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start_cli(*args: str, cwd: Path, stderr: Path) -> subprocess.Popen:
     return subprocess.Popen([*CLI, *args], cwd=cwd, env=environment(),
-                            stdout=subprocess.DEVNULL, stderr=open(stderr, "wb"))
+                            stdout=subprocess.DEVNULL, stderr=open(stderr, "wb"),
+                            preexec_fn=default_sigint)
 
 
 def wait_for(condition, what: str, process: subprocess.Popen | None = None) -> None:
