@@ -24,7 +24,7 @@ from typing import Any
 from app import __version__
 from app.core.errors import ConfigError
 from app.logs import TEXT_FORMAT
-from app.settings import Settings, changed_settings, load_settings
+from app.settings import SETTINGS_ENV, Settings, changed_settings, load_settings
 
 log = logging.getLogger("tileserver")
 
@@ -192,8 +192,8 @@ def serve(args: argparse.Namespace) -> int:
         if not given:
             metrics_dir = tempfile.mkdtemp(prefix="tileserver-metrics-")
         prepare_multiprocess_directory(given or metrics_dir or "")
-    from app.server.app import SETTINGS_ENV
-
+    # not imported from app.server.app: with --workers N this process only supervises, and the
+    # whole app would be imported here for nothing before the workers start
     os.environ[SETTINGS_ENV] = settings.model_dump_json()
     from app.server.guard import Limits, guarded
     from app.server.http import HTTP_PROTOCOL_CLASS

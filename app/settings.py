@@ -47,6 +47,10 @@ from app.core.names import name_problem
 
 ENVIRONMENT_VARIABLE = "TILESERVER_ENVIRONMENT"
 
+SETTINGS_ENV = "TILESERVER_SETTINGS_JSON"
+"""The variable in which ``tileserver serve`` hands its validated settings (JSON) to the
+uvicorn workers (:func:`settings_from`; ``app.server.app.create_app_from_env``)."""
+
 HOST_SECTIONS = ("Kestrel", "ConnectionStrings")
 """Top-level sections of ASP.NET appsettings files that configure the host, not the tile server:
 accepted from every source, their content not validated. A section the server comes to honour

@@ -16,11 +16,12 @@ flat white glass, and 1x1 px (DZI level 0).
 
 from __future__ import annotations
 
+import importlib.util
 import io
 from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import lru_cache
-from importlib import resources
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -53,11 +54,27 @@ class RoundTrip:
         return self.max_error == 0
 
 
+def he_tile_path() -> Path:
+    """The file of wsidicom-data's real H&E tile, ``wsidicom_data/data/test_tile.png`` (240x240
+    RGB PNG).
+
+    Found without importing the package (``importlib.resources.files`` would): its
+    ``__init__`` imports all of wsidicom and pydicom, a heavy import that every server worker
+    and CLI command would pay at start-up for one PNG file.
+
+    Raises:
+        ModuleNotFoundError: wsidicom-data is not installed.
+    """
+    spec = importlib.util.find_spec("wsidicom_data")
+    if spec is None or spec.origin is None:
+        raise ModuleNotFoundError("wsidicom-data is not installed", name="wsidicom_data")
+    return Path(spec.origin).parent / "data" / "test_tile.png"
+
+
 @lru_cache(maxsize=1)
 def sample_images() -> tuple[tuple[str, np.ndarray], ...]:
     """``(name, (H, W, 3) uint8 RGB)`` test images; read once per process."""
-    source = resources.files("wsidicom_data") / "data" / "test_tile.png"
-    with source.open("rb") as fh, Image.open(fh) as im:
+    with Image.open(he_tile_path()) as im:
         tile = np.asarray(im.convert("RGB"))
     rng = np.random.default_rng(4)
     return (

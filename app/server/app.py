@@ -55,11 +55,10 @@ from app.server.middleware import Cors, HeadAsGet, RequestId
 from app.server.proxy import ProxyLayer
 from app.server.readiness import Readiness
 from app.server.routes import api, dzi, iiif, jobs, ops, pages
-from app.settings import Settings, settings_from
+from app.settings import SETTINGS_ENV, Settings, settings_from
 
 log = logging.getLogger(__name__)
 
-SETTINGS_ENV = "TILESERVER_SETTINGS_JSON"
 IO_THREADS = 16
 
 

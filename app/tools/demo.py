@@ -36,7 +36,6 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +44,8 @@ import numpy as np
 import numpy.typing as npt
 import tifffile
 from PIL import Image, ImageDraw, ImageFont
+
+from app.core.lossless import he_tile_path
 
 log = logging.getLogger(__name__)
 
@@ -78,9 +79,8 @@ def _he_texture() -> np.ndarray:
     mirror-extended past its edge, so there are no hard edges). Bytes of each
     uint32: R, G, B, sensor noise 0..4. Fixed (independent of the slide seed).
     """
-    src = files("wsidicom_data") / "data" / "test_tile.png"
-    with src.open("rb") as fh:
-        image = Image.open(fh).convert("RGB")
+    with Image.open(he_tile_path()) as src:
+        image = src.convert("RGB")
     tile = np.asarray(image.resize((_BLOCK, _BLOCK)) if image.size != (_BLOCK,) * 2 else image)
     rng = np.random.default_rng(12345)
     variants = [np.rot90(tile[:, ::-1] if k & 4 else tile, k & 3) for k in range(8)]

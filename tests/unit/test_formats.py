@@ -6,6 +6,7 @@ from PIL import Image
 
 from app.core.errors import BadTileRequest
 from app.core.formats import Encoding, FormatPolicy, TileFormat, accepts_webp
+from app.core.lossless import he_tile_path
 from app.settings import TileFormatSettings
 from tests.conftest import decode
 
@@ -117,9 +118,7 @@ def test_encoding_key_names_every_option():
 
 @pytest.fixture(scope="module")
 def he_tile():
-    from importlib import resources
-    path = resources.files("wsidicom_data") / "data" / "test_tile.png"
-    with Image.open(path) as im:
+    with Image.open(he_tile_path()) as im:
         return im.convert("RGB").resize((256, 254))
 
 

@@ -1,7 +1,6 @@
 """The lossless self-check: what it accepts, what it refuses, and the AVIF measurement."""
 
 import io
-from importlib import resources
 
 import numpy as np
 import pytest
@@ -9,7 +8,7 @@ from PIL import Image
 
 from app.core.errors import ConfigError
 from app.core.formats import Encoding, FormatPolicy, TileFormat
-from app.core.lossless import check_round_trips, round_trips, sample_images
+from app.core.lossless import check_round_trips, he_tile_path, round_trips, sample_images
 from app.settings import TileFormatSettings
 
 
@@ -41,7 +40,7 @@ def test_an_encoding_that_is_not_bit_exact_is_refused(liar):
 def test_avif_measurement_quoted_in_the_docs():
     """The numbers in AVIF_LOSSLESS_MEASUREMENT (and docs/regulatory.md): Pillow's AVIF
     ignores lossless=True (max error 67 on the H&E test tile) and stays lossy at q100 4:4:4."""
-    with Image.open(resources.files("wsidicom_data") / "data" / "test_tile.png") as im:
+    with Image.open(he_tile_path()) as im:
         tile = im.convert("RGB")
     original = np.asarray(tile, dtype=int)
 
