@@ -16,7 +16,6 @@ from typing import Any
 from urllib.parse import quote
 
 import openslide
-from iiif_prezi3 import Manifest
 
 from app.core.iiif import base_path
 
@@ -47,7 +46,14 @@ def slide_manifest(base_url: str, name: str, dimensions: tuple[int, int],
             (:meth:`app.core.privacy.Privacy.slide_properties`).
         images: the slide first, then the visible associated images.
         image_format: the IIIF format name of the painting images (``jpg``, ``png``, ...).
+
+    Blocking (it imports ``iiif-prezi3`` on first use and builds its models): call it from a
+    worker thread on a server.
     """
+    # imported here, not at module level: iiif-prezi3 builds its many pydantic models when
+    # imported, a heavy import every server worker would otherwise pay at start-up
+    from iiif_prezi3 import Manifest
+
     manifest_id = _uri(base_url, f"{base_path(name)}/manifest.json")
     manifest = Manifest(id=manifest_id, label={"none": [name]})
     for label, value in _metadata(dimensions, props):

@@ -11,6 +11,7 @@ import json
 from typing import Any
 from urllib.parse import quote
 
+import anyio
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import RedirectResponse
 
@@ -113,7 +114,7 @@ async def manifest(name: str, request: Request, registry: Registry, planner: Pla
     images = [CanvasImage(None, width, height)] + [
         CanvasImage(item["name"], item["width"], item["height"])
         for item in describe_associated(planner, privacy, settings, handle)]
-    document = slide_manifest(str(request.base_url), name, handle.slide.dimensions,
-                              privacy.slide_properties(handle), images,
-                              iiif_formats(planner)[0])
+    document = await anyio.to_thread.run_sync(
+        slide_manifest, str(request.base_url), name, handle.slide.dimensions,
+        privacy.slide_properties(handle), images, iiif_formats(planner)[0])
     return json_ld(request, document)
