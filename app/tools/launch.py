@@ -101,7 +101,7 @@ def group_cpu_seconds(pgid: int) -> float:
     return ticks / _CLK_TCK
 
 
-def _group_alive(pgid: int) -> bool:
+def group_alive(pgid: int) -> bool:
     """Whether a process of group ``pgid`` still runs. Zombies do not count: they have exited
     and hold no port or file, and an orphan's zombie (e.g. multiprocessing's resource tracker,
     reparented when the server exits) waits for init to reap it, which may take seconds."""
@@ -223,7 +223,7 @@ class ServerProcess:
                 os.killpg(proc.pid, sig)
             deadline = time.monotonic() + wait
             while time.monotonic() < deadline:
-                if proc.poll() is not None and not _group_alive(proc.pid):
+                if proc.poll() is not None and not group_alive(proc.pid):
                     return
                 time.sleep(0.05)
         with contextlib.suppress(subprocess.TimeoutExpired):

@@ -161,11 +161,12 @@ def test_verify_shows_a_progress_bar(tmp_path, tiny):
 
 def test_verify_exits_130_on_ctrl_c(tmp_path, generated_svs):
     log = tmp_path / "stderr.txt"
-    process = start_cli("verify", f"Image:Path={generated_svs}",
-                        f"TileCachePath={tmp_path / 'cache'}", "--sample", "0", "--format", "png",
-                        cwd=tmp_path, stderr=log)
+    cache = tmp_path / "cache"
+    process = start_cli("verify", f"Image:Path={generated_svs}", f"TileCachePath={cache}",
+                        "--sample", "0", "--format", "png", cwd=tmp_path, stderr=log)
     wait_for(lambda: "serving 1 slide(s)" in log.read_text(), "the in-process app", process)
-    time.sleep(1.0)  # tiles are being checked
+    # tiles are being checked: the in-process app has cached the first ones it served
+    wait_for(lambda: len(list(cache.rglob("*.png"))) >= 5, "the first tiles", process)
     process.send_signal(signal.SIGINT)
     assert process.wait(DEADLINE) == 130, log.read_text()
     text = log.read_text()

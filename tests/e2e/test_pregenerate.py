@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from app.cache.disk import DiskTileCache, unseal
-from app.tools.launch import ServerProcess, free_port
+from app.tools.launch import ServerProcess, free_port, group_alive
 from tests.conftest import decode, start_server, stop_server
 
 CLI = [sys.executable, "-m", "app.cli"]
@@ -112,7 +112,9 @@ def test_kill_9_mid_pyramid_then_resume(tmp_path, quick_svs, client_for):
         time.sleep(0.01)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
-    time.sleep(0.5)  # the killed workers are gone
+    while group_alive(process.pid):  # the killed workers are gone
+        assert time.monotonic() < deadline, "killed workers still run"
+        time.sleep(0.01)
     written = tiles_on_disk(cache)
     total = client_for(Images=[{"Name": "g", "Path": str(quick_svs)}]).get(
         "/api/slides/g").json()["tile_count"]
