@@ -195,8 +195,9 @@ def serve(args: argparse.Namespace) -> int:
     # not imported from app.server.app: with --workers N this process only supervises, and the
     # whole app would be imported here for nothing before the workers start
     os.environ[SETTINGS_ENV] = settings.model_dump_json()
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
     from app.server.guard import Limits, guarded
-    from app.server.http import HTTP_PROTOCOL_CLASS
 
     server = settings.Server
     raise_open_files_limit(server.MaxConnections)
@@ -207,7 +208,7 @@ def serve(args: argparse.Namespace) -> int:
                     port=args.port, workers=args.workers, log_level=args.log_level,
                     access_log=False, timeout_graceful_shutdown=5,
                     log_config=log_config(args.log_level, settings.Logging.Format),
-                    http=guarded(HTTP_PROTOCOL_CLASS, Limits(
+                    http=guarded(HttpToolsProtocol, Limits(
                         server.MaxRequestHeadBytes, server.HeaderTimeoutSeconds,
                         server.MaxConnections)),
                     proxy_headers=False, timeout_keep_alive=server.KeepAliveTimeoutSeconds)

@@ -19,10 +19,17 @@ Scenarios (``--scenarios``, comma-separated keys or groups; default ``all``):
                    deepest-level tile (the slide's 240 px tiles) at most once
 ``iiif-warm``      the same server: 2000 pre-warmed IIIF tiles requested over and over
 ``iipsrv-iiif``    iipsrv's IIIF (nginx + FastCGI), the same tiles at its tile size, once each
+``aligned-original`` ours, ``DeepZoom.Geometry`` aligned: the slide's stored JPEG tiles sent
+                   as they are (``TileFormat.Passthrough``), uncached
+``aligned-rendered`` the same tiles decoded and encoded again (passthrough off)
+``iipsrv``         iipsrv's DeepZoom (nginx + FastCGI), the same aligned tiles, uncached
+``warm-no-metrics`` the warm set with ``Metrics.Enabled`` off (what metrics cost)
+``overload``       2,000 connections of cold tiles honouring ``Retry-After`` while a probe
+                   times 503s, accepted cold tiles and warm hits (:mod:`bench.overload`)
 =================  =========================================================================
 
 Groups: ``all``, ``ours``, ``baseline``, ``cold``, ``jpeg``, ``png``, ``audit``, ``auth``,
-``iiif``.
+``lossless``, ``iiif``, ``passthrough``, ``metrics``, ``overload``.
 
 Every scenario gets a fresh server process group on a free port (and, for ours, a fresh
 empty tile cache directory); ``wrk -t 2 -c 16`` runs ``bench/tiles.lua`` against it. Cold

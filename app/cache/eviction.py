@@ -22,7 +22,6 @@ unlinked file at its last close, and a later request renders the tile again.
 
 from __future__ import annotations
 
-import asyncio
 import fcntl
 import logging
 import os
@@ -33,6 +32,7 @@ import anyio
 
 from app.cache.index import INDEX_NAME
 from app.core.errors import TileServerError
+from app.core.periodic import Periodic
 from app.settings import Settings
 
 if TYPE_CHECKING:
@@ -79,7 +79,7 @@ class Evictor:
         self.low = int(limit * settings.TileCacheLowWatermark)
         self.quota = settings.TileFormat.OverrideCacheBytes
         self.quota_low = int(self.quota * settings.TileCacheLowWatermark)
-        self._task: asyncio.Task[None] | None = None
+        self._rounds = Periodic(CHECK_SECONDS, self.run_once, "tile cache eviction")
         index = service.disk.index
         self._lock_path = (os.path.join(service.disk.root, INDEX_NAME + ".evict")
                            if index is not None else None)
@@ -87,20 +87,11 @@ class Evictor:
     def start(self) -> None:
         """Check every :data:`CHECK_SECONDS` (from the event loop)."""
         if self._lock_path is not None and (self.limit or self.quota):
-            self._task = asyncio.ensure_future(self._run())
+            self._rounds.start()
 
     def stop(self) -> None:
         """Stop checking."""
-        if self._task is not None:
-            self._task.cancel()
-
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(CHECK_SECONDS)
-            try:
-                await self.run_once()
-            except Exception:  # keep evicting later; a bug must not stop the server
-                log.exception("tile cache eviction failed")
+        self._rounds.stop()
 
     async def run_once(self) -> int:
         """One pass: enforce the override quota, then, past the high watermark, bring the

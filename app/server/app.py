@@ -129,7 +129,10 @@ def create_app(settings: Settings, clock: Callable[[], float] | None = None) -> 
     app = FastAPI(title="WSI tile server", version=__version__, lifespan=lifespan,
                   description="DeepZoom tiles of whole-slide images read with OpenSlide.",
                   openapi_url=None, docs_url=None, redoc_url=None,
-                  redirect_slashes=False)  # one URL per resource: a trailing slash is a 404
+                  redirect_slashes=False,  # one URL per resource: a trailing slash is a 404
+                  # FastAPI's OpenTelemetry hooks look up the global providers on every
+                  # request; this server's metrics are Prometheus (/metrics)
+                  telemetry={"tracing": False, "metrics": False, "logs": False})
     install_handlers(app)
     app.add_exception_handler(pages.SignInRequired, pages.sign_in_page)
     app.router.routes.insert(0, tiles.TileRoute())  # first: tile requests match at once

@@ -105,8 +105,8 @@ class GuardedProtocol(asyncio.Protocol):
 
     Args:
         config, server_state, app_state, _loop: what uvicorn passes to its protocols.
-        inner: the protocol class wrapped (uvicorn's httptools protocol or
-            :class:`app.server.http.TileHttpProtocol`).
+        inner: the protocol class wrapped (uvicorn's httptools protocol, which
+            ``uvicorn.run(http="httptools")`` would use).
         limits: the bounds.
     """
 

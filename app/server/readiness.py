@@ -9,7 +9,6 @@ the disk cache can be written (a probe every :data:`PROBE_SECONDS`: an unnamed f
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import logging
 import os
@@ -19,6 +18,7 @@ from typing import TYPE_CHECKING
 import anyio
 
 from app.cache.disk import TEMP_PREFIX
+from app.core.periodic import Periodic
 
 if TYPE_CHECKING:
     from app.cache.tiles import TileService
@@ -42,23 +42,17 @@ class Readiness:
         """The first round of checks has finished."""
         self.writable: bool | None = None
         """The last probe could write into the cache (None: no disk cache)."""
-        self._task: asyncio.Task[None] | None = None
+        self._rounds = Periodic(PROBE_SECONDS, self.check, "readiness probe")
 
     async def start(self) -> None:
         """Probe now (the app's start-up waits for this first round) and then every
         :data:`PROBE_SECONDS` (from the event loop)."""
         await self.check()
-        self._task = asyncio.ensure_future(self._run())
+        self._rounds.start()
 
     def stop(self) -> None:
         """Stop probing."""
-        if self._task is not None:
-            self._task.cancel()
-
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(PROBE_SECONDS)
-            await self.check()
+        self._rounds.stop()
 
     async def check(self) -> None:
         """One round of the checks that are probed (the cache's writability)."""
