@@ -71,11 +71,14 @@ class JwksServer:
     def __init__(self, *signers: Signer):
         self.signers = list(signers)
         self.fetches = 0
+        self.delay = 0.0
+        """Seconds each answer waits (a slow identity provider)."""
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self):  # noqa: N802
                 outer.fetches += 1
+                time.sleep(outer.delay)
                 body = json.dumps({"keys": [s.jwk() for s in outer.signers]}).encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")

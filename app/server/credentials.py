@@ -281,7 +281,6 @@ class JwtVerifier:
         async with self._fetch_lock:
             if self._fetched_at != seen:  # another request fetched while this one waited
                 return
-            self._fetched_at = self.clock()
             try:
                 text = await self._fetch()
                 keys = {k.key_id: k for k in jwt.PyJWKSet.from_dict(json.loads(text)).keys
@@ -291,6 +290,10 @@ class JwtVerifier:
                             self.settings.JwksUrl or self.settings.JwksFile, exc,
                             len(self._keys))
                 return
+            finally:
+                # stamped once the fetch is over: a request that comes while it runs waits
+                # for it on the lock instead of looking for its key in the old set
+                self._fetched_at = self.clock()
             if text != self._jwks_text:
                 if self._jwks_text is not None:
                     log.info("JWKS changed: %d key(s); verified tokens forgotten", len(keys))

@@ -3,13 +3,16 @@ loopback HTTP server, admin API keys, signed URLs under a frozen clock; every ro
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
+import time
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import pytest
 
 from app.server.app import create_app
+from app.server.credentials import JwtVerifier
 from app.settings import settings_from
 from tests.auth_helpers import (
     ADMIN_KEY,
@@ -152,6 +155,28 @@ def test_key_rotation_is_followed_and_the_provider_is_not_flooded(world):
         assert client.get("/storage/small_files/0/0_0.jpeg", headers=bearer(new)
                           ).status_code == 200
     jwks.signers = [first]
+
+
+def test_requests_during_the_first_key_fetch_wait_for_it():
+    """Tokens that come while the key set is being fetched the first time are verified
+    once it is there (a slow provider), not refused for want of a key: one fetch."""
+    signer = Signer("k1")
+    jwks = JwksServer(signer)
+    jwks.delay = 0.3
+    try:
+        settings = settings_from({"Auth": auth_settings(jwks.url, "")}).Auth.Jwt
+        verifier = JwtVerifier(settings)
+        now = time.time()
+        tokens = [signer.token(now, sub=f"user{i}") for i in range(8)]
+
+        async def verify_all():
+            return await asyncio.gather(*(verifier.verify(t) for t in tokens))
+
+        principals = asyncio.run(verify_all())
+    finally:
+        jwks.close()
+    assert [p.subject for p in principals] == [f"user{i}" for i in range(8)]
+    assert jwks.fetches == 1
 
 
 def test_signed_urls(world):
