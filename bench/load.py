@@ -54,7 +54,8 @@ def run_wrk(base_url: str, paths: list[str], mode: str, seconds: int, workdir: P
     """Run ``wrk -t 2 -c 16 -d {seconds}s --latency -s bench/tiles.lua`` over ``paths``.
 
     Args:
-        mode: ``once`` (each path at most once, disjoint slices per thread) or ``cycle``.
+        mode: ``once`` (each path at most once, disjoint slices per thread), ``again`` (the
+            same slices, each started again at its end) or ``cycle`` (bench/tiles.lua).
         headers: sent with every request (``wrk -H``), e.g. a bearer token.
         connections, threads, script: wrk's ``-c``, ``-t`` and Lua script (the overload
             scenario's flood).

@@ -191,5 +191,5 @@ def run_ours_overload(scenario: Scenario, setup: Setup, seconds: int) -> Result:
 
 def run_wrk_flood(base_url: str, paths: list[str], seconds: int, setup: Setup) -> dict[str, Any]:
     """wrk with :data:`FLOOD_CONNECTIONS` connections, each path at most once."""
-    return run_wrk(base_url, paths, "once", seconds, setup.workdir, "overload",
+    return run_wrk(base_url, paths, "again", seconds, setup.workdir, "overload",
                    connections=FLOOD_CONNECTIONS, threads=FLOOD_THREADS, script=OVERLOAD_LUA)

@@ -11,6 +11,9 @@
 --   a tile, so that no tile is requested twice in a cold run.
 -- MODE "cycle": every thread cycles over the whole list, thread i starting at the start of
 --   its slice (warm cache hits).
+-- MODE "again": as "once", but a thread that reaches the end of its slice starts it again
+--   (the overload flood: tiles refused with 503 are asked for again, the others are now
+--   cache hits; no thread stops, so every connection stays open until wrk exits).
 --
 -- done() prints one line "BENCH_JSON {...}": requests, duration, wrk's error counters,
 -- latency percentiles (microseconds), and per-thread counters gathered in response():
@@ -54,6 +57,10 @@ function request()
          exhausted = exhausted + 1
          wrk.thread:stop()
          return spare
+      end
+   elseif mode == "again" then
+      if pos > hi then
+         pos = lo
       end
    elseif pos > n then
       pos = 1

@@ -49,6 +49,7 @@ from app.coordination import COORDINATION_NAME
 from app.core.errors import ConfigError
 from app.core.keys import TileKey
 from app.core.names import is_valid_name
+from app.core.nowait import open_cached, pread_nowait
 from app.core.slides import SlideEntry
 from app.settings import Settings
 
@@ -197,6 +198,37 @@ class DiskTileCache:
                 stored = f.read()
         except OSError:
             return None
+        return self._unsealed(key, stored)
+
+    def read_nowait(self, key: TileKey) -> CachedTile | None:
+        """:meth:`read`, if the file's path and bytes are all in memory (the dentry and page
+        caches): the event loop may call it (:mod:`app.core.nowait`).
+
+        Raises:
+            BlockingIOError: the read would wait for the disk, or this platform or file
+                system cannot tell (call :meth:`read` in a worker thread).
+        """
+        if not self.enabled:
+            return None
+        try:
+            fd = open_cached(self._path(key))
+        except BlockingIOError:
+            raise
+        except OSError:
+            return None
+        try:
+            stored = pread_nowait(fd, os.fstat(fd).st_size, 0)
+        except BlockingIOError:
+            raise
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
+        return self._unsealed(key, stored)
+
+    def _unsealed(self, key: TileKey, stored: bytes) -> CachedTile:
+        """A cache file's content checked against its seal (a mismatch is logged and
+        counted)."""
         tile = unseal(stored)
         if tile is None:
             log.warning("tile cache: %s is corrupt (%d bytes, seal does not match); rendering "

@@ -16,6 +16,10 @@ class Client(Protocol):
     async def disconnected(self) -> None:
         """Return once the client has gone (closed its connection)."""
 
+    def gone(self) -> bool:
+        """Whether the client is known to have gone; False when it cannot tell. Called from
+        worker threads, so it must not touch the event loop."""
+
 
 class ClientGone(Exception):
     """Every client that waited for a computation has gone; nobody wants its result."""
@@ -26,15 +30,15 @@ class SingleFlight(Generic[T]):
 
     Used so that concurrent requests for one uncached tile render it once. The computation runs
     as its own task, so a client that disconnects does not cancel it for the others (and a
-    tile being written to the cache is always finished). The callers of a key are counted:
-    :meth:`wanted` tells a computation (in any thread) whether anybody still waits, and when
-    the last caller's client goes, a computation not yet started is cancelled. Event-loop only
-    (except :meth:`wanted`). ``T`` is the result type of the computations.
+    tile being written to the cache is always finished). The callers of a key are kept:
+    :meth:`wanted` tells a computation (in any thread) whether any of them is still there,
+    and when the last caller's client goes, a computation not yet started is cancelled.
+    Event-loop only (except :meth:`wanted`). ``T`` is the result type of the computations.
     """
 
     def __init__(self) -> None:
         self._running: dict[object, asyncio.Task[T]] = {}
-        self._waiting: dict[object, int] = {}
+        self._waiting: dict[object, list[Client | None]] = {}
 
     async def run(self, key: object, compute: Callable[[], Awaitable[T]],
                   client: Client | None = None) -> T:
@@ -51,7 +55,10 @@ class SingleFlight(Generic[T]):
             task = asyncio.ensure_future(compute())
             self._running[key] = task
             task.add_done_callback(lambda t: self._finished(key, t))
-        self._waiting[key] = self._waiting.get(key, 0) + 1
+        waiting = self._waiting.get(key)
+        if waiting is None:
+            waiting = self._waiting[key] = []
+        waiting.append(client)
         try:
             if client is None:
                 return await asyncio.shield(task)
@@ -64,18 +71,21 @@ class SingleFlight(Generic[T]):
                 return task.result()
             raise ClientGone()
         finally:
-            left = self._waiting[key] - 1
-            if left:
-                self._waiting[key] = left
-            else:
+            waiting.remove(client)
+            if not waiting:
                 del self._waiting[key]
                 if not task.done():
                     task.cancel()  # a load still queued for a thread never starts
 
     def wanted(self, key: object) -> bool:
-        """Whether any caller still waits for ``key``'s computation. Safe from any thread (a
-        dict read): a computation checks it before it starts costly work."""
-        return self._waiting.get(key, 0) > 0
+        """Whether any caller still waits for ``key``'s computation and its client is not
+        known to have gone (:meth:`Client.gone`, which sees a closed connection before the
+        event loop does). Safe from any thread: a computation checks it before it starts
+        costly work."""
+        waiting = self._waiting.get(key)
+        if not waiting:
+            return False
+        return any(client is None or not client.gone() for client in tuple(waiting))
 
     def _finished(self, key: object, task: asyncio.Task[T]) -> None:
         if self._running.get(key) is task:

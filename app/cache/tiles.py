@@ -46,6 +46,11 @@ QUEUED_PER_THREAD = 4
 milliseconds of rendering each, so an accepted tile waits well under a second)."""
 RETRY_AFTER_SECONDS = 1
 """``Retry-After`` of a shed request."""
+CACHE_READ_THREADS = 2
+"""Threads that read the disk cache for tiles asked for while the render queue is full
+(:meth:`TileService._shed`) whose file is not known to be in memory. Such a read is made only
+while one of them is free: queued behind others it would wait for the GIL at every step (up to
+5 ms each, :func:`sys.getswitchinterval`) and turn a refusal into a wait."""
 
 
 class TileEvents:
@@ -60,6 +65,10 @@ class TileEvents:
 
     def abandoned(self) -> None:
         """A tile load was dropped before its render because every client had gone."""
+
+    def unwanted(self) -> None:
+        """A render ended after every client that asked for it had gone (it began while
+        one was there)."""
 
     def corrupt(self) -> None:
         """A corrupt disk-cache file was found (it is rendered again and replaced)."""
@@ -147,6 +156,9 @@ class TileService:
         # (docs/benchmarks.md, "Where the time goes").
         self._render_threads = ThreadPoolExecutor(
             max_workers=int(render_limiter.total_tokens), thread_name_prefix="render")
+        self._cache_reads = ThreadPoolExecutor(max_workers=CACHE_READ_THREADS,
+                                               thread_name_prefix="cache-read")
+        self._cache_reads_queued = 0
         self.max_queued = (settings.Server.MaxQueuedRenders
                            or QUEUED_PER_THREAD * int(render_limiter.total_tokens))
         """Tile loads (disk read or render, running ones included) queued at most."""
@@ -234,6 +246,7 @@ class TileService:
         if self.evictor is not None:
             self.evictor.stop()
         await anyio.to_thread.run_sync(self._render_threads.shutdown, limiter=self.io_limiter)
+        await anyio.to_thread.run_sync(self._cache_reads.shutdown, limiter=self.io_limiter)
 
     async def get_tile(self, name: str, level: int, col: int, row: int,
                        request: TileRequest | None = None,
@@ -308,14 +321,22 @@ class TileService:
         loop = asyncio.get_running_loop()
         self._regions += 1
         try:
-            data = await loop.run_in_executor(self._render_threads, render_region, handle,
-                                              source, plan)
+            data = await loop.run_in_executor(self._render_threads, self._region_blocking,
+                                              handle, source, plan, client)
         except SlideReadError:
             self.registry.discard(handle.name, handle)
             raise
         finally:
             self._regions -= 1
         return Tile(data, plan, "miss", digest_of(data), "rendered", handle.identity)
+
+    def _region_blocking(self, handle: OpenSlide, source: ImageSource, plan: RegionPlan,
+                         client: Client | None) -> bytes:
+        """An IIIF region's image (render thread), unless its client has gone meanwhile."""
+        if client is not None and client.gone():
+            self.events.abandoned()
+            raise ClientGone()
+        return render_region(handle, source, plan)
 
     async def _open(self, name: str) -> OpenSlide:
         """The open slide; a slide whose file is gone has its cached tiles swept."""
@@ -349,12 +370,27 @@ class TileService:
         return Tile(data, plan, status, digest, "rendered", handle.identity)
 
     async def _shed(self, handle: OpenSlide, plan: TilePlan) -> Tile:
-        """The render queue is full: the tile from the disk cache (an I/O thread, not a render
-        thread, when one is free), else :class:`Overloaded` at once."""
-        cached = None
-        if self.io_limiter.available_tokens:
-            cached = await anyio.to_thread.run_sync(self.disk.read, plan.key,
-                                                    limiter=self.io_limiter)
+        """The render queue is full: the tile from the disk cache, else :class:`Overloaded`
+        at once.
+
+        The cache file is read on the event loop when its path and bytes are in memory
+        (:meth:`DiskTileCache.read_nowait`: a few system calls, no thread), which is where a
+        tile served in the last minutes is; else by one of :data:`CACHE_READ_THREADS`
+        threads of its own (not a render thread) if one is free. A tile looked up once is
+        known absent from then on (the kernel keeps the negative lookup; tmpfs does not), so a
+        client asking again is refused on the loop.
+        """
+        try:
+            cached = self.disk.read_nowait(plan.key)
+        except BlockingIOError:
+            cached = None
+            if self._cache_reads_queued < CACHE_READ_THREADS:
+                self._cache_reads_queued += 1
+                try:
+                    cached = await asyncio.get_running_loop().run_in_executor(
+                        self._cache_reads, self.disk.read, plan.key)
+                finally:
+                    self._cache_reads_queued -= 1
         if cached is not None and not cached.corrupt:
             digest = digest_from_sha256(cached.sha256)
             self.memory.put(plan.key, cached.data, (digest, "rendered"))
@@ -435,6 +471,8 @@ class TileService:
         started = time.perf_counter()
         data = render_tile(handle, source, plan)
         self.events.rendered(time.perf_counter() - started)
+        if not self._flight.wanted(plan.key):
+            self.events.unwanted()
         sha256 = hashlib.sha256(data).digest()
         self.disk.write(plan.key, data, sha256,
                         VariantOrigin(handle.identity, plan.encoding.key, self.geometry))

@@ -31,6 +31,8 @@ import numpy as np
 import openslide
 import tifffile
 
+from app.core.nowait import pread_nowait
+
 log = logging.getLogger(__name__)
 
 VENDORS = frozenset({"aperio", "generic-tiff"})
@@ -226,7 +228,7 @@ class NativeReader:
 
         Raises:
             BlockingIOError: ``nowait`` and the data is not all in the page cache (or the
-                platform has no ``RWF_NOWAIT``).
+                file system or platform cannot tell: :func:`app.core.nowait.pread_nowait`).
             OSError: the file cannot be read.
             ValueError: ``slide_level`` is not native.
         """
@@ -237,12 +239,7 @@ class NativeReader:
         if count <= 4:
             return None
         if nowait:
-            if not NOWAIT:
-                raise BlockingIOError("no RWF_NOWAIT on this platform")
-            buffer = bytearray(count)
-            if os.preadv(self._fd, (buffer,), offset, NOWAIT) != count:
-                raise BlockingIOError("partly in the page cache")
-            data = bytes(buffer)
+            data = pread_nowait(self._fd, count, offset)
         else:
             data = os.pread(self._fd, count, offset)
         if len(data) != count or data[:2] != SOI or data[-2:] != EOI:
@@ -290,7 +287,6 @@ class NativeReader:
 
 
 SOI, EOI = b"\xff\xd8", b"\xff\xd9"
-NOWAIT = getattr(os, "RWF_NOWAIT", 0)  # Linux >= 4.14: fail instead of waiting for the disk
 # Adobe APP14, version 100, no flags, transform 0: the components are RGB, not YCbCr.
 ADOBE_RGB = b"\xff\xee\x00\x0eAdobe\x00\x64\x00\x00\x00\x00\x00"
 # JFIF APP0 1.01, no density: the components are YCbCr (JFIF's only colour space).

@@ -22,6 +22,12 @@ the byte stream with its own httptools parser, which calls back only at message 
   cap replaces the oldest connection still waiting for a head (nginx reuses such connections
   the same way), and when every connection is busy it is answered ``503`` (JSON).
 
+It also tells a request which connection it came from (:data:`CONNECTION`), so that work
+done for the request in another thread can ask whether the client is still there
+(:meth:`GuardedProtocol.hung_up`) at the moment the kernel knows, before the event loop gets to
+the end of the stream (a render queued behind a thousand closing connections is not started
+for nobody).
+
 Refused connections get their answer, then a lingering close (the rest of what the client
 sends is read and dropped for up to :data:`LINGER_SECONDS`) so that the client reads the answer
 instead of a reset. One timer per process sweeps the deadlines every :data:`SWEEP_SECONDS`.
@@ -33,8 +39,10 @@ import asyncio
 import functools
 import json
 import logging
+import select
 import time
 from collections import OrderedDict
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,6 +52,10 @@ log = logging.getLogger(__name__)
 
 SWEEP_SECONDS = 1.0
 LINGER_SECONDS = 2.0
+_HUNG_UP = (getattr(select, "POLLRDHUP", 0) | select.POLLHUP | select.POLLERR
+            | select.POLLNVAL)
+"""poll(2) events of a socket whose peer has gone: ``POLLRDHUP`` (Linux: the peer shut down
+its writing side, which uvicorn treats as the end of the connection), hang-up, error, closed."""
 
 
 @dataclass(frozen=True)
@@ -98,6 +110,13 @@ class _Pool:
 
 _pools: dict[asyncio.AbstractEventLoop, _Pool] = {}
 
+CONNECTION: ContextVar[GuardedProtocol | None] = ContextVar("tileserver_connection",
+                                                             default=None)
+"""The connection whose bytes :class:`GuardedProtocol` is handing to uvicorn. uvicorn starts a
+request's task while it parses those bytes, and a task copies the context it was started in,
+so inside a request this is the request's connection (None under another server, or before
+uvicorn's parser gets the bytes: callers must treat None as "cannot tell")."""
+
 
 class GuardedProtocol(asyncio.Protocol):
     """The protocol ``tileserver serve`` gives uvicorn (see the module docstring; build it with
@@ -125,6 +144,8 @@ class GuardedProtocol(asyncio.Protocol):
         self.head = 0
         """Bytes of the current request head so far; -1 between a head's end and the next."""
         self.transport: asyncio.Transport | None = None
+        self.fd = -1
+        """The socket's file descriptor (for :meth:`hung_up`); -1 before it is made."""
         self.passing = True
         """Whether bytes go on to the wrapped protocol (false once refused)."""
 
@@ -132,6 +153,8 @@ class GuardedProtocol(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:  # noqa: D102
         self.transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
+        self.fd = sock.fileno() if sock is not None else -1
         pool = self.pool
         pool.open += 1
         if pool.open > self.limits.max_connections:
@@ -161,7 +184,11 @@ class GuardedProtocol(asyncio.Protocol):
                 self.parser = None  # upgrades are the wrapped protocol's business
             except httptools.HttpParserError:
                 self.parser = None  # the wrapped protocol answers 400 for it
-        self.inner.data_received(data)
+        token = CONNECTION.set(self)
+        try:
+            self.inner.data_received(data)
+        finally:
+            CONNECTION.reset(token)
 
     def eof_received(self) -> bool | None:  # noqa: D102
         return self.inner.eof_received() if self.passing else None
@@ -179,6 +206,24 @@ class GuardedProtocol(asyncio.Protocol):
 
     def resume_writing(self) -> None:  # noqa: D102
         self.inner.resume_writing()
+
+    def hung_up(self) -> bool:
+        """Whether the client has closed its connection (or its writing side). Safe from any
+        thread: it reads the transport's closing flag and polls the socket without waiting.
+
+        The event loop sets the flag before it closes the socket, so a descriptor can be
+        closed (and reused by a new connection) only after the flag said False here because
+        the client was leaving anyway: whatever the poll of a reused descriptor says, a client
+        that is still there is never reported gone.
+        """
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return transport is not None
+        if self.fd < 0:
+            return False
+        poller = select.poll()
+        poller.register(self.fd, _HUNG_UP)
+        return any(events & _HUNG_UP for _, events in poller.poll(0))
 
     # ---------------------------------------------------------------- parser callbacks
 

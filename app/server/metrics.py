@@ -16,6 +16,7 @@ store), so every process reports the same numbers.
 Metrics (all prefixed ``tileserver_``): ``tile_requests_total`` (format, lossless, cache, source,
 status), ``tile_response_seconds`` and ``render_seconds`` (histograms), ``renders_shed_total``
 (503 with Retry-After), ``renders_abandoned_total`` (clients gone before their render),
+``renders_unwanted_total`` (renders that ended after every client had gone),
 ``cache_corrupt_total``, ``render_queue`` (tile loads in flight, summed over live processes),
 ``audit_queue`` (audit lines waiting for the writer), ``cache_bytes``, ``cache_tiles``,
 ``cache_limit_bytes``, ``cache_evictions_total``, ``jobs`` (state).
@@ -79,6 +80,11 @@ class Metrics(TileEvents):
             "tileserver_renders_abandoned",
             "Tile loads dropped before their render: every client had gone.",
             registry=registry)
+        self.unwanted_count = Counter(
+            "tileserver_renders_unwanted",
+            "Renders that ended after every client that asked for the tile had gone (each "
+            "began while one was there; the tile is cached all the same).",
+            registry=registry)
         self.corrupt_count = Counter(
             "tileserver_cache_corrupt", "Corrupt disk-cache files found (rendered again).",
             registry=registry)
@@ -103,6 +109,10 @@ class Metrics(TileEvents):
     def abandoned(self) -> None:
         """A load dropped for clients that went."""
         self.abandoned_count.inc()
+
+    def unwanted(self) -> None:
+        """A render ended for nobody."""
+        self.unwanted_count.inc()
 
     def corrupt(self) -> None:
         """A corrupt cache file."""

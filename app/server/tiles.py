@@ -56,6 +56,7 @@ from app.server.audit import AuditLog, Caller, TileRequestRecord, cap
 from app.server.auth import Permission, authorize
 from app.server.credentials import PRINCIPAL_KEY
 from app.server.errors import error_json, headers_for, status_for
+from app.server.guard import CONNECTION
 
 log = logging.getLogger(__name__)
 
@@ -348,13 +349,20 @@ class TileRoute(BaseRoute):
 
 class _Client:
     """The requesting client as the tile service sees it
-    (:class:`app.cache.flight.Client`): gone once ``receive`` says ``http.disconnect``.
-    Only awaited while a tile waits for a render thread."""
+    (:class:`app.cache.flight.Client`): gone once ``receive`` says ``http.disconnect``
+    (awaited while a tile waits for a render thread), or, from a render thread, once its
+    connection is closed (:meth:`GuardedProtocol.hung_up`, under ``tileserver serve``)."""
 
-    __slots__ = ("_receive",)
+    __slots__ = ("_receive", "_connection")
 
     def __init__(self, receive: Receive):
         self._receive = receive
+        self._connection = CONNECTION.get()
+
+    def gone(self) -> bool:
+        """Whether the connection is known to be closed (any thread; False: cannot tell)."""
+        connection = self._connection
+        return connection is not None and connection.hung_up()
 
     async def disconnected(self) -> None:
         """Return when the connection is closed. The request's body messages are skipped;

@@ -23,12 +23,26 @@ class Gone:
     async def disconnected(self) -> None:
         return
 
+    def gone(self) -> bool:
+        return True
+
 
 class Staying:
     """A client that waits as long as it takes."""
 
     async def disconnected(self) -> None:
         await asyncio.Event().wait()
+
+    def gone(self) -> bool:
+        return False
+
+
+class HungUp(Staying):
+    """A client whose connection the kernel reports closed while the event loop has not yet
+    read its end (:meth:`GuardedProtocol.hung_up`)."""
+
+    def gone(self) -> bool:
+        return True
 
 
 @pytest.fixture
@@ -73,13 +87,48 @@ def test_clients_that_go_while_their_tiles_wait_get_nothing_rendered(busy, tmp_p
         gate.set()
         return (await stays).data
 
+    async def hung_up() -> None:
+        # the loop has not seen this client go: the render thread sees it and renders nothing
+        waiting = asyncio.ensure_future(tiles.get_tile("g", 11, 4, 1, TileRequest("jpeg"),
+                                                       client=HungUp()))
+        await asyncio.sleep(0)
+        gate.set()
+        with pytest.raises(ClientGone):
+            await waiting
+
     client.portal.call(lambda: asyncio.gather(*(gone(col) for col in range(2))))
     assert tiles.queued == 0 and cached_files(tmp_path / "cache", 11, range(2)) == []
     data = client.portal.call(shared)
     assert data == client.get("/storage/g_files/11/5_0.jpeg").content
+    gate = hold()
+    client.portal.call(hung_up)
+    assert list((tmp_path / "cache").glob("g/*/11/4_1.*")) == []
     text = client.get("/metrics").text
-    assert metric(text, "tileserver_renders_abandoned_total") == 2
+    assert metric(text, "tileserver_renders_abandoned_total") == 3
     assert metric(text, "tileserver_render_seconds_count") == 1
+
+
+def test_a_render_that_ends_after_its_client_went_is_counted(busy):
+    """The client is there when the render begins and gone when it ends: the tile is cached
+    all the same, and tileserver_renders_unwanted_total says so."""
+    client, tiles, _ = busy
+
+    class Leaving(Staying):
+        asked = 0
+
+        def gone(self) -> bool:
+            self.asked += 1
+            return self.asked > 1  # there at the check before the render, gone after it
+
+    leaving = Leaving()
+    tile = client.portal.call(lambda: tiles.get_tile("g", 11, 3, 2, TileRequest("jpeg"),
+                                                     client=leaving))
+    assert tile.cache == "miss" and leaving.asked == 2
+    text = client.get("/metrics").text
+    assert metric(text, "tileserver_renders_unwanted_total") == 1
+    assert metric(text, "tileserver_renders_abandoned_total") == 0
+    again = client.get("/storage/g_files/11/3_2.jpeg")
+    assert again.headers["x-tile-cache"] == "hit" and again.content == tile.data
 
 
 def test_a_full_render_queue_refuses_cold_tiles_at_once_and_serves_cached_ones(busy):
@@ -114,6 +163,36 @@ def test_a_full_render_queue_refuses_cold_tiles_at_once_and_serves_cached_ones(b
     assert client.get("/readyz").status_code == 200
     assert metric(client.get("/metrics").text, "tileserver_renders_shed_total") == 2
     assert client.get("/iiif/3/g/7,9,301,203/150,/0/default.png").status_code == 200
+
+
+def test_a_full_render_queue_serves_disk_cached_tiles_with_every_io_thread_busy(busy):
+    """Under load the I/O threads are taken too: a tile in the disk cache is read on the event
+    loop (its file is in the page cache) instead of being refused."""
+    client, tiles, hold = busy
+    on_disk = client.get("/storage/g_files/9/0_0.jpeg")
+    assert on_disk.status_code == 200
+    tiles.memory.discard()
+    gate = hold()
+    waiting = [client.portal.start_task_soon(
+        lambda col=col: tiles.get_tile("g", 11, col, 0, TileRequest("jpeg"), client=Staying()))
+        for col in range(2)]
+    deadline = time.monotonic() + 5
+    while tiles.queued < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    holders = [object() for _ in range(int(tiles.io_limiter.total_tokens))]
+    for holder in holders:
+        client.portal.call(tiles.io_limiter.acquire_on_behalf_of, holder)
+    try:
+        assert tiles.io_limiter.available_tokens == 0
+        hit = client.get("/storage/g_files/9/0_0.jpeg")
+        assert hit.status_code == 200 and hit.headers["x-tile-cache"] == "hit"
+        assert hit.content == on_disk.content
+        assert client.get("/storage/g_files/11/3_0.jpeg").status_code == 503
+    finally:
+        for holder in holders:
+            tiles.io_limiter.release_on_behalf_of(holder)
+        gate.set()
+    assert [w.result(10).cache for w in waiting] == ["miss", "miss"]
 
 
 def test_the_disk_cache_settles_under_its_low_watermark(client_for, quick_svs, fixtures,

@@ -225,6 +225,26 @@ def test_original_from_disk_and_from_page_cache_are_equal(client_for, tmp_path):
     assert np.array_equal(decode(from_disk.content), theirs)
 
 
+def test_original_tiles_of_a_slide_on_tmpfs(client_for, tmp_path):
+    """tmpfs cannot do ``RWF_NOWAIT`` reads (EOPNOTSUPP): the original tile is read in a
+    worker thread, not reported as an unreadable slide."""
+    shm = Path("/dev/shm")
+    assert any(line.split()[1:3] == ["/dev/shm", "tmpfs"]
+               for line in Path("/proc/mounts").read_text().splitlines())
+    folder = shm / f"tileserver-test-{os.getpid()}"
+    folder.mkdir()
+    try:
+        path = write_aperio_svs(folder / "shm.svs", 2000, 1500, seed=8)
+        client = client_for(Images=[{"Name": "s", "Path": str(path)}], DeepZoom=ALIGNED)
+        got = client.get("/storage/s_files/11/2_2.jpeg?format=jpeg")
+        assert got.status_code == 200 and got.headers["x-tile-source"] == "original"
+        assert got.content.endswith(_stored_tile(path, (2000, 1500), 2 * 9 + 2)[2:])
+    finally:
+        for child in folder.iterdir():
+            child.unlink()
+        folder.rmdir()
+
+
 def test_colour_modes_and_original_tiles(client_for, tmp_path):
     """``embed``: the original tile carries the slide's profile (APP2) and its scan is still
     the stored one; a converting mode changes pixels, so its tiles are rendered."""

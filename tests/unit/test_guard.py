@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 from app.server import guard
 from app.server.guard import GuardedProtocol, Limits
@@ -113,3 +114,75 @@ def test_the_cap_evicts_waiting_connections_then_answers_503(monkeypatch):
         if pool is not None and pool.timer is not None:
             pool.timer.cancel()
         loop.close()
+
+
+class TaskInner(Inner):
+    """Starts a task per read, as uvicorn starts a request's task while it parses."""
+
+    tasks: list = []
+
+    def data_received(self, data):
+        super().data_received(data)
+        TaskInner.tasks.append(asyncio.get_running_loop().create_task(self.request()))
+
+    async def request(self):
+        return guard.CONNECTION.get()
+
+    def eof_received(self):
+        return None  # uvicorn's protocols close on the end of the stream
+
+
+def test_a_request_sees_its_client_hang_up_before_the_event_loop_does():
+    """CONNECTION reaches the request's task; hung_up() reads the socket itself, so a worker
+    thread learns of a closed connection while the loop is still busy elsewhere."""
+    import socket
+    import threading
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        limits = Limits(head_bytes=1024, header_timeout=60, max_connections=10)
+        made: list[GuardedProtocol] = []
+
+        def factory():
+            made.append(GuardedProtocol(None, None, {}, loop, inner=TaskInner, limits=limits))
+            return made[-1]
+
+        server = await loop.create_server(factory, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
+        for sock in clients:
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        while len(TaskInner.tasks) < 3:
+            await asyncio.sleep(0.01)
+        connections = [await task for task in TaskInner.tasks]
+        assert set(connections) == set(made) and guard.CONNECTION.get() is None
+        assert not any(c.hung_up() for c in made)
+        by_port = {c.transport.get_extra_info("peername")[1]: c for c in made}
+        closed, half_closed, staying = (by_port[s.getsockname()[1]] for s in clients)
+        clients[0].close()
+        clients[1].shutdown(socket.SHUT_WR)
+        # from another thread, with the loop blocked: it has not read either end yet
+        def ask() -> list[bool]:
+            seen: list[bool] = []
+            thread = threading.Thread(target=lambda: seen.extend(
+                c.hung_up() for c in (closed, half_closed, staying)))
+            thread.start()
+            thread.join()
+            return seen
+
+        deadline = time.monotonic() + 5
+        seen = ask()
+        while seen[:2] != [True, True] and time.monotonic() < deadline:
+            time.sleep(0.01)
+            seen = ask()
+        assert seen == [True, True, False]
+        assert not closed.inner.lost and not half_closed.inner.lost  # the loop is behind
+        await asyncio.sleep(0.2)
+        assert closed.inner.lost and closed.hung_up()  # once the loop has closed it too
+        clients[1].close()
+        clients[2].close()
+        server.close()
+        await server.wait_closed()
+
+    TaskInner.tasks = []
+    asyncio.run(main())

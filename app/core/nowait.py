@@ -1,0 +1,104 @@
+"""File reads that never wait for the disk, so that the event loop may make them.
+
+A tile that is already in memory (the page cache, the dentry cache) can be answered on the event
+loop for the price of a few system calls; one that is not must go to a worker thread. Linux
+tells the two apart without waiting:
+
+- :func:`pread_nowait`: ``preadv2`` with ``RWF_NOWAIT`` (Linux 4.14) reads only what is in the
+  page cache;
+- :func:`open_cached`: ``openat2`` with ``RESOLVE_CACHED`` (Linux 5.12) resolves a path only
+  from the dentry cache.
+
+Both raise :class:`BlockingIOError` when the answer would need the disk, and also where the
+kernel or the file system cannot tell (tmpfs answers ``RWF_NOWAIT`` with ``EOPNOTSUPP``; other
+platforms have neither call): the caller then does the blocking call in a worker thread.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import sys
+from typing import Any
+
+NOWAIT = getattr(os, "RWF_NOWAIT", 0)
+"""``preadv`` flag: fail instead of waiting for the disk (0: not on this platform)."""
+
+_SYS_OPENAT2 = 437  # one number on every Linux architecture (the unified table of Linux 5.6)
+_RESOLVE_CACHED = 0x20
+_AT_FDCWD = -100
+_UNSUPPORTED = {errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL, errno.ENOSYS}
+
+
+class _OpenHow(ctypes.Structure):
+    """``struct open_how`` of ``openat2(2)``."""
+
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64),
+                ("resolve", ctypes.c_uint64)]
+
+
+def _syscall() -> Any:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        function = ctypes.CDLL(None, use_errno=True).syscall
+    except (OSError, AttributeError):
+        return None
+    function.restype = ctypes.c_long
+    return function
+
+
+_openat2 = _syscall()
+
+
+def open_cached(path: str) -> int:
+    """Open ``path`` read-only if its lookup needs nothing but the dentry cache.
+
+    Returns:
+        A file descriptor (the caller closes it).
+
+    Raises:
+        FileNotFoundError: the dentry cache knows the file does not exist.
+        BlockingIOError: the lookup would read a directory from the disk, or this kernel or
+            platform has no ``openat2`` with ``RESOLVE_CACHED`` (then every later call raises
+            it at once).
+        OSError: any other error of the open (permissions, ...).
+    """
+    global _openat2
+    if _openat2 is None:
+        raise BlockingIOError("no openat2 RESOLVE_CACHED here")
+    how = _OpenHow(os.O_RDONLY | os.O_CLOEXEC, 0, _RESOLVE_CACHED)
+    fd = _openat2(_SYS_OPENAT2, _AT_FDCWD, os.fsencode(path), ctypes.byref(how),
+                  ctypes.sizeof(how))
+    if fd >= 0:
+        return int(fd)
+    code = ctypes.get_errno()
+    if code in _UNSUPPORTED:
+        _openat2 = None
+        raise BlockingIOError("no openat2 RESOLVE_CACHED here")
+    if code == errno.EAGAIN:
+        raise BlockingIOError("the path is not all in the dentry cache")
+    raise OSError(code, os.strerror(code), path)
+
+
+def pread_nowait(fd: int, count: int, offset: int) -> bytes:
+    """``count`` bytes of ``fd`` at ``offset``, if they are all in the page cache.
+
+    Raises:
+        BlockingIOError: some of them are not, or the file system or platform cannot tell.
+        OSError: the read failed.
+    """
+    if not NOWAIT:
+        raise BlockingIOError("no RWF_NOWAIT on this platform")
+    buffer = bytearray(count)
+    try:
+        read = os.preadv(fd, (buffer,), offset, NOWAIT)
+    except OSError as exc:
+        if exc.errno in _UNSUPPORTED:
+            raise BlockingIOError(f"no RWF_NOWAIT on this file system ({exc.strerror})") \
+                from None
+        raise
+    if read != count:
+        raise BlockingIOError("partly in the page cache")
+    return bytes(buffer)

@@ -1,0 +1,59 @@
+"""Reads that never wait for the disk (app.core.nowait), on this machine's kernel and file
+systems."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+import pytest
+
+from app.core import nowait
+from app.core.nowait import open_cached, pread_nowait
+
+
+def test_a_file_just_written_is_opened_and_read_from_memory(tmp_path):
+    path = tmp_path / "tile.jpeg"
+    path.write_bytes(b"x" * 20_000)
+    fd = open_cached(str(path))
+    try:
+        assert pread_nowait(fd, 20_000, 0) == b"x" * 20_000
+        with pytest.raises(BlockingIOError):  # past the end: not all there
+            pread_nowait(fd, 30_000, 0)
+    finally:
+        os.close(fd)
+
+
+def test_names_the_dentry_cache_cannot_answer_would_block(tmp_path):
+    with pytest.raises(BlockingIOError):  # never looked up: the directory must be read
+        open_cached(str(tmp_path / "never-looked-up.jpeg"))
+    with pytest.raises(FileNotFoundError):
+        (tmp_path / "looked-up.jpeg").stat()
+    with pytest.raises(FileNotFoundError):  # a lookup left a negative dentry: known absent
+        open_cached(str(tmp_path / "looked-up.jpeg"))
+
+
+def test_file_systems_that_cannot_tell_would_block(monkeypatch, tmp_path):
+    """tmpfs answers RWF_NOWAIT with EOPNOTSUPP: that means "read it in a thread", not an
+    unreadable file."""
+    path = tmp_path / "tile.jpeg"
+    path.write_bytes(b"y" * 100)
+
+    def unsupported(*args):
+        raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))
+
+    monkeypatch.setattr(os, "preadv", unsupported)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        with pytest.raises(BlockingIOError):
+            pread_nowait(fd, 100, 0)
+    finally:
+        os.close(fd)
+
+
+def test_a_kernel_without_resolve_cached_would_block(monkeypatch, tmp_path):
+    path = tmp_path / "tile.jpeg"
+    path.write_bytes(b"z")
+    monkeypatch.setattr(nowait, "_openat2", None)
+    with pytest.raises(BlockingIOError):
+        open_cached(str(path))
