@@ -224,6 +224,9 @@ class ServerSettings(Section):
         "*", description="CORS: Access-Control-Allow-Origin of every response (tiles, DZIs, "
         "JSON API, errors) and of preflight answers; * or one origin; empty: no CORS headers.")
     RenderThreads: int = Field(0, ge=0, le=256, description="0: two per CPU core.")
+    RenderNice: int = Field(
+        10, ge=0, le=19, description="Niceness added to the render threads (Linux), so that "
+        "the event loop, which answers cache hits and refusals, gets a core first.")
     MaxOpenSlides: int = Field(16, ge=1, le=4096)
     OpenSlideCacheBytes: int = Field(256 * 1024 * 1024, ge=0,
                                      description="Decoded slide tiles kept, per process.")
@@ -474,9 +477,10 @@ class PregenerationSettings(Section):
     (see app.batch.pregenerate)."""
 
     Workers: int = Field(0, ge=0, le=256, description="Worker processes; 0: one per CPU core.")
-    Nice: int = Field(10, ge=0, le=19,
+    Nice: int = Field(15, ge=0, le=19,
                       description="Niceness added to worker processes, so that interactive "
-                                  "requests keep their latency while a job runs.")
+                                  "requests (event loop, then render threads at "
+                                  "Server.RenderNice) keep their latency while a job runs.")
     WorkerCacheBytes: int = Field(64 * 1024 * 1024, ge=0,
                                   description="Decoded slide tiles kept per worker process.")
     Scheduler: str | None = Field(None, description="Dask scheduler address "

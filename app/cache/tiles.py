@@ -14,7 +14,11 @@ import asyncio
 import hashlib
 import logging
 import os
+import random
+import sys
+import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,8 +48,8 @@ IIIF_PLAN_MEMO = 8192
 QUEUED_PER_THREAD = 4
 """``Server.MaxQueuedRenders`` 0: this many tile loads per render thread (a few tens of
 milliseconds of rendering each, so an accepted tile waits well under a second)."""
-RETRY_AFTER_SECONDS = 1
-"""``Retry-After`` of a shed request."""
+RETRY_AFTER_MAX_SECONDS = 30
+"""The longest ``Retry-After`` of a refused request (:class:`RetryPacer`)."""
 CACHE_READ_THREADS = 2
 """Threads that read the disk cache for tiles asked for while the render queue is full
 (:meth:`TileService._shed`) whose file is not known to be in memory. Such a read is made only
@@ -155,7 +159,8 @@ class TileService:
         # whose limiter and worker bookkeeping cost three times as much per hop
         # (docs/benchmarks.md, "Where the time goes").
         self._render_threads = ThreadPoolExecutor(
-            max_workers=int(render_limiter.total_tokens), thread_name_prefix="render")
+            max_workers=int(render_limiter.total_tokens), thread_name_prefix="render",
+            initializer=lower_thread_priority, initargs=(settings.Server.RenderNice,))
         self._cache_reads = ThreadPoolExecutor(max_workers=CACHE_READ_THREADS,
                                                thread_name_prefix="cache-read")
         self._cache_reads_queued = 0
@@ -163,6 +168,8 @@ class TileService:
                            or QUEUED_PER_THREAD * int(render_limiter.total_tokens))
         """Tile loads (disk read or render, running ones included) queued at most."""
         self.store = store
+        self.pacer = RetryPacer()
+        """The ``Retry-After`` of refused requests."""
         self.events = events or TileEvents()
         self.generation = 0
         """The last invalidation generation of the coordination store applied here."""
@@ -317,7 +324,7 @@ class TileService:
         if self.overloaded:
             self.events.shed()
             raise Overloaded(f"{self.queued} images are being rendered; try again",
-                             slide=handle.name, retry_after=RETRY_AFTER_SECONDS)
+                             slide=handle.name, retry_after=self.pacer.refused())
         loop = asyncio.get_running_loop()
         self._regions += 1
         try:
@@ -328,6 +335,7 @@ class TileService:
             raise
         finally:
             self._regions -= 1
+        self.pacer.rendered()
         return Tile(data, plan, "miss", digest_of(data), "rendered", handle.identity)
 
     def _region_blocking(self, handle: OpenSlide, source: ImageSource, plan: RegionPlan,
@@ -397,7 +405,7 @@ class TileService:
             return Tile(cached.data, plan, "hit", digest, "rendered", handle.identity)
         self.events.shed()
         raise Overloaded(f"{self.queued} tiles are being rendered; try again",
-                         slide=handle.name, retry_after=RETRY_AFTER_SECONDS)
+                         slide=handle.name, retry_after=self.pacer.refused())
 
     def _sweep(self, name: str) -> None:
         """Forget the tiles of a slide whose file is gone: this process's memory cache now,
@@ -450,6 +458,8 @@ class TileService:
                 self.events.abandoned()
             raise
         self.corrupt_tiles += corrupt
+        if status == "miss":
+            self.pacer.rendered()
         self.memory.put(plan.key, data, (digest, "rendered"))
         return data, digest, status
 
@@ -585,6 +595,68 @@ class SlideCacheUse:
             self.stale_tiles += count.tiles
             self.stale_bytes += count.bytes
             self.stale.add(count.variant)
+
+
+class RetryPacer:
+    """The ``Retry-After`` of refused requests: refused clients are spread over the seconds
+    this process's renders need to serve them, so that clients that honour it come back at
+    about the rate tiles are rendered, instead of all together one second later (where each
+    wave of returns is refused again, at the price of a full request each).
+
+    Refusals and renders are counted per whole second of ``clock``. A refusal gets a whole
+    number of seconds drawn uniformly from ``1..n``, where ``n`` is the refusals of the last
+    whole second divided by its renders (rounded up; at least 1, at most
+    :data:`RETRY_AFTER_MAX_SECONDS`): one second while refusals are few. The jitter is the
+    usual cure for synchronised retries (AWS Architecture Blog, "Exponential Backoff And
+    Jitter", 2015). Event-loop only.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic,
+                 rng: random.Random | None = None):
+        self._clock = clock
+        self._rng = rng or random.Random()
+        self._second = 0
+        self._refused = self._rendered = 0
+        self._last = (0, 0)
+
+    def _roll(self) -> None:
+        second = int(self._clock())
+        if second != self._second:
+            self._last = ((self._refused, self._rendered) if second == self._second + 1
+                          else (0, 0))
+            self._second, self._refused, self._rendered = second, 0, 0
+
+    def rendered(self) -> None:
+        """A tile or region was rendered."""
+        self._roll()
+        self._rendered += 1
+
+    def refused(self) -> int:
+        """A request is refused: its ``Retry-After`` in seconds."""
+        self._roll()
+        self._refused += 1
+        refused, rendered = self._last
+        spread = min(RETRY_AFTER_MAX_SECONDS, max(1, -(-refused // max(rendered, 1))))
+        return self._rng.randint(1, spread)
+
+
+def lower_thread_priority(nice: int) -> None:
+    """Add ``nice`` to the calling thread's niceness (Linux, where niceness is per thread;
+    elsewhere nothing): a thread pool's ``initializer``.
+
+    Render threads run below the event loop so that the loop, which answers cache hits and
+    refusals in microseconds, gets a core at once when both want one (under a flood of cold
+    tiles on 2 cores, the loop otherwise shares them with every render thread; docs/
+    benchmarks.md, "Overload").
+    """
+    if not nice or not sys.platform.startswith("linux"):
+        return
+    thread = threading.get_native_id()
+    try:
+        os.setpriority(os.PRIO_PROCESS, thread,
+                       min(19, os.getpriority(os.PRIO_PROCESS, thread) + nice))
+    except OSError as exc:  # pragma: no cover - a sandbox that forbids it
+        log.warning("cannot lower the render threads' priority: %s", exc)
 
 
 def default_render_threads() -> int:
