@@ -163,7 +163,7 @@ class TileService:
             initializer=lower_thread_priority, initargs=(settings.Server.RenderNice,))
         self._cache_reads = ThreadPoolExecutor(max_workers=CACHE_READ_THREADS,
                                                thread_name_prefix="cache-read")
-        self._cache_reads_queued = 0
+        self._cache_reads_busy = 0
         self.max_queued = (settings.Server.MaxQueuedRenders
                            or QUEUED_PER_THREAD * int(render_limiter.total_tokens))
         """Tile loads (disk read or render, running ones included) queued at most."""
@@ -392,13 +392,13 @@ class TileService:
             cached = self.disk.read_nowait(plan.key)
         except BlockingIOError:
             cached = None
-            if self._cache_reads_queued < CACHE_READ_THREADS:
-                self._cache_reads_queued += 1
+            if self._cache_reads_busy < CACHE_READ_THREADS:
+                self._cache_reads_busy += 1
                 try:
                     cached = await asyncio.get_running_loop().run_in_executor(
                         self._cache_reads, self.disk.read, plan.key)
                 finally:
-                    self._cache_reads_queued -= 1
+                    self._cache_reads_busy -= 1
         if cached is not None and not cached.corrupt:
             digest = digest_from_sha256(cached.sha256)
             self.memory.put(plan.key, cached.data, (digest, "rendered"))

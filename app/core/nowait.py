@@ -69,8 +69,10 @@ def open_cached(path: str) -> int:
     if _openat2 is None:
         raise BlockingIOError("no openat2 RESOLVE_CACHED here")
     how = _OpenHow(os.O_RDONLY | os.O_CLOEXEC, 0, _RESOLVE_CACHED)
-    fd = _openat2(_SYS_OPENAT2, _AT_FDCWD, os.fsencode(path), ctypes.byref(how),
-                  ctypes.sizeof(how))
+    # syscall(2) is variadic and reads every argument as a long: give it longs, not ints
+    fd = _openat2(ctypes.c_long(_SYS_OPENAT2), ctypes.c_long(_AT_FDCWD),
+                  ctypes.c_char_p(os.fsencode(path)), ctypes.byref(how),
+                  ctypes.c_long(ctypes.sizeof(how)))
     if fd >= 0:
         return int(fd)
     code = ctypes.get_errno()

@@ -108,6 +108,19 @@ def test_clients_that_go_while_their_tiles_wait_get_nothing_rendered(busy, tmp_p
     assert metric(text, "tileserver_render_seconds_count") == 1
 
 
+def test_an_iiif_region_is_not_rendered_for_a_client_that_hung_up(busy):
+    client, tiles, _ = busy
+    segments = ("7,9,301,203", "150,", "0", "default.png")
+
+    async def region(who):
+        return await tiles.get_region("g", segments, client=who)
+
+    with pytest.raises(ClientGone):
+        client.portal.call(region, HungUp())
+    assert metric(client.get("/metrics").text, "tileserver_renders_abandoned_total") == 1
+    assert client.portal.call(region, Staying()).data[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_a_render_that_ends_after_its_client_went_is_counted(busy):
     """The client is there when the render begins and gone when it ends: the tile is cached
     all the same, and tileserver_renders_unwanted_total says so."""
