@@ -212,18 +212,14 @@ class DiskTileCache:
             return None
         try:
             fd = open_cached(self._path(key))
+            try:
+                stored = pread_nowait(fd, os.fstat(fd).st_size, 0)
+            finally:
+                os.close(fd)
         except BlockingIOError:
             raise
-        except OSError:
+        except OSError:  # absent, unreadable: as :meth:`read`
             return None
-        try:
-            stored = pread_nowait(fd, os.fstat(fd).st_size, 0)
-        except BlockingIOError:
-            raise
-        except OSError:
-            return None
-        finally:
-            os.close(fd)
         return self._unsealed(key, stored)
 
     def _unsealed(self, key: TileKey, stored: bytes) -> CachedTile:

@@ -12,7 +12,7 @@ from app.core import nowait
 from app.core.nowait import open_cached, pread_nowait
 
 
-def _file_system(path) -> str:
+def file_system(path) -> str:
     """The type of the file system ``path`` is on (the longest mount point above it)."""
     mounts = [line.split()[1:3] for line in open("/proc/mounts")]
     best = max((m for m in mounts if str(path).startswith(m[0].rstrip("/") + "/")),
@@ -25,7 +25,7 @@ def test_a_file_just_written_is_opened_and_read_from_memory(tmp_path):
     path.write_bytes(b"x" * 20_000)
     fd = open_cached(str(path))
     try:
-        if _file_system(tmp_path) == "tmpfs":  # no RWF_NOWAIT there: read in a thread
+        if file_system(tmp_path) == "tmpfs":  # no RWF_NOWAIT there: read in a thread
             with pytest.raises(BlockingIOError):
                 pread_nowait(fd, 20_000, 0)
             return
@@ -42,7 +42,7 @@ def test_names_the_dentry_cache_cannot_answer_would_block(tmp_path):
     with pytest.raises(FileNotFoundError):
         (tmp_path / "looked-up.jpeg").stat()
     # a lookup leaves a negative dentry, so the name is known absent; tmpfs keeps none
-    expected = BlockingIOError if _file_system(tmp_path) == "tmpfs" else FileNotFoundError
+    expected = BlockingIOError if file_system(tmp_path) == "tmpfs" else FileNotFoundError
     with pytest.raises(expected):
         open_cached(str(tmp_path / "looked-up.jpeg"))
 
