@@ -45,6 +45,12 @@ log = logging.getLogger(__name__)
 
 IIIF_PLAN_MEMO = 8192
 """IIIF request plans kept per open slide (then forgotten at once and made again)."""
+TILE_PLAN_MEMO = 4096
+"""DZI tile plans kept per open slide (then forgotten at once and made again): a viewer's
+screenful and its neighbours, a few hundred bytes each."""
+MEMO_ACCEPT_CHARS = 512
+"""Plans of requests whose ``Accept`` is longer are not kept (browsers send under 200
+characters), so that the memo stays a few megabytes whatever clients send."""
 QUEUED_PER_THREAD = 4
 """``Server.MaxQueuedRenders`` 0: this many tile loads per render thread (a few tens of
 milliseconds of rendering each, so an accepted tile waits well under a second)."""
@@ -279,7 +285,18 @@ class TileService:
         handle = await self._open(name)
         source = (handle.source if associated is None
                   else await self.registry.associated(handle, associated))
-        plan = self.planner.plan(handle, source, level, col, row, request)
+        # a plan is a pure function of the open slide's image (its pyramid, colour, identity)
+        # and of these; the image object is that open slide's own, so a replaced slide file
+        # (a new handle) never meets its predecessor's plans
+        memo = handle.tile_plans
+        memo_key = (source, level, col, row, request)
+        plan = memo.get(memo_key)
+        if plan is None:
+            plan = self.planner.plan(handle, source, level, col, row, request)
+            if request is None or len(request.accept or "") <= MEMO_ACCEPT_CHARS:
+                if len(memo) >= TILE_PLAN_MEMO:
+                    memo.clear()
+                memo[memo_key] = plan
         return await self._planned(handle, source, plan, client)
 
     async def get_region(self, name: str, segments: tuple[str, str, str, str],

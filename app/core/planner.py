@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from pydantic import BaseModel, Field
 
@@ -40,9 +40,10 @@ from app.core.slides import OpenSlide
 from app.settings import Settings
 
 
-@dataclass(frozen=True, slots=True)
-class TileRequest:
-    """What a request asked of a tile's format (all optional).
+class TileRequest(NamedTuple):
+    """What a request asked of a tile's format (all optional). A named tuple: it is made and
+    hashed on every tile request (a plan memo key, :data:`app.cache.tiles.TILE_PLAN_MEMO`),
+    which a frozen dataclass does in Python code at several times the cost.
 
     Attributes:
         extension: the URL's extension without the dot (``jpeg``, ``png``, ...).

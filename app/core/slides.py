@@ -80,6 +80,8 @@ class OpenSlide:
         associated: associated images' sources, opened on first use.
         iiif_plans: IIIF request plans memoised by the tile service,
             ``(associated or None, URL segments) -> RegionPlan``.
+        tile_plans: DZI tile plans memoised by the tile service,
+            ``(ImageSource, level, col, row, TileRequest or None) -> TilePlan``.
     """
 
     entry: SlideEntry
@@ -92,6 +94,7 @@ class OpenSlide:
     variants: dict[tuple[Any, ...], str] = field(default_factory=dict)
     associated: dict[str, ImageSource] = field(default_factory=dict)
     iiif_plans: dict[tuple[Any, ...], Any] = field(default_factory=dict)
+    tile_plans: dict[tuple[Any, ...], Any] = field(default_factory=dict)
 
     @property
     def pyramid(self) -> SlidePyramid:

@@ -5,11 +5,13 @@ created at import time, so tests build apps from ``Settings`` objects. ``create_
 the factory uvicorn workers call: the CLI passes them its validated settings as JSON in
 ``TILESERVER_SETTINGS_JSON``.
 
-The router's first route is :class:`app.server.tiles.TileRoute`, the one entry path of every
-tile URL; the FastAPI routes (DZI descriptors, JSON API, jobs, pages, the OpenAPI document and
-its Swagger UI and ReDoc pages) follow, each a :class:`app.server.auth.GuardedRoute` with its
-permission. Middleware, outermost first: :class:`app.server.proxy.ProxyLayer` (hosts, proxies,
-path base), :class:`app.server.auth.AuthLayer` (the principal), ``HeadAsGet``.
+Middleware, outermost first: :class:`app.server.middleware.RequestId`,
+:class:`app.server.proxy.ProxyLayer` (hosts, proxies, path base),
+:class:`app.server.middleware.Cors`, :class:`app.server.auth.AuthLayer` (the principal),
+``HeadAsGet``, then :class:`app.server.tiles.TileRoute`, the one entry path of every tile URL.
+Every other request reaches the router: the FastAPI routes (DZI descriptors, JSON API, jobs,
+pages, the OpenAPI document and its Swagger UI and ReDoc pages), each a
+:class:`app.server.auth.GuardedRoute` with its permission, and the static mounts.
 """
 
 from __future__ import annotations
@@ -136,7 +138,6 @@ def create_app(settings: Settings, clock: Callable[[], float] | None = None) -> 
                   telemetry={"tracing": False, "metrics": False, "logs": False})
     install_handlers(app)
     app.add_exception_handler(pages.SignInRequired, pages.sign_in_page)
-    app.router.routes.insert(0, tiles.TileRoute())  # first: tile requests match at once
     for router in (dzi.router, iiif.router, api.router, jobs.router, pages.router, ops.router,
                    _docs_router(app)):
         app.include_router(router)
@@ -151,6 +152,7 @@ def create_app(settings: Settings, clock: Callable[[], float] | None = None) -> 
         else:
             log.warning("%s not found (run `npm ci`): %s will not load", marker, what)
     check_routes(app)
+    app.add_middleware(tiles.TileRoute)  # innermost: every layer above applies to tiles
     app.add_middleware(HeadAsGet)
     app.add_middleware(AuthLayer, settings=settings, api_keys=api_keys, jwt=jwt, signer=signer)
     app.add_middleware(Cors, allow_origin=settings.Server.AccessControlAllowOrigin)
@@ -207,14 +209,15 @@ async def _sample(services: Services) -> None:
 
 
 def check_routes(app: FastAPI) -> None:
-    """Refuse an app with a route no rule covers: every route is the tile route, a static
-    mount, or a :class:`GuardedRoute` (which itself refuses a route without ``require``).
+    """Refuse an app with a route no rule covers: every route is a static mount or a
+    :class:`GuardedRoute` (which itself refuses a route without ``require``; tile URLs never
+    reach the router).
 
     Raises:
         TypeError: a route of another kind (e.g. added with ``app.get`` by mistake).
     """
     for route in app_routes(app):
-        if not isinstance(route, tiles.TileRoute | GuardedRoute | Mount):
+        if not isinstance(route, GuardedRoute | Mount):
             raise TypeError(f"route {getattr(route, 'path', route)!r} is not guarded: declare "
                             "it on a router with route_class=GuardedRoute and require(...)")
 

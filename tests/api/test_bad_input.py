@@ -127,7 +127,6 @@ def test_every_route_answers_errors_in_one_json_shape(client, monkeypatch):
     from starlette.routing import Mount, Route
 
     from app.server.routes import api, dzi, jobs, pages
-    from app.server.tiles import TileRoute
 
     fill = {"name": "nosuch", "associated": "nosuch", "job_id": "nosuch", "file": "nosuch.js"}
     routes = [*client.app.routes, *(r for m in (api, dzi, jobs, pages) for r in m.router.routes)]
@@ -143,14 +142,16 @@ def test_every_route_answers_errors_in_one_json_shape(client, monkeypatch):
                     r = client.request(method, path)
                     assert r.status_code == 404, (method, path, r.status_code)
                     _one_json_shape(r)
-        elif isinstance(route, TileRoute):
-            path = "/storage/boxes_files/0/0_0.jpeg"
         else:  # an included router: its routes are in the list
             continue
         r = client.put(path)
         assert r.status_code == 405 and r.headers["allow"], path
         assert _one_json_shape(r)["error"] == "method_not_allowed"
         checked += 1
+    for path in ("/storage/boxes_files/0/0_0.jpeg", "/iiif/3/boxes/full/max/0/default.jpg"):
+        r = client.put(path)  # the tile route, in front of the router
+        assert r.status_code == 405 and r.headers["allow"] == "GET, HEAD", path
+        assert _one_json_shape(r)["error"] == "method_not_allowed"
     assert checked >= 25
     assert _one_json_shape(client.get("/no/such/route"))["error"] == "not_found"
 
