@@ -229,3 +229,32 @@ def test_unwritable_cache_still_serves(client_for, generated_svs, tmp_path, capl
     assert r.status_code == 200
     assert Image.open(io.BytesIO(r.content)).size == (256, 256)
     assert "not writable" in caplog.text
+
+
+def test_plan_memo_is_exact_and_bounded(client_for, generated_svs, monkeypatch):
+    """Tile plans are memoised per open slide: the same address of the slide and of an
+    associated image, or with another Accept, is another plan (the pixels say so); the memo
+    stays under TILE_PLAN_MEMO entries, and an overlong Accept is planned but not kept."""
+    from app.cache import tiles as service_module
+
+    monkeypatch.setattr(service_module, "TILE_PLAN_MEMO", 4)
+    client = client_for(Images=[{"Name": "g", "Path": str(generated_svs)}],
+                        TileFormat={"LosslessFormat": "webp"})
+    slide_tile = client.get("/storage/g_files/0/0_0.png")
+    label_tile = client.get("/storage/g/associated/label_files/0/0_0.png")
+    assert not np.array_equal(decode(slide_tile.content), decode(label_tile.content))
+    assert np.array_equal(decode(slide_tile.content), reference(generated_svs, 0, 0, 0)[1])
+    handle = client.app.state.services.registry.peek("g")
+    assert len(handle.tile_plans) == 2
+    top = reference(generated_svs, 0, 0, 0)[0].level_count - 1
+    url = f"/storage/g_files/{top}/1_1.jpeg"
+    for accept, media in (("image/webp,*/*", "image/webp"), ("*/*", "image/png"),
+                          ("image/webp,*/*", "image/webp")):
+        assert client.get(url, headers={"Accept": accept}).headers["content-type"] == media
+    assert len(handle.tile_plans) == 4
+    client.get(f"/storage/g_files/{top}/0_1.jpeg")
+    assert len(handle.tile_plans) == 1  # full: forgotten at once, then this one kept
+    long_accept = "image/webp," + "x" * service_module.MEMO_ACCEPT_CHARS
+    r = client.get(f"/storage/g_files/{top}/1_0.jpeg", headers={"Accept": long_accept})
+    assert r.headers["content-type"] == "image/webp"
+    assert len(handle.tile_plans) == 1
