@@ -19,6 +19,7 @@ import re
 import shutil
 import socket
 import subprocess
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -234,26 +235,37 @@ def test_replicas_and_workers_share_jobs_invalidation_and_add_up_their_metrics(r
 
 
 async def _flood(base: str, paths: list[str], warm: str) -> tuple[list, list, list]:
-    """Every path at once; meanwhile a warm tile and /readyz, again and again."""
+    """Every path at once; meanwhile a warm tile, again and again, and /readyz from a thread
+    of its own (this client's event loop is busy with the flood), each time on a new
+    connection: each worker answers /readyz for itself, and a kept-alive connection stays
+    with the worker that accepted it."""
     limits = httpx.Limits(max_connections=len(paths) + 8)
+    done = threading.Event()
+    ready: list[int] = []
+
+    def poll_ready() -> None:
+        with httpx.Client(base_url=base, timeout=TIMEOUT) as sync:
+            while not done.is_set():
+                ready.append(sync.get("/readyz", headers={"Connection": "close"}).status_code)
+
+    poller = threading.Thread(target=poll_ready)
     async with httpx.AsyncClient(base_url=base, timeout=TIMEOUT, limits=limits) as client:
         async def timed(path: str) -> tuple[httpx.Response, float]:
             started = time.perf_counter()
             response = await client.get(path)
             return response, time.perf_counter() - started
 
-        flood = asyncio.gather(*(timed(p) for p in paths))
-        warm_answers: list = []
-        ready: list[int] = []
-
-        async def poll(into: list, ask) -> None:
+        poller.start()
+        try:
+            flood = asyncio.gather(*(timed(p) for p in paths))
+            warm_answers: list = []
             while not flood.done():
-                into.append(await ask())
-
-        await asyncio.gather(poll(warm_answers, lambda: timed(warm)),
-                             poll(ready, lambda: client.get("/readyz")),
-                             poll(ready, lambda: client.get("/readyz")))
-        return await flood, warm_answers, [r.status_code for r in ready]
+                warm_answers.append(await timed(warm))
+            answers = await flood
+        finally:
+            done.set()
+            poller.join()
+    return answers, warm_answers, ready
 
 
 def test_overload_sheds_cold_tiles_serves_warm_ones_and_renders_nothing_for_gone_clients(
@@ -264,9 +276,11 @@ def test_overload_sheds_cold_tiles_serves_warm_ones_and_renders_nothing_for_gone
     for _ in range(6):
         assert get(base, warm).status_code == 200
     assert get(base, "/readyz").json() == {"status": "ready"}
-    # g's top level (12 x 9 tiles), deleted from the cache by the test above: rows 1-8 here,
-    # row 0 for the clients that hang up below
-    paths = [f"/storage/g_files/12/{i % 12}_{1 + i // 12}.jpeg" for i in range(96)]
+    # first, whole-image renders of big as PNG (IIIF regions: about a second each, so each
+    # worker's queue stays full for a while), then g's top level (12 x 9 tiles), deleted
+    # from the cache by the test above: rows 1-8 here, row 0 for the clients that hang up
+    paths = [f"/iiif/3/big/full/{w},/0/default.png" for w in range(2400, 2406)]
+    paths += [f"/storage/g_files/12/{i % 12}_{1 + i // 12}.jpeg" for i in range(96)]
     answers, warm_answers, ready = asyncio.run(_flood(base, paths, warm))
     shed = [(r, t) for r, t in answers if r.status_code == 503]
     served = [r for r, _ in answers if r.status_code == 200]

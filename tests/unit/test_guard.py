@@ -186,3 +186,66 @@ def test_a_request_sees_its_client_hang_up_before_the_event_loop_does():
 
     TaskInner.tasks = []
     asyncio.run(main())
+
+
+class Recording(Transport):
+    """Records each system-call-sized operation: a write, a writelines, a close."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[tuple[str, bytes]] = []
+
+    def write(self, data):
+        self.calls.append(("write", bytes(data)))
+
+    def writelines(self, chunks):
+        self.calls.append(("writelines", b"".join(chunks)))
+
+    def close(self):
+        self.calls.append(("close", b""))
+        super().close()
+
+    def abort(self):
+        self.calls.append(("abort", b""))
+        self.closed = True
+
+    def get_extra_info(self, name, default=None):
+        return ("127.0.0.1", 4242) if name == "peername" else default
+
+
+def test_a_response_head_and_body_leave_in_one_write():
+    """uvicorn writes a head, then a body: the wrapped protocol's transport sends them with
+    one writelines; a lone write leaves at the end of the loop's pass; close sends what is
+    held first, abort drops it; a mutable buffer is copied when held."""
+    loop = asyncio.new_event_loop()
+    try:
+        limits = Limits(head_bytes=1024, header_timeout=60, max_connections=10)
+        protocol = GuardedProtocol(None, None, {}, loop, inner=Inner, limits=limits)
+        real = Recording()
+        protocol.connection_made(real)
+        seen = protocol.inner.transport
+        assert seen is not real and seen.get_extra_info("peername") == ("127.0.0.1", 4242)
+        seen.write(b"HTTP/1.1 200 OK\r\n\r\n")
+        assert real.calls == []
+        seen.write(b"body")
+        assert real.calls == [("writelines", b"HTTP/1.1 200 OK\r\n\r\nbody")]
+        buffer = bytearray(b"streamed")
+        seen.write(buffer)
+        buffer[:] = b"changed!"
+        loop.run_until_complete(asyncio.sleep(0))  # the end of this pass of the loop
+        assert real.calls[1:] == [("write", b"streamed")]
+        seen.write(b"last words")
+        seen.close()
+        assert real.calls[2:] == [("write", b"last words"), ("close", b"")]
+        other = Recording()
+        protocol2 = GuardedProtocol(None, None, {}, loop, inner=Inner, limits=limits)
+        protocol2.connection_made(other)
+        protocol2.inner.transport.write(b"never sent")
+        protocol2.inner.transport.abort()
+        loop.run_until_complete(asyncio.sleep(0))
+        assert other.calls == [("abort", b"")]
+    finally:
+        pool = guard._pools.pop(loop, None)
+        if pool is not None and pool.timer is not None:
+            pool.timer.cancel()
+        loop.close()
