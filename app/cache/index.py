@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from app.core.keys import TileKey
+from app.core.sqlite import open_shared
 
 log = logging.getLogger(__name__)
 
@@ -161,10 +162,7 @@ class CacheIndex:
             sqlite3.Error, OSError: the database cannot be opened.
         """
         self.root.mkdir(parents=True, exist_ok=True)
-        db = sqlite3.connect(self.path, timeout=BUSY_SECONDS, check_same_thread=False,
-                             isolation_level=None)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=NORMAL")
+        db = open_shared(self.path, BUSY_SECONDS, check_same_thread=False)
         with db:
             db.executescript(_SCHEMA)
         self._db = db

@@ -33,6 +33,7 @@ from app.coordination import (
     Coordination,
     abandoned,
 )
+from app.core.sqlite import open_shared
 
 T = TypeVar("T")
 BUSY_SECONDS = 10.0
@@ -81,11 +82,8 @@ class EmbeddedCoordination(Coordination):
         def connect() -> sqlite3.Connection:
             if self.where != ":memory:":
                 Path(self.where).parent.mkdir(parents=True, exist_ok=True)
-            db = sqlite3.connect(self.where, timeout=BUSY_SECONDS, check_same_thread=False,
-                                 isolation_level=None)
+            db = open_shared(self.where, BUSY_SECONDS, check_same_thread=False)
             try:
-                db.execute("PRAGMA journal_mode=WAL")
-                db.execute("PRAGMA synchronous=NORMAL")
                 db.executescript(_SCHEMA)
             except sqlite3.Error:
                 db.close()
