@@ -50,6 +50,12 @@ def _syscall() -> Any:
 
 
 _openat2 = _syscall()
+# the arguments that never change, made once (a refused tile looks its file up on every try)
+_NUMBER = ctypes.c_long(_SYS_OPENAT2)
+_WHERE = ctypes.c_long(_AT_FDCWD)
+_HOW = _OpenHow(os.O_RDONLY | os.O_CLOEXEC, 0, _RESOLVE_CACHED)
+_HOW_REF = ctypes.byref(_HOW)
+_HOW_SIZE = ctypes.c_long(ctypes.sizeof(_HOW))
 
 
 def open_cached(path: str) -> int:
@@ -68,11 +74,8 @@ def open_cached(path: str) -> int:
     global _openat2
     if _openat2 is None:
         raise BlockingIOError("no openat2 RESOLVE_CACHED here")
-    how = _OpenHow(os.O_RDONLY | os.O_CLOEXEC, 0, _RESOLVE_CACHED)
     # syscall(2) is variadic and reads every argument as a long: give it longs, not ints
-    fd = _openat2(ctypes.c_long(_SYS_OPENAT2), ctypes.c_long(_AT_FDCWD),
-                  ctypes.c_char_p(os.fsencode(path)), ctypes.byref(how),
-                  ctypes.c_long(ctypes.sizeof(how)))
+    fd = _openat2(_NUMBER, _WHERE, os.fsencode(path), _HOW_REF, _HOW_SIZE)
     if fd >= 0:
         return int(fd)
     code = ctypes.get_errno()
