@@ -1,12 +1,11 @@
 """The one tile entry path: a single ASGI layer answers every tile family.
 
-:class:`TileRoute` is the app's innermost middleware, in front of FastAPI's router. It
-recognises the tile URLs of every
-family (:data:`FAMILIES`), parses the address, asks :class:`app.cache.tiles.TileService` for the
-tile, and builds the response: headers (:func:`tile_headers`), ETag and ``304 Not Modified``,
-``HEAD``, JSON errors through :mod:`app.server.errors`' one table, and one audit line per request
-(:mod:`app.server.audit`). No route of the router can answer a tile URL, so a rule added here
-applies to every tile.
+:class:`TileRoute` is the app's innermost middleware, in front of FastAPI's router. It recognises
+the tile URLs of every family (see below), parses the address, asks
+:class:`app.cache.tiles.TileService` for the tile, and builds the response: headers
+(:func:`tile_headers`), ETag and ``304 Not Modified``, ``HEAD``, JSON errors through
+:mod:`app.server.errors`' one table, and one audit line per request (:mod:`app.server.audit`).
+No route of the router can answer a tile URL, so a rule added here applies to every tile.
 
 Families (``{tile}`` is ``{col}_{row}.{ext}``; ``level`` is a DZI level, 0 = 1x1 px;
 ``{image}`` is ``{region}/{size}/{rotation}/{quality}.{format}`` of the IIIF Image API 3.0):
