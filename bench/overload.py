@@ -5,9 +5,10 @@ tiles of the three deepest levels, deepest first; a thread that reaches the end 
 starts it again, so tiles refused with 503 are asked for again and no connection closes before
 wrk exits; a connection answered 503 waits its ``Retry-After`` before its next request, as
 clients do: bench/overload.lua) while a probe
-(this process, asyncio) asks, from :data:`PROBE_AFTER_SECONDS` on, every :data:`PROBE_SECONDS`,
-for one more cold tile and one warm tile (pre-warmed into every worker's memory cache) and
-times each answer. Then wrk's
+(this process, asyncio, a minimal HTTP client: :class:`RawClient`) asks, from
+:data:`PROBE_AFTER_SECONDS` on, every :data:`PROBE_SECONDS`, for one more cold tile and one
+warm tile (pre-warmed into every worker's memory cache) and times each answer, and how late
+its own event loop runs (``probe_lag_p99_ms``). Then wrk's
 connections close with their requests in flight: clients that left.
 
 Reported (``extra["overload"]``) and checked against the issue's targets (notes when missed):
@@ -74,8 +75,51 @@ def _metric(text: str, name: str) -> float:
         rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, re.M))
 
 
+class RawClient:
+    """A minimal HTTP/1.1 client for the probe: prebuilt ``GET`` requests on kept-alive loopback
+    connections (one per request in flight), the status line and ``Content-Length`` read, the
+    body read whole. The probe times the server, so its own work must stay small: an httpx
+    request costs its client about a millisecond of CPU, which on 2 busy cores became part of
+    what was measured; this one costs tens of microseconds."""
+
+    def __init__(self, base_url: str):
+        host, port = base_url.split("//", 1)[1].rsplit(":", 1)
+        self.host, self.port = host, int(port)
+        self.idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+
+    async def get(self, path: str) -> int:
+        """The status of ``GET path`` (0: the connection failed)."""
+        if self.idle:
+            reader, writer = self.idle.pop()
+        else:
+            reader, writer = await asyncio.open_connection(self.host, self.port)
+        try:
+            writer.write(f"GET {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n\r\n"
+                         .encode())
+            head = await reader.readuntil(b"\r\n\r\n")
+            status = int(head[9:12])
+            length = re.search(rb"(?im)^content-length:[ \t]*(\d+)", head)
+            await reader.readexactly(int(length.group(1)) if length else 0)
+        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError):
+            writer.close()
+            return 0
+        if re.search(rb"(?im)^connection:[ \t]*close", head):
+            writer.close()
+        else:
+            self.idle.append((reader, writer))
+        return status
+
+    def close(self) -> None:
+        """Close the idle connections."""
+        for _, writer in self.idle:
+            writer.close()
+        self.idle.clear()
+
+
 class Probe(threading.Thread):
-    """Asks for one cold and one warm tile every :data:`PROBE_SECONDS` until stopped."""
+    """Asks for one cold and one warm tile every :data:`PROBE_SECONDS` until stopped, and times
+    its own event loop (a 5 ms sleep, every 5 ms): how late the probe itself runs, the error bar
+    of what it measures (``probe_lag_p99_ms``)."""
 
     def __init__(self, base_url: str, cold: list[str], warm: list[str]):
         super().__init__(name="overload-probe", daemon=True)
@@ -83,6 +127,7 @@ class Probe(threading.Thread):
         self.stop = threading.Event()
         self.answers: list[tuple[str, int, float]] = []  # (kind, status, seconds)
         self.timeline: list[tuple[float, str, int, float]] = []  # (sent at, kind, ...)
+        self.lags: list[float] = []  # seconds the probe's loop woke late
         self.started = 0.0
         self.burst_ms: float | None = None
 
@@ -100,30 +145,36 @@ class Probe(threading.Thread):
         asyncio.run(self._run())
 
     async def _run(self) -> None:
-        async with httpx.AsyncClient(base_url=self.base_url, timeout=60) as client:
-            async def ask(kind: str, path: str) -> None:
-                started = time.perf_counter()
-                try:
-                    status = (await client.get(path)).status_code
-                except httpx.HTTPError:
-                    status = 0
-                took = time.perf_counter() - started
-                self.answers.append((kind, status, took))
-                self.timeline.append((round(started - self.started, 3), kind, status,
-                                      round(took * 1000, 1)))
+        client = RawClient(self.base_url)
 
-            pending: set[asyncio.Task[None]] = set()
-            i = 0
-            while not self.stop.is_set() and i < len(self.cold):
-                for kind, path in (("cold", self.cold[i]),
-                                   ("warm", self.warm[i % len(self.warm)])):
-                    task = asyncio.ensure_future(ask(kind, path))
-                    pending.add(task)
-                    task.add_done_callback(pending.discard)
-                i += 1
-                await asyncio.sleep(PROBE_SECONDS)
-            if pending:
-                await asyncio.wait(pending)
+        async def ask(kind: str, path: str) -> None:
+            started = time.perf_counter()
+            status = await client.get(path)
+            took = time.perf_counter() - started
+            self.answers.append((kind, status, took))
+            self.timeline.append((round(started - self.started, 3), kind, status,
+                                  round(took * 1000, 1)))
+
+        async def own_lag() -> None:
+            while True:
+                before = time.perf_counter()
+                await asyncio.sleep(0.005)
+                self.lags.append(time.perf_counter() - before - 0.005)
+
+        watch = asyncio.ensure_future(own_lag())
+        pending: set[asyncio.Task[None]] = set()
+        i = 0
+        while not self.stop.is_set() and i < len(self.cold):
+            for kind, path in (("cold", self.cold[i]), ("warm", self.warm[i % len(self.warm)])):
+                task = asyncio.ensure_future(ask(kind, path))
+                pending.add(task)
+                task.add_done_callback(pending.discard)
+            i += 1
+            await asyncio.sleep(PROBE_SECONDS)
+        if pending:
+            await asyncio.wait(pending)
+        watch.cancel()
+        client.close()
 
 
 def run_ours_overload(scenario: Scenario, setup: Setup, seconds: int) -> Result:
@@ -180,6 +231,7 @@ def run_ours_overload(scenario: Scenario, setup: Setup, seconds: int) -> Result:
         "renders_after_exit": counted("tileserver_render_seconds_count", at_exit),
         "rendered_for_nobody": counted("tileserver_renders_unwanted_total"),
         "render_threads": render_threads,
+        "probe_lag_p99_ms": _p99(probe.lags),
     }
     result = Result(scenario, out, seconds, len(flood), cpu, 0.0, 0.0,
                     server.base_url + flood[0], {"overload": report,
@@ -195,7 +247,8 @@ def run_ours_overload(scenario: Scenario, setup: Setup, seconds: int) -> Result:
                             f"that had left (more than the {render_threads} render threads)")
     console.print(f"  503 p99 {report['shed_p99_ms']} ms, accepted p99 "
                   f"{report['accepted_p99_ms']} ms, warm p99 {report['warm_p99_ms']} ms, "
-                  f"{report['rendered_for_nobody']:.0f} rendered for nobody")
+                  f"{report['rendered_for_nobody']:.0f} rendered for nobody (the probe's own "
+                  f"lag p99 {report['probe_lag_p99_ms']} ms)")
     return result
 
 
