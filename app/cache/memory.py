@@ -12,8 +12,8 @@ class MemoryTileCache:
     """A byte-bounded LRU of encoded tiles, per process. Event-loop only (not thread-safe).
 
     Each tile is kept with its ``facts``: what the caller computed once from the bytes (the
-    tile service keeps its :class:`app.cache.tiles.TileDigest`: SHA-256, ETag, Content-Digest), so
-    that a hit hashes nothing.
+    tile service keeps its digest: SHA-256, ETag, Content-Digest; its source; and when it last
+    reported an access to the disk cache's index), so that a hit hashes nothing.
 
     Args:
         capacity: the most bytes of tile data it holds; 0 disables it.

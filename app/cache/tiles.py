@@ -48,6 +48,9 @@ IIIF_PLAN_MEMO = 8192
 TILE_PLAN_MEMO = 4096
 """DZI tile plans kept per open slide (then forgotten at once and made again): a viewer's
 screenful and its neighbours, a few hundred bytes each."""
+ACCESS_REPORT_SECONDS = 60.0
+"""A tile served from the memory cache reports an access to the disk cache's index at most
+this often (per process): its file then counts as recently used for eviction."""
 MEMO_ACCEPT_CHARS = 512
 """Plans of requests whose ``Accept`` is longer are not kept (browsers send under 200
 characters), so that the memo stays a few megabytes whatever clients send."""
@@ -83,6 +86,20 @@ class TileEvents:
     def corrupt(self) -> None:
         """A corrupt disk-cache file was found (it is rendered again and replaced)."""
 
+
+
+class _Remembered:
+    """What the memory cache keeps beside a tile's bytes: its digest, its ``X-Tile-Source``,
+    and when this process last reported an access to the disk cache's index (``time.monotonic``
+    seconds; a tile served from memory is read from disk by nobody, so without the report the
+    index's least-recently-used eviction would take the tiles most in use)."""
+
+    __slots__ = ("digest", "source", "reported")
+
+    def __init__(self, digest: TileDigest, source: str):
+        self.digest = digest
+        self.source = source
+        self.reported = time.monotonic()
 
 
 @dataclass(frozen=True, slots=True)
@@ -380,12 +397,20 @@ class TileService:
         render (single-flight; ``client`` going ends its wait)."""
         cached = self.memory.get(plan.key)
         if cached is not None:
-            return Tile(cached[0], plan, "hit", cached[1][0], cached[1][1], handle.identity)
+            stored, facts = cached
+            if facts.source == "rendered":
+                now = time.monotonic()
+                if now - facts.reported >= ACCESS_REPORT_SECONDS:
+                    facts.reported = now
+                    index = self.disk.index
+                    if index is not None:  # the file's last access, for LRU eviction
+                        index.touched(plan.key)
+            return Tile(stored, plan, "hit", facts.digest, facts.source, handle.identity)
         if plan.original:
             data = await self._original(handle, source, plan)
             if data is not None:
                 digest = digest_of(data)
-                self.memory.put(plan.key, data, (digest, "original"))
+                self.memory.put(plan.key, data, _Remembered(digest, "original"))
                 return Tile(data, plan, "miss", digest, "original", handle.identity)
             # a damaged stored tile: render it, and let OpenSlide report what it finds
         if plan.key not in self._flight and self.overloaded:
@@ -418,7 +443,7 @@ class TileService:
                     self._cache_reads_busy -= 1
         if cached is not None and not cached.corrupt:
             digest = digest_from_sha256(cached.sha256)
-            self.memory.put(plan.key, cached.data, (digest, "rendered"))
+            self.memory.put(plan.key, cached.data, _Remembered(digest, "rendered"))
             return Tile(cached.data, plan, "hit", digest, "rendered", handle.identity)
         self.events.shed()
         raise Overloaded(f"{self.queued} tiles are being rendered; try again",
@@ -477,7 +502,7 @@ class TileService:
         self.corrupt_tiles += corrupt
         if status == "miss":
             self.pacer.rendered()
-        self.memory.put(plan.key, data, (digest, "rendered"))
+        self.memory.put(plan.key, data, _Remembered(digest, "rendered"))
         return data, digest, status
 
     def _load_blocking(self, handle: OpenSlide, source: ImageSource,

@@ -258,3 +258,26 @@ def test_plan_memo_is_exact_and_bounded(client_for, generated_svs, monkeypatch):
     r = client.get(f"/storage/g_files/{top}/1_0.jpeg", headers={"Accept": long_accept})
     assert r.headers["content-type"] == "image/webp"
     assert len(handle.tile_plans) == 1
+
+
+def test_memory_hits_count_as_accesses_for_eviction(client_for, generated_svs, monkeypatch):
+    """A tile served from the memory cache is read from disk by nobody: its access is reported
+    to the cache index at most every ACCESS_REPORT_SECONDS, so the least recently used order
+    (what eviction deletes first) follows the requests, not the disk reads."""
+    from app.cache import tiles as service_module
+
+    client = client_for(Images=[{"Name": "g", "Path": str(generated_svs)}])
+    first, second = "/storage/g_files/9/0_0.jpeg", "/storage/g_files/9/1_0.jpeg"
+    for url in (first, second):
+        assert client.get(url).headers["x-tile-cache"] == "miss"
+    index = client.app.state.services.tiles.disk.index
+
+    def oldest_first() -> list[tuple[int, int]]:
+        return [(key.col, key.row) for key, _ in index.oldest(10)]
+
+    assert oldest_first() == [(0, 0), (1, 0)]
+    assert client.get(first).headers["x-tile-cache"] == "hit"  # from memory, just reported
+    assert oldest_first() == [(0, 0), (1, 0)]
+    monkeypatch.setattr(service_module, "ACCESS_REPORT_SECONDS", 0.0)  # as if a minute later
+    assert client.get(first).headers["x-tile-cache"] == "hit"
+    assert oldest_first() == [(1, 0), (0, 0)]
