@@ -49,7 +49,7 @@ from app.coordination import COORDINATION_NAME
 from app.core.errors import ConfigError
 from app.core.keys import TileKey
 from app.core.names import is_valid_name
-from app.core.nowait import open_cached, pread_nowait
+from app.core.nowait import read_cached
 from app.core.slides import SlideEntry
 from app.settings import Settings
 
@@ -211,11 +211,7 @@ class DiskTileCache:
         if not self.enabled:
             return None
         try:
-            fd = open_cached(self._path(key))
-            try:
-                stored = pread_nowait(fd, os.fstat(fd).st_size, 0)
-            finally:
-                os.close(fd)
+            stored = read_cached(self._path(key))
         except BlockingIOError:
             raise
         except OSError:  # absent, unreadable: as :meth:`read`

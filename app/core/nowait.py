@@ -12,6 +12,12 @@ tells the two apart without waiting:
 Both raise :class:`BlockingIOError` when the answer would need the disk, and also where the
 kernel or the file system cannot tell (tmpfs answers ``RWF_NOWAIT`` with ``EOPNOTSUPP``; other
 platforms have neither call): the caller then does the blocking call in a worker thread.
+
+These calls keep the GIL (libc through :class:`ctypes.PyDLL`, not :mod:`os`, whose calls
+release it). They return in microseconds by construction, and a thread that releases the GIL
+under load gets it back only when the thread that took it lets go: up to the switch interval
+(5 ms) when a render thread runs Python code. The event loop making one such call per refused
+request then stalls for tens of milliseconds under a flood (docs/benchmarks.md, "Overload").
 """
 
 from __future__ import annotations
@@ -38,18 +44,32 @@ class _OpenHow(ctypes.Structure):
                 ("resolve", ctypes.c_uint64)]
 
 
-def _syscall() -> Any:
+class _IoVec(ctypes.Structure):
+    """``struct iovec`` of ``preadv2(2)``."""
+
+    _fields_ = [("base", ctypes.c_void_p), ("length", ctypes.c_size_t)]
+
+
+def _libc(name: str, restype: Any, *argtypes: Any) -> Any:
+    """A function of the C library that keeps the GIL while it runs, or None (not Linux, or
+    not in this C library)."""
     if not sys.platform.startswith("linux"):
         return None
     try:
-        function = ctypes.CDLL(None, use_errno=True).syscall
+        function = getattr(ctypes.PyDLL(None, use_errno=True), name)
     except (OSError, AttributeError):
         return None
-    function.restype = ctypes.c_long
+    function.restype = restype
+    if argtypes:
+        function.argtypes = argtypes
     return function
 
 
-_openat2 = _syscall()
+_openat2 = _libc("syscall", ctypes.c_long)
+_preadv2 = _libc("preadv2", ctypes.c_ssize_t, ctypes.c_int, ctypes.POINTER(_IoVec),
+                 ctypes.c_int, ctypes.c_int64, ctypes.c_int) if NOWAIT else None
+_lseek = _libc("lseek64", ctypes.c_int64, ctypes.c_int, ctypes.c_int64, ctypes.c_int)
+_close = _libc("close", ctypes.c_int, ctypes.c_int)
 # the arguments that never change, made once (a refused tile looks its file up on every try)
 _NUMBER = ctypes.c_long(_SYS_OPENAT2)
 _WHERE = ctypes.c_long(_AT_FDCWD)
@@ -97,13 +117,50 @@ def pread_nowait(fd: int, count: int, offset: int) -> bytes:
     if not NOWAIT:
         raise BlockingIOError("no RWF_NOWAIT on this platform")
     buffer = bytearray(count)
-    try:
-        read = os.preadv(fd, (buffer,), offset, NOWAIT)
-    except OSError as exc:
-        if exc.errno in _UNSUPPORTED:
-            raise BlockingIOError(f"no RWF_NOWAIT on this file system ({exc.strerror})") \
-                from None
-        raise
+    if _preadv2 is None:  # a C library without preadv2: os releases the GIL, but reads
+        try:
+            read = os.preadv(fd, (buffer,), offset, NOWAIT)
+        except OSError as exc:
+            if exc.errno in _UNSUPPORTED:
+                raise BlockingIOError(f"no RWF_NOWAIT on this file system ({exc.strerror})") \
+                    from None
+            raise
+    else:
+        view = (ctypes.c_char * count).from_buffer(buffer) if count else None
+        vector = _IoVec(ctypes.addressof(view) if view is not None else None, count)
+        read = _preadv2(fd, ctypes.byref(vector), 1, offset, NOWAIT)
+        del view  # the bytearray may be resized again
+        if read < 0:
+            code = ctypes.get_errno()
+            if code in _UNSUPPORTED:
+                raise BlockingIOError(f"no RWF_NOWAIT on this file system "
+                                      f"({os.strerror(code)})")
+            if code == errno.EAGAIN:
+                raise BlockingIOError("not in the page cache")
+            raise OSError(code, os.strerror(code))
     if read != count:
         raise BlockingIOError("partly in the page cache")
     return bytes(buffer)
+
+
+def read_cached(path: str) -> bytes:
+    """The whole file at ``path``, if its lookup needs only the dentry cache and its bytes are
+    all in the page cache (:func:`open_cached`, then :func:`pread_nowait`; its size and its
+    close keep the GIL too).
+
+    Raises:
+        FileNotFoundError, BlockingIOError, OSError: as :func:`open_cached` and
+            :func:`pread_nowait`.
+    """
+    fd = open_cached(path)
+    try:
+        size = _lseek(fd, 0, os.SEEK_END) if _lseek is not None else os.fstat(fd).st_size
+        if size < 0:
+            code = ctypes.get_errno()
+            raise OSError(code, os.strerror(code), path)
+        return pread_nowait(fd, size, 0)
+    finally:
+        if _close is not None:
+            _close(fd)  # read-only: nothing to flush, no error worth raising
+        else:
+            os.close(fd)

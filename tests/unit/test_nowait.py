@@ -3,13 +3,17 @@ systems."""
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
+import sys
+import threading
+import time
 
 import pytest
 
 from app.core import nowait
-from app.core.nowait import open_cached, pread_nowait
+from app.core.nowait import open_cached, pread_nowait, read_cached
 
 
 def file_system(path) -> str:
@@ -54,9 +58,10 @@ def test_file_systems_that_cannot_tell_would_block(monkeypatch, tmp_path):
     path.write_bytes(b"y" * 100)
 
     def unsupported(*args):
-        raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))
+        ctypes.set_errno(errno.EOPNOTSUPP)
+        return -1
 
-    monkeypatch.setattr(os, "preadv", unsupported)
+    monkeypatch.setattr(nowait, "_preadv2", unsupported)
     fd = os.open(path, os.O_RDONLY)
     try:
         with pytest.raises(BlockingIOError):
@@ -71,3 +76,67 @@ def test_a_kernel_without_resolve_cached_would_block(monkeypatch, tmp_path):
     monkeypatch.setattr(nowait, "_openat2", None)
     with pytest.raises(BlockingIOError):
         open_cached(str(path))
+
+
+def _other_thread_runs_during(calls) -> int:
+    """How often another thread ran while ``calls`` ran: with the switch interval made huge,
+    it runs only when this thread releases the GIL."""
+    ran = 0
+    stop = False
+
+    def other() -> None:
+        nonlocal ran
+        while not stop:
+            ran += 1
+            time.sleep(0)  # hands the GIL back at once
+
+    interval = sys.getswitchinterval()
+    thread = threading.Thread(target=other)
+    thread.start()
+    try:
+        while ran == 0:
+            time.sleep(0.001)
+        sys.setswitchinterval(1000.0)
+        before = ran
+        calls()
+        return ran - before
+    finally:
+        sys.setswitchinterval(interval)
+        stop = True
+        thread.join()
+
+
+def test_the_event_loop_calls_keep_the_gil(tmp_path):
+    """The event loop must not hand the GIL to a render thread for these calls: getting it
+    back can take up to the switch interval (5 ms) each, which under a flood of refused
+    requests stalls the loop for tens of milliseconds."""
+    absent = str(tmp_path / "absent.jpeg")
+    present = tmp_path / "tile.jpeg"
+    present.write_bytes(b"t" * 5000)
+    readable = file_system(tmp_path) != "tmpfs"
+
+    def lookups() -> None:
+        for _ in range(2000):
+            try:
+                open_cached(absent)
+            except (BlockingIOError, FileNotFoundError):
+                pass
+
+    def reads() -> None:
+        for _ in range(2000):
+            try:
+                assert read_cached(str(present)) == b"t" * 5000
+            except BlockingIOError:
+                assert not readable
+
+    assert _other_thread_runs_during(lookups) <= 2
+    assert _other_thread_runs_during(reads) <= 2
+    # the instrument: os.pread releases the GIL, and the other thread runs
+    big = tmp_path / "big"
+    big.write_bytes(bytes(1 << 22))
+    fd = os.open(big, os.O_RDONLY)
+    try:
+        assert _other_thread_runs_during(
+            lambda: [os.pread(fd, 1 << 22, 0) for _ in range(100)]) > 10
+    finally:
+        os.close(fd)
