@@ -107,6 +107,24 @@ def open_cached(path: str) -> int:
     raise OSError(code, os.strerror(code), path)
 
 
+def _preadv(fd: int, buffer: bytearray, offset: int) -> int:
+    """``preadv2(fd, [buffer], offset, RWF_NOWAIT)``, keeping the GIL where the C library
+    has it (else :func:`os.preadv`, which releases it). Returns the bytes read.
+
+    Raises:
+        OSError: its errno (``EAGAIN``: :class:`BlockingIOError`).
+    """
+    if _preadv2 is None:
+        return os.preadv(fd, (buffer,), offset, NOWAIT)
+    view = (ctypes.c_char * len(buffer)).from_buffer(buffer)
+    read: int = _preadv2(fd, ctypes.byref(_IoVec(ctypes.addressof(view), len(buffer))), 1,
+                         offset, NOWAIT)
+    if read < 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+    return read
+
+
 def pread_nowait(fd: int, count: int, offset: int) -> bytes:
     """``count`` bytes of ``fd`` at ``offset``, if they are all in the page cache.
 
@@ -117,27 +135,13 @@ def pread_nowait(fd: int, count: int, offset: int) -> bytes:
     if not NOWAIT:
         raise BlockingIOError("no RWF_NOWAIT on this platform")
     buffer = bytearray(count)
-    if _preadv2 is None:  # a C library without preadv2: os releases the GIL, but reads
-        try:
-            read = os.preadv(fd, (buffer,), offset, NOWAIT)
-        except OSError as exc:
-            if exc.errno in _UNSUPPORTED:
-                raise BlockingIOError(f"no RWF_NOWAIT on this file system ({exc.strerror})") \
-                    from None
-            raise
-    else:
-        view = (ctypes.c_char * count).from_buffer(buffer) if count else None
-        vector = _IoVec(ctypes.addressof(view) if view is not None else None, count)
-        read = _preadv2(fd, ctypes.byref(vector), 1, offset, NOWAIT)
-        del view  # the bytearray may be resized again
-        if read < 0:
-            code = ctypes.get_errno()
-            if code in _UNSUPPORTED:
-                raise BlockingIOError(f"no RWF_NOWAIT on this file system "
-                                      f"({os.strerror(code)})")
-            if code == errno.EAGAIN:
-                raise BlockingIOError("not in the page cache")
-            raise OSError(code, os.strerror(code))
+    try:
+        read = _preadv(fd, buffer, offset)
+    except OSError as exc:  # EAGAIN is a BlockingIOError already
+        if exc.errno in _UNSUPPORTED:
+            raise BlockingIOError(f"no RWF_NOWAIT on this file system ({exc.strerror})") \
+                from None
+        raise
     if read != count:
         raise BlockingIOError("partly in the page cache")
     return bytes(buffer)
@@ -160,7 +164,4 @@ def read_cached(path: str) -> bytes:
             raise OSError(code, os.strerror(code), path)
         return pread_nowait(fd, size, 0)
     finally:
-        if _close is not None:
-            _close(fd)  # read-only: nothing to flush, no error worth raising
-        else:
-            os.close(fd)
+        _close(fd)  # there whenever open_cached is; read-only: no error worth raising
