@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import ctypes
 import io
 import json
+import mmap
+import os
 import subprocess
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -96,6 +100,56 @@ def decode(data: bytes) -> np.ndarray:
     """Tile bytes -> RGB pixel array (height, width, 3) uint8."""
     with Image.open(io.BytesIO(data)) as im:
         return np.asarray(im.convert("RGB"))
+
+
+def cached_pages(path: Path, offset: int = 0, count: int | None = None) -> int:
+    """How many pages of ``path``'s bytes ``[offset, offset + count)`` (default: all) are in
+    the page cache, by ``mincore(2)`` on a mapping of them: unlike a ``RWF_NOWAIT`` read, it
+    starts no readahead."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                          ctypes.c_int, ctypes.c_long]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    page = mmap.PAGESIZE
+    start = offset // page * page
+    with open(path, "rb") as file:
+        end = os.fstat(file.fileno()).st_size if count is None else offset + count
+        length = end - start
+        address = libc.mmap(None, length, mmap.PROT_READ, mmap.MAP_SHARED, file.fileno(), start)
+        assert address not in (None, ctypes.c_void_p(-1).value), os.strerror(ctypes.get_errno())
+        try:
+            resident = ctypes.create_string_buffer((length + page - 1) // page)
+            assert libc.mincore(address, length, resident) == 0, os.strerror(ctypes.get_errno())
+            return sum(byte & 1 for byte in resident.raw)
+        finally:
+            libc.munmap(address, length)
+
+
+def drop_page_cache(path: Path, offset: int = 0, count: int | None = None) -> None:
+    """Drop ``path``'s bytes ``[offset, offset + count)`` (default: all) from the page cache,
+    and return once :func:`cached_pages` finds none of them there.
+
+    ``POSIX_FADV_DONTNEED`` is advice: a page the kernel holds elsewhere at that moment (under
+    readahead, in a per-CPU batch of another core) stays cached, so it is repeated, for at
+    most 2 seconds.
+
+    Raises:
+        AssertionError: some pages were still cached after 2 seconds.
+    """
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # written pages must be clean to be dropped
+        deadline = time.monotonic() + 2
+        while True:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            if not cached_pages(path, offset, count):
+                return
+            assert time.monotonic() < deadline, f"{path.name} stays in the page cache"
+            time.sleep(0.01)
+    finally:
+        os.close(fd)
 
 
 @dataclass

@@ -11,7 +11,9 @@ tells the two apart without waiting:
 
 Both raise :class:`BlockingIOError` when the answer would need the disk, and also where the
 kernel or the file system cannot tell (tmpfs answers ``RWF_NOWAIT`` with ``EOPNOTSUPP``; other
-platforms have neither call): the caller then does the blocking call in a worker thread.
+platforms have neither call): the caller then does the blocking call in a worker thread. The
+promise is not to wait, not to refuse: a refused ``RWF_NOWAIT`` read starts the readahead of
+what it lacks, and on a fast disk the same read may find that done and succeed.
 
 These calls keep the GIL (libc through :class:`ctypes.PyDLL`, not :mod:`os`, whose calls
 release it). They return in microseconds by construction, and a thread that releases the GIL

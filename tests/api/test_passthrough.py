@@ -23,7 +23,7 @@ from PIL import Image
 from app.core.icc import rgb_matrix_profile
 from app.core.native import ADOBE_RGB, JFIF, complete_jpeg
 from app.tools.demo import write_aperio_svs, write_generic_tiff
-from tests.conftest import decode
+from tests.conftest import decode, drop_page_cache
 
 SLIDES = {
     # name: (writer, width, height, photometric, app14)
@@ -206,17 +206,12 @@ def test_original_from_disk_and_from_page_cache_are_equal(client_for, tmp_path):
     (tmp_path / "slides").mkdir()
     path = write_aperio_svs(tmp_path / "slides" / "cold.svs", 2000, 1500, seed=6)
     url = "/storage/s_files/11/2_2.jpeg?format=jpeg"  # level 11: the slide's level 0
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        client = client_for(Images=[{"Name": "s", "Path": str(path)}], DeepZoom=ALIGNED,
-                            Server={"MemoryCacheBytes": 0})
-        client.get("/api/slides/s")
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        from_disk = client.get(url)
-        from_cache = client.get(url)
-    finally:
-        os.close(fd)
+    client = client_for(Images=[{"Name": "s", "Path": str(path)}], DeepZoom=ALIGNED,
+                        Server={"MemoryCacheBytes": 0})
+    client.get("/api/slides/s")
+    drop_page_cache(path)
+    from_disk = client.get(url)
+    from_cache = client.get(url)
     assert from_disk.headers["x-tile-source"] == from_cache.headers["x-tile-source"] == "original"
     assert from_disk.headers["x-tile-cache"] == from_cache.headers["x-tile-cache"] == "miss"
     assert from_disk.content == from_cache.content

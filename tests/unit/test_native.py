@@ -1,7 +1,5 @@
 """The native JPEG-tile reader gives exactly OpenSlide's pixels, or nothing."""
 
-import os
-
 import numpy as np
 import openslide
 import pytest
@@ -11,6 +9,7 @@ from openslide.deepzoom import DeepZoomGenerator
 from app.core.native import DecodedTileCache, NativeReader
 from app.core.pyramid import SlidePyramid
 from app.tools.demo import write_aperio_svs
+from tests.conftest import drop_page_cache
 
 
 @pytest.fixture(scope="module", params=[("ycbcr", 2400, 1800), ("rgb", 2400, 1800),
@@ -92,18 +91,23 @@ def test_original_nowait_reads_only_the_page_cache(tmp_path):
     reader = NativeReader.open(openslide.OpenSlide(path), path, DecodedTileCache(1 << 20))
     index = reader.original_index((480, 240), 0, (240, 240))
     assert index is not None
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)  # written pages must be clean to be dropped
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-    with pytest.raises(BlockingIOError):
-        reader.original(0, index, nowait=True)
-    blocking = reader.original(0, index)
     with tifffile.TiffFile(path) as tif:
-        page = tif.pages[0]
-        tif.filehandle.seek(page.dataoffsets[index])
-        stored = tif.filehandle.read(page.databytecounts[index])
+        offset, count = tif.pages[0].dataoffsets[index], tif.pages[0].databytecounts[index]
+        tif.filehandle.seek(offset)
+        stored = tif.filehandle.read(count)
+    blocking = reader.original(0, index)
     assert blocking is not None and blocking.endswith(stored[2:])
+    # A refused RWF_NOWAIT read starts the readahead of what it lacks, and on a fast disk the
+    # read itself may find that done: 7% to 93% of such reads succeed here, more under load. The
+    # kernel promises not to wait, not to refuse; a read that waited would never refuse, and a
+    # read that succeeds must give the stored bytes.
+    for _ in range(500):
+        drop_page_cache(path, offset, count)
+        try:
+            assert reader.original(0, index, nowait=True) == blocking
+        except BlockingIOError:
+            break
+    else:
+        pytest.fail("500 nowait reads of the tile out of the page cache: none refused")
+    reader.original(0, index)
     assert reader.original(0, index, nowait=True) == blocking
