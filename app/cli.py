@@ -24,7 +24,13 @@ from typing import Any
 from app import __version__
 from app.core.errors import ConfigError
 from app.logs import TEXT_FORMAT
-from app.settings import SETTINGS_ENV, Settings, changed_settings, load_settings
+from app.settings import (
+    SETTINGS_ENV,
+    Settings,
+    changed_settings,
+    load_settings,
+    with_render_threads,
+)
 
 log = logging.getLogger("tileserver")
 
@@ -183,6 +189,11 @@ def serve(args: argparse.Namespace) -> int:
     open_disk_cache(settings, build_catalogue(settings), index=False)
     for line in changed_settings(settings):
         logging.getLogger("tileserver.settings").info("%s", line)
+    # two per core in all, not per worker: each worker's render threads compete with its
+    # event loop for the GIL (app.settings.default_render_threads)
+    settings = with_render_threads(settings, args.workers)
+    log.info("%d render threads in each of %d worker process(es)",
+             settings.Server.RenderThreads, args.workers)
     metrics_dir = None  # the folder this command made, removed at exit
     if settings.Metrics.Enabled:
         # before uvicorn imports the app (and prometheus_client) in any process

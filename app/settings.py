@@ -223,7 +223,9 @@ class ServerSettings(Section):
     AccessControlAllowOrigin: str = Field(
         "*", description="CORS: Access-Control-Allow-Origin of every response (tiles, DZIs, "
         "JSON API, errors) and of preflight answers; * or one origin; empty: no CORS headers.")
-    RenderThreads: int = Field(0, ge=0, le=256, description="0: two per CPU core.")
+    RenderThreads: int = Field(
+        0, ge=0, le=256, description="Render threads per process. 0: two per CPU core, "
+        "shared by the --workers processes (default_render_threads).")
     RenderNice: int = Field(
         10, ge=0, le=19, description="Niceness added to the render threads (Linux), so that "
         "the event loop, which answers cache hits and refusals, gets a core first.")
@@ -237,7 +239,7 @@ class ServerSettings(Section):
     MaxQueuedRenders: int = Field(
         0, ge=0, le=100_000, description="Tile loads (disk read or render) a process queues at "
         "most; beyond, a tile that is in no cache answers 503 with Retry-After at once. "
-        "0: 4 per render thread.")
+        "0: 8 per CPU core.")
     MaxRequestHeadBytes: int = Field(
         16384, ge=1024, le=1 << 20, description="Request line and headers larger than this "
         "get 431 before more of them is read.")
@@ -803,6 +805,30 @@ def _check_files(settings: Settings) -> None:
 
 
 # ----------------------------------------------------------------------------- reporting
+
+
+def default_render_threads(workers: int = 1) -> int:
+    """``Server.RenderThreads`` 0: the render threads of each of ``workers`` processes serving
+    on this machine, two per CPU core in all, at least one each (2 cores, 2 workers: 2 each).
+
+    Two per core: decoding and encoding release the GIL, and while one thread writes the cache
+    another renders (more cold tiles per second than one per core). In all, not per process:
+    each render thread of a process competes with its event loop for the GIL, and under a
+    flood of cold tiles 4 per process on 2 cores and 2 workers held the loop's refusals and
+    cache hits up for 38-84 ms at p99 against 12-23 ms with 2, for the same cold throughput
+    (docs/benchmarks.md, "Render threads per machine").
+    """
+    return max(1, 2 * (os.cpu_count() or 1) // max(1, workers))
+
+
+def with_render_threads(settings: Settings, workers: int) -> Settings:
+    """``settings`` with ``Server.RenderThreads`` 0 resolved for ``workers`` processes
+    (:func:`default_render_threads`); unchanged when it is set."""
+    if settings.Server.RenderThreads:
+        return settings
+    server = settings.Server.model_copy(
+        update={"RenderThreads": default_render_threads(workers)})
+    return settings.model_copy(update={"Server": server})
 
 
 def changed_settings(settings: Settings) -> list[str]:

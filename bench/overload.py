@@ -214,7 +214,7 @@ def run_ours_overload(scenario: Scenario, setup: Setup, seconds: int) -> Result:
     shed = [t for s, t in probe_cold if s == 503]
     accepted = [t for s, t in probe_cold if s == 200]
     warm_answers = [(s, t) for k, s, t in probe.answers if k == "warm"]
-    render_threads = 2 * 2 * setup.workers  # default: two per core on 2 cores, per worker
+    render_threads = int(_metric(before, "tileserver_render_threads"))  # every worker's
     report: dict[str, Any] = {
         "connections": FLOOD_CONNECTIONS, "flood_seconds": round(flood_s, 2),
         "burst_warm_ms": probe.burst_ms,

@@ -54,9 +54,10 @@ this often (per process): its file then counts as recently used for eviction."""
 MEMO_ACCEPT_CHARS = 512
 """Plans of requests whose ``Accept`` is longer are not kept (browsers send under 200
 characters), so that the memo stays a few megabytes whatever clients send."""
-QUEUED_PER_THREAD = 4
-"""``Server.MaxQueuedRenders`` 0: this many tile loads per render thread (a few tens of
-milliseconds of rendering each, so an accepted tile waits well under a second)."""
+QUEUED_PER_CORE = 8
+"""``Server.MaxQueuedRenders`` 0: this many tile loads per CPU core, per process (a few
+milliseconds of rendering each, so an accepted tile waits well under a second; 16 on 2 cores,
+what 4 per render thread gave when each process had 4)."""
 RETRY_AFTER_MAX_SECONDS = 30
 """The longest ``Retry-After`` of a refused request (:class:`RetryPacer`)."""
 CACHE_READ_THREADS = 2
@@ -181,14 +182,16 @@ class TileService:
         # Tile loads hop to these threads with run_in_executor rather than anyio.to_thread,
         # whose limiter and worker bookkeeping cost three times as much per hop
         # (docs/benchmarks.md, "Where the time goes").
+        self.render_threads = int(render_limiter.total_tokens)
+        """Threads that load tiles: renders, and disk-cache reads that may wait for the disk."""
         self._render_threads = ThreadPoolExecutor(
-            max_workers=int(render_limiter.total_tokens), thread_name_prefix="render",
+            max_workers=self.render_threads, thread_name_prefix="render",
             initializer=lower_thread_priority, initargs=(settings.Server.RenderNice,))
         self._cache_reads = ThreadPoolExecutor(max_workers=CACHE_READ_THREADS,
                                                thread_name_prefix="cache-read")
         self._cache_reads_busy = 0
         self.max_queued = (settings.Server.MaxQueuedRenders
-                           or QUEUED_PER_THREAD * int(render_limiter.total_tokens))
+                           or QUEUED_PER_CORE * (os.cpu_count() or 1))
         """Tile loads (disk read or render, running ones included) queued at most."""
         self.store = store
         self.pacer = RetryPacer()
@@ -699,10 +702,3 @@ def lower_thread_priority(nice: int) -> None:
                        min(19, os.getpriority(os.PRIO_PROCESS, thread) + nice))
     except OSError as exc:  # pragma: no cover - a sandbox that forbids it
         log.warning("cannot lower the render threads' priority: %s", exc)
-
-
-def default_render_threads() -> int:
-    """Two render threads per CPU core: decoding and encoding release the GIL, and while one
-    thread writes the cache another renders (docs/benchmarks.md: more cold tiles per second
-    than one thread per core)."""
-    return 2 * (os.cpu_count() or 1)

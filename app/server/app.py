@@ -40,7 +40,7 @@ from app.batch.jobs import JobManager
 from app.cache.content import ContentHasher
 from app.cache.disk import open_disk_cache
 from app.cache.eviction import cache_limit
-from app.cache.tiles import TileService, default_render_threads
+from app.cache.tiles import TileService
 from app.coordination import COORDINATION_NAME, Coordination, open_coordination
 from app.coordination.embedded import EmbeddedCoordination
 from app.core.errors import ConfigError
@@ -58,7 +58,7 @@ from app.server.middleware import Cors, HeadAsGet, RequestId
 from app.server.proxy import ProxyLayer
 from app.server.readiness import Readiness
 from app.server.routes import api, dzi, iiif, jobs, ops, pages
-from app.settings import SETTINGS_ENV, Settings, settings_from
+from app.settings import SETTINGS_ENV, Settings, default_render_threads, settings_from
 
 log = logging.getLogger(__name__)
 

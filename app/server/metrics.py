@@ -90,6 +90,12 @@ class Metrics(TileEvents):
             registry=registry)
         self.queue = Gauge("tileserver_render_queue", "Tile loads in flight.",
                            registry=registry, multiprocess_mode="livesum")
+        self.queue_limit = Gauge(
+            "tileserver_render_queue_limit",
+            "Tile loads that may be in flight before cold tiles answer 503.",
+            registry=registry, multiprocess_mode="livesum")
+        self.render_threads = Gauge("tileserver_render_threads", "Render threads.",
+                                    registry=registry, multiprocess_mode="livesum")
         self.audit_queue = Gauge("tileserver_audit_queue",
                                  "Audit lines waiting for the writer thread.",
                                  registry=registry, multiprocess_mode="livesum")
@@ -137,8 +143,12 @@ class Metrics(TileEvents):
     # ---------------------------------------------------------------- lifetime
 
     def sample(self, services: Services) -> None:
-        """Write this process's queue gauges."""
-        self.queue.set(services.tiles.queued)
+        """Write this process's gauges: its render queue, its bound, its render threads and
+        its audit queue."""
+        tiles = services.tiles
+        self.queue.set(tiles.queued)
+        self.queue_limit.set(tiles.max_queued)
+        self.render_threads.set(tiles.render_threads)
         audit = services.audit
         self.audit_queue.set(audit.pending if audit is not None else 0)
 

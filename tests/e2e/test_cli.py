@@ -17,7 +17,9 @@ from pathlib import Path
 import pytest
 
 from app import __version__
+from app.settings import default_render_threads
 from tests.conftest import ROOT, start_server, stop_server
+from tests.e2e.test_shared_state import metric
 
 CLI = [sys.executable, "-m", "app.cli"]
 DEADLINE = 300.0  # seconds a command may take on a loaded 2-core machine
@@ -232,5 +234,13 @@ def test_serve_with_workers_logs_changed_settings_and_worker_lines(tmp_path, tin
             f"INFO tileserver.settings: TileCachePath = {cache}",
             "INFO tileserver.settings: TileFormat:JpegQuality = 80"]
         assert f"INFO tileserver: open {server.base_url}/ in a browser\n" in text
+        # two render threads per core in all, not per worker (app.settings)
+        threads = default_render_threads(2)
+        assert threads == max(1, os.cpu_count() or 1)
+        assert f"INFO tileserver: {threads} render threads in each of 2 worker process(es)\n" \
+            in text
+        metrics = server.get("/metrics").text
+        assert metric(metrics, "tileserver_render_threads") == 2 * threads
+        assert metric(metrics, "tileserver_render_queue_limit") == 2 * 8 * os.cpu_count()
     finally:
         stop_server(server)

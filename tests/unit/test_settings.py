@@ -1,12 +1,19 @@
 """Settings sources, their order, the original servers' shapes, and clear errors."""
 
 import json
+import os
 
 import pytest
 
 from app.core.errors import ConfigError
 from app.core.formats import TileFormat
-from app.settings import load_settings
+from app.settings import (
+    Settings,
+    default_render_threads,
+    load_settings,
+    settings_from,
+    with_render_threads,
+)
 
 
 @pytest.fixture
@@ -229,3 +236,14 @@ def test_changed_settings_lists_what_differs_from_the_defaults(tmp_path, slide):
         'Privacy:HideProperties = ["aperio.User"]', "Audit:Enabled = true"]
     assert changed_settings(settings_from({})) == []
     assert changed_settings(settings_from(s.model_dump_json())) == changed_settings(s)
+
+
+def test_render_threads_are_two_per_core_shared_by_the_workers(monkeypatch):
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert [default_render_threads(w) for w in (1, 2, 3, 4, 8)] == [4, 2, 1, 1, 1]
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    assert [default_render_threads(w) for w in (1, 2, 4, 16)] == [32, 16, 8, 2]
+    resolved = with_render_threads(Settings(), 4)
+    assert resolved.Server.RenderThreads == 8 and resolved.Server.RenderNice == 10
+    given = settings_from({"Server": {"RenderThreads": 3}})
+    assert with_render_threads(given, 4) is given
