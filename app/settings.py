@@ -215,6 +215,10 @@ class ImageEntry(Section):
         return value
 
 
+MAX_RENDER_THREADS = 256
+"""The most ``Server.RenderThreads`` a process may have (its default included)."""
+
+
 class ServerSettings(Section):
     """``Server``: HTTP headers, concurrency, connection and memory bounds of the serving
     process (the connection bounds apply to ``tileserver serve``, see app.server.guard)."""
@@ -224,8 +228,8 @@ class ServerSettings(Section):
         "*", description="CORS: Access-Control-Allow-Origin of every response (tiles, DZIs, "
         "JSON API, errors) and of preflight answers; * or one origin; empty: no CORS headers.")
     RenderThreads: int = Field(
-        0, ge=0, le=256, description="Render threads per process. 0: two per CPU core, "
-        "shared by the --workers processes (default_render_threads).")
+        0, ge=0, le=MAX_RENDER_THREADS, description="Render threads per process. 0: two per "
+        "CPU core, shared by the --workers processes (default_render_threads).")
     RenderNice: int = Field(
         10, ge=0, le=19, description="Niceness added to the render threads (Linux), so that "
         "the event loop, which answers cache hits and refusals, gets a core first.")
@@ -818,7 +822,7 @@ def default_render_threads(workers: int = 1) -> int:
     cache hits up for 38-84 ms at p99 against 12-23 ms with 2, for the same cold throughput
     (docs/benchmarks.md, "Render threads per machine").
     """
-    return max(1, 2 * (os.cpu_count() or 1) // max(1, workers))
+    return min(MAX_RENDER_THREADS, max(1, 2 * (os.cpu_count() or 1) // max(1, workers)))
 
 
 def with_render_threads(settings: Settings, workers: int) -> Settings:

@@ -247,3 +247,7 @@ def test_render_threads_are_two_per_core_shared_by_the_workers(monkeypatch):
     assert resolved.Server.RenderThreads == 8 and resolved.Server.RenderNice == 10
     given = settings_from({"Server": {"RenderThreads": 3}})
     assert with_render_threads(given, 4) is given
+    monkeypatch.setattr(os, "cpu_count", lambda: 192)  # within what workers accept
+    assert default_render_threads(1) == 256
+    sent = with_render_threads(Settings(), 1).model_dump_json()  # as the workers receive it
+    assert settings_from(sent).Server.RenderThreads == 256
