@@ -819,7 +819,7 @@ def default_render_threads(workers: int = 1) -> int:
     another renders (more cold tiles per second than one per core). In all, not per process:
     each render thread of a process competes with its event loop for the GIL, and under a
     flood of cold tiles 4 per process on 2 cores and 2 workers held the loop's refusals and
-    cache hits up for 38-84 ms at p99 against 12-23 ms with 2, for the same cold throughput
+    cache hits up for 38-84 ms at p99 against 10-23 ms with 2, for the same cold throughput
     (docs/benchmarks.md, "Render threads per machine").
     """
     return min(MAX_RENDER_THREADS, max(1, 2 * (os.cpu_count() or 1) // max(1, workers)))
